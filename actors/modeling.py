@@ -1,0 +1,59 @@
+"""Loading a causal LM and scoring the log-probs of response tokens, shared by every actor."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def set_threads(threads: int | None) -> None:
+    """Bound torch's intra-op threads (default: every core this process may use)."""
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+
+
+def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu"):
+    """A Hugging Face causal LM from a checkpoint directory (local path or cluster path)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer; fails clearly when it has no pad token we can use."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(f"tokenizer at {path!r} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+    """Logits that predict each response token: `[B, T, V]` (position P-1+t predicts token P+t)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
+    return out.logits[:, -response_len - 1 : -1, :]  # [B, T, V]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at `tokens`: `[B, T]` (the sampled policy is logits/T)."""
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    return torch.gather(F.log_softmax(logits, dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, T]
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs `[B, T]`, logits `[B, T, V]`) of the response tokens of a collated batch."""
+    t = batch["response_mask"].shape[1]
+    logits = response_logits(model, batch["input_ids"], batch["attention_mask"], t)
+    return token_logprobs(logits, batch["input_ids"][:, -t:], temperature), logits

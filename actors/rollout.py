@@ -1,0 +1,48 @@
+"""RolloutWorker: a Ray actor that turns prompt requests into groups of G sampled completions."""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+from actors.engines import SamplingParams, make_engine
+from actors.modeling import set_threads
+from actors.types import Group, GroupRequest, Sample
+
+
+class RolloutWorker:
+    """Serves one policy version at a time; `generate` tags every group with that version."""
+
+    def __init__(self, engine: str, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
+                 threads: int | None = None, seed: int = 0, device: str = "cpu"):
+        set_threads(threads)
+        self.engine = make_engine(engine, model_path=model_path, dtype=dtype,
+                                  trust_remote_code=trust_remote_code, device=device)
+        self.seed = seed
+        self.version = 0
+
+    def generate(self, requests: list[GroupRequest], sampling: SamplingParams) -> list[Group]:
+        """Sample `sampling.n` completions per request; the seed depends on the requests and version."""
+        start = time.perf_counter()
+        key = f"{self.seed}:{self.version}:" + ",".join(r.uid for r in requests)
+        seed = zlib.crc32(key.encode())
+        completions = self.engine.generate([r.prompt for r in requests], sampling, seed)
+        prompt_ids = self.engine.encode([r.prompt for r in requests])
+        groups = []
+        for req, ids, comps in zip(requests, prompt_ids, completions):
+            samples = [Sample(c.token_ids, c.text, c.logprobs, c.finish_reason) for c in comps]
+            groups.append(Group(req.uid, req.prompt, req.row, ids, samples, self.version))
+        elapsed = time.perf_counter() - start
+        for g in groups:
+            g.add_time("generate", elapsed / len(groups))
+        return groups
+
+    def load_weights(self, packed: dict, version: int) -> int:
+        """Serve `version` from now on; returns the version now served."""
+        self.engine.load_weights(packed)
+        self.version = version
+        return version
+
+    def weights_version(self) -> tuple[int, str]:
+        """(version, checksum of the weights) so callers can prove what is being served."""
+        return self.version, self.engine.checksum()

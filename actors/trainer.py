@@ -1,0 +1,168 @@
+"""PolicyTrainer: one data-parallel DeepSpeed rank that updates the policy with the GRPO/PPO loss.
+
+Each rank receives its slice of every mini-batch. Micro-batch losses are weighted by their share of
+the mini-batch's aggregation units (tokens or sequences, across all ranks), so the accumulated,
+all-reduced gradient equals the gradient of the loss over the whole mini-batch: M ranks give the same
+update as one rank with the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+
+import torch
+
+from actors.batch import select, trim
+from actors.modeling import load_causal_lm, load_tokenizer, response_logprobs, set_threads
+from actors.weights import pack_state_dict, weights_checksum
+from algorithms.losses import entropy, grpo_loss
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for the rendezvous of rank 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the peak LR at optimizer step k: linear warm-up, then constant/linear/cosine decay."""
+
+    def f(k: int) -> float:
+        if warmup and k < warmup:
+            return (k + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        frac = min(1.0, (k - warmup) / max(1, total - warmup))
+        return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+def ds_config(micro: int, grad_accum: int, world: int, zero_stage: int, grad_clip: float, dtype: str) -> dict:
+    """The DeepSpeed config for one policy trainer."""
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro * grad_accum * world,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class PolicyTrainer:
+    """One DeepSpeed rank. Construct all ranks, then call `setup` on all of them together."""
+
+    def __init__(self, rank: int, world_size: int, model: dict, trainer: dict, algorithm: dict,
+                 temperature: float, norm_length: int, grad_accum: int, total_steps: int, seed: int = 0,
+                 device: str = "cpu"):
+        self.rank, self.world_size = rank, world_size
+        self.model_cfg, self.cfg, self.alg = model, trainer, algorithm
+        self.temperature, self.norm_length = temperature, norm_length
+        self.grad_accum, self.total_steps, self.seed, self.device = grad_accum, total_steps, seed, device
+        set_threads(trainer.get("threads"))
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, port) for the process group; called on rank 0."""
+        return "127.0.0.1" if self.device == "cpu" else socket.gethostbyname(socket.gethostname()), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group and build the DeepSpeed engine; returns the parameter count."""
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        import deepspeed
+
+        deepspeed.init_distributed("gloo" if self.device == "cpu" else "nccl")
+        torch.manual_seed(self.seed)
+        m, c = self.model_cfg, self.cfg
+        model = load_causal_lm(m["path"], m["dtype"], m["trust_remote_code"], self.device)
+        self.tokenizer = load_tokenizer(m["path"], m["trust_remote_code"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], betas=tuple(c["betas"]),
+                                      weight_decay=c["weight_decay"])
+        total_updates = self.total_steps * c["epochs"] * c["num_minibatches"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(c["lr_schedule"], c["warmup_steps"], total_updates))
+        config = ds_config(c["micro_batch_size"], self.grad_accum, self.world_size, c["zero_stage"],
+                           c["grad_clip"], m["dtype"])
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=config)
+        return sum(p.numel() for p in model.parameters())
+
+    def train_step(self, minibatches: list[dict]) -> dict[str, float]:
+        """K epochs over this rank's slices of the step's mini-batches; one optimizer step per mini-batch."""
+        engine, alg = self.engine, self.alg
+        engine.train()
+        sums: dict[str, float] = {}
+        ratio_max, weight_total = 0.0, 0.0
+        t_fwd_bwd = t_opt = 0.0
+        for _ in range(self.cfg["epochs"]):
+            for mb in minibatches:
+                n = mb["input_ids"].shape[0]
+                micro = self.cfg["micro_batch_size"]
+                chunks = [trim(select(mb, slice(lo, lo + micro))) for lo in range(0, n, micro)]
+                assert len(chunks) == self.grad_accum, (len(chunks), self.grad_accum)
+                for chunk in chunks:
+                    t0 = time.perf_counter()
+                    loss, stats, weight = self._micro_loss(chunk, mb["global_units"])
+                    engine.backward(loss * weight * self.world_size, scale_wrt_gas=False)
+                    t1 = time.perf_counter()
+                    t_fwd_bwd += t1 - t0
+                    if engine.is_gradient_accumulation_boundary():
+                        engine.step()
+                        gn = engine.get_global_grad_norm()
+                        sums["grad_norm"] = sums.get("grad_norm", 0.0) + (float(gn) if gn is not None else 0.0)
+                        sums["optimizer_steps"] = sums.get("optimizer_steps", 0.0) + 1
+                    else:
+                        engine.step()
+                    t_opt += time.perf_counter() - t1
+                    for k, v in stats.items():
+                        if k == "ratio_max":
+                            ratio_max = max(ratio_max, float(v))
+                        else:
+                            sums[k] = sums.get(k, 0.0) + float(v) * weight
+                    weight_total += weight
+        steps = max(1.0, sums.pop("optimizer_steps", 1.0))
+        out = {k: v / weight_total for k, v in sums.items() if k != "grad_norm"}
+        out["grad_norm"] = sums.get("grad_norm", 0.0) / steps
+        out["ratio_max"] = ratio_max
+        out["lr"] = engine.get_lr()[0]
+        out["time/train_fwd_bwd"] = t_fwd_bwd
+        out["time/optimizer"] = t_opt
+        return out
+
+    def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float]:
+        """The loss of one micro-batch and its share of the mini-batch's aggregation units."""
+        alg = self.alg
+        mask = chunk["response_mask"]
+        logp, logits = response_logprobs(self.engine, chunk, self.temperature)  # [b, t], [b, t, V]
+        loss, stats = grpo_loss(
+            logp, chunk["old_logp"], chunk.get("ref_logp"), chunk["advantages"], mask,
+            alg["clip_low"], alg["clip_high"], alg["kl_coef"], alg["kl_kind"], alg["agg"],
+            self.norm_length, alg["dual_clip"])
+        with torch.set_grad_enabled(alg["entropy_coef"] > 0):
+            ent = entropy(logits / self.temperature, mask, alg["agg"])
+        if alg["entropy_coef"] > 0:
+            loss = loss - alg["entropy_coef"] * ent
+        stats = {**{k: v.detach() for k, v in stats.items()}, "entropy": ent.detach(), "loss": loss.detach()}
+        units = float(mask.sum()) if alg["agg"] == "token-mean" else float(mask.shape[0])
+        return loss, stats, units / global_units
+
+    def state_dict(self) -> dict:
+        """The policy weights, packed for one object-store put (rank 0 is asked; ZeRO-2 keeps full params)."""
+        return pack_state_dict(self.engine.module)
+
+    def weights_checksum(self) -> str:
+        return weights_checksum(self.engine.module)
+
+    def save_pretrained(self, path: str) -> str:
+        """Write the policy as a Hugging Face checkpoint (safetensors) with its tokenizer."""
+        self.engine.module.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        return path

@@ -1,0 +1,49 @@
+"""Moving weights between actors: a state dict packed as numpy arrays (zero-copy reads from
+Ray's object store), and a checksum that proves two actors hold the same weights."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+_VIEW_AS = {torch.bfloat16: torch.int16}  # dtypes numpy lacks travel as raw bits
+
+
+def pack_state_dict(model: torch.nn.Module) -> dict[str, tuple[np.ndarray, str]]:
+    """CPU numpy copies of every tensor in the state dict, with the torch dtype to restore."""
+    out = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        raw = t.view(_VIEW_AS[t.dtype]) if t.dtype in _VIEW_AS else t
+        out[name] = (raw.numpy().copy(), str(t.dtype).removeprefix("torch."))
+    return out
+
+
+def unpack_state_dict(packed: dict[str, tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
+    """Torch tensors viewing the packed arrays (no copy; `load_state_dict` copies into the model)."""
+    out = {}
+    for name, (arr, dtype) in packed.items():
+        t = torch.from_numpy(arr) if arr.flags.writeable else torch.from_numpy(arr.copy())
+        want = getattr(torch, dtype)
+        out[name] = t.view(want) if want in _VIEW_AS else t
+    return out
+
+
+def load_packed(model: torch.nn.Module, packed: dict[str, tuple[np.ndarray, str]]) -> None:
+    """Load packed weights into `model` in place, strictly (every key must match)."""
+    state = unpack_state_dict(packed)
+    with torch.no_grad():
+        model.load_state_dict(state, strict=True)
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """SHA-256 over parameter names and bytes, in name order: equal iff the weights are identical."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        raw = t.view(_VIEW_AS[t.dtype]) if t.dtype in _VIEW_AS else t
+        h.update(name.encode())
+        h.update(raw.numpy().tobytes())
+    return h.hexdigest()

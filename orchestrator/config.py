@@ -1,0 +1,308 @@
+"""The job config: pydantic v2 models, loaded from YAML with `--set a.b=value` overrides.
+
+Every field carries a one-line description so `raylhf config show` explains itself. Validation
+happens before Ray starts; a bad value becomes a `ConfigError` naming the field path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+class ConfigError(Exception):
+    """A config mistake, phrased for a person: names the field path and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="Hugging Face model directory (config.json + safetensors + tokenizer).")
+    prepare: str | None = Field(
+        None,
+        description='Optional "module:function" called with `path` that builds the checkpoint there '
+        "when it is missing (the tiny example's cached warm-start).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
+
+
+class DataSource(_Section):
+    source: str = Field(description='A .jsonl file, or a "module:function" returning a list of row dicts.')
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for a function source.")
+
+
+class DataConfig(_Section):
+    train: DataSource = Field(description="Training prompts.")
+    eval: DataSource | None = Field(None, description="Held-out prompts for greedy-accuracy evaluation.")
+    prompt_key: str = Field("prompt", description="Row field holding the prompt text.")
+    max_prompt_tokens: int = Field(256, gt=0, description="Longer prompts are an error.")
+    shuffle: bool = Field(True, description="Shuffle the training rows each epoch (seeded).")
+
+
+class RolloutConfig(_Section):
+    engine: Literal["hf", "vllm"] = Field("hf", description="Generation engine: hf (CPU/GPU) or vllm (GPU).")
+    num_workers: int = Field(1, gt=0, description="Number of RolloutWorker actors.")
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved per rollout worker.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
+    threads: int | None = Field(None, gt=0, description="torch threads per worker (default: all cores).")
+    group_size: int = Field(8, gt=0, description="G: completions sampled per prompt.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trained policy is logits/T).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(32, gt=0, description="Longest completion, in tokens.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (the stop string is kept).")
+    prompts_per_call: int = Field(4, gt=0, description="Prompts per generate call: the streaming granularity.")
+
+
+class RewardFunction(_Section):
+    name: str = Field(description='"package.module:function" or "path/to/file.py:function".')
+    weight: float = Field(1.0, description="Weight of this reward in the total score.")
+
+
+class RewardConfig(_Section):
+    functions: list[RewardFunction] = Field(min_length=1, description="Reward functions, summed with weights.")
+    num_workers: int = Field(1, gt=0, description="Number of RewardWorker actors.")
+    num_cpus: float = Field(0.5, ge=0, description="Logical CPUs per reward worker.")
+    timeout_s: float = Field(10.0, gt=0, description="Per-call timeout of a reward function.")
+    failure_score: float = Field(0.0, description="Score given when a reward function fails.")
+    accuracy_threshold: float = Field(
+        1.0, description="A sample counts as correct for the accuracy metric when its score >= this."
+    )
+
+
+class ScoringConfig(_Section):
+    num_workers: int = Field(1, gt=0, description="Number of ScoringWorker actors (reference / old policy).")
+    num_cpus: float = Field(0.5, ge=0, description="Logical CPUs per scoring worker.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per scoring worker.")
+    threads: int | None = Field(None, gt=0, description="torch threads per worker (default: all cores).")
+    micro_batch_size: int = Field(64, gt=0, description="Sequences per scoring forward pass.")
+
+
+class AlgorithmConfig(_Section):
+    estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field(
+        "grpo", description="Advantage estimator (survey 3.12, A.3.1, RLOO, REINFORCE++)."
+    )
+    std_normalize: bool = Field(True, description="grpo: divide by the group std (3.12); dr_grpo never does.")
+    clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip: ratio >= 1 - clip_low (2.4.3).")
+    clip_high: float = Field(0.2, ge=0, description="PPO clip: ratio <= 1 + clip_high; > clip_low is clip-higher.")
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c for negative advantages.")
+    kl_coef: float = Field(0.0, ge=0, description="beta of the KL-to-reference term in the loss (3.14).")
+    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (survey 2.1).")
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
+        "token-mean", description="How per-token losses are averaged."
+    )
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (2.18).")
+
+
+class TrainerConfig(_Section):
+    num_workers: int = Field(1, gt=0, description="Data-parallel PolicyTrainer ranks.")
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs per trainer rank.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per trainer rank (0: CPU with gloo).")
+    threads: int | None = Field(None, gt=0, description="torch threads per rank (default: cores / ranks).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up, in optimizer steps.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    epochs: int = Field(1, gt=0, description="K: passes over each batch (PPO epochs).")
+    num_minibatches: int = Field(1, gt=0, description="Optimizer steps per epoch; the batch is split evenly.")
+    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward on one rank.")
+
+
+class LoopConfig(_Section):
+    steps: int = Field(20, gt=0, description="Training steps (one batch of prompt groups each).")
+    prompts_per_step: int = Field(16, gt=0, description="Prompt groups per step; batch = this x group_size.")
+    max_staleness: Literal[0] = Field(0, description="0: strict on-policy (generation waits for new weights).")
+    seed: int = Field(0, description="Seeds data order, sampling and init.")
+    eval_every: int = Field(0, ge=0, description="Held-out evaluation every N steps (0: before and after only).")
+    eval_size: int = Field(200, gt=0, description="Held-out prompts per evaluation.")
+
+
+class LoggingConfig(_Section):
+    run_dir: str = Field("runs/{name}-{time}", description="Output directory; {name} and {time} are filled in.")
+    name: str = Field("run", description="Run name.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files.")
+    progress: bool = Field(True, description="Show a progress bar.")
+    worker_logs: bool = Field(False, description="Stream the actors' stdout/stderr to the console.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description='Ray cluster address ("auto" or host:port); None: embedded.')
+    num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for an embedded Ray (default: enough).")
+
+
+class JobConfig(_Section):
+    model: ModelConfig
+    data: DataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig
+    scoring: ScoringConfig = ScoringConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    loop: LoopConfig = LoopConfig()
+    logging: LoggingConfig = LoggingConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "JobConfig":
+        batch = self.loop.prompts_per_step * self.rollout.group_size
+        per_step = self.trainer.num_minibatches * self.trainer.num_workers
+        if batch % per_step:
+            raise ValueError(
+                f"trainer: batch of {batch} sequences (loop.prompts_per_step x rollout.group_size) "
+                f"must split evenly into trainer.num_minibatches x trainer.num_workers = {per_step}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _group_std_needs_two(self) -> "JobConfig":
+        needs_group = self.algorithm.estimator in ("grpo", "rloo") and (
+            self.algorithm.estimator == "rloo" or self.algorithm.std_normalize
+        )
+        if needs_group and self.rollout.group_size < 2:
+            raise ValueError(
+                f"rollout.group_size: {self.algorithm.estimator} needs at least 2 samples per group "
+                "(a group std or leave-one-out baseline of one sample is undefined)"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trainer.lr=1e-5")
+    key, raw = item.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"--set {item!r}: empty key")
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set `a.b.c=value` items (values parsed as YAML) into a nested dict, returned as a copy."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `raylhf config show` lists the valid keys)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif e["type"] == "value_error" and msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        allowed = e.get("ctx", {}).get("expected")
+        lines.append(f"  {loc or '(top level)'}: {msg}" + (f" (allowed: {allowed})" if allowed and allowed not in msg else ""))
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, *, check_paths: bool = True) -> JobConfig:
+    """Read YAML, apply overrides, validate, and check that named files and functions exist."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        cfg = JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+    if check_paths:
+        check_references(cfg)
+    return cfg
+
+
+def _check_callable(field: str, spec: str) -> None:
+    from rewards.loader import RewardLoadError, load_function
+
+    try:
+        load_function(spec)
+    except RewardLoadError as e:
+        raise ConfigError(f"invalid config:\n  {field}: {e}") from None
+
+
+def check_references(cfg: JobConfig) -> None:
+    """Files and "module:function" names must resolve: fail now, not deep inside a Ray actor."""
+    for i, fn in enumerate(cfg.reward.functions):
+        _check_callable(f"reward.functions.{i}.name", fn.name)
+    for field, src in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if src is None:
+            continue
+        if ":" in src.source and not src.source.endswith(".jsonl"):
+            _check_callable(f"{field}.source", src.source)
+        elif not Path(src.source).is_file():
+            raise ConfigError(f"invalid config:\n  {field}.source: file {src.source!r} not found")
+    if cfg.model.prepare is not None:
+        _check_callable("model.prepare", cfg.model.prepare)
+    elif not (Path(cfg.model.path) / "config.json").is_file():
+        raise ConfigError(
+            f"invalid config:\n  model.path: {cfg.model.path!r} is not a model directory (no config.json); "
+            "give a Hugging Face checkpoint directory or a model.prepare function that builds one"
+        )
+    if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "invalid config:\n  rollout.engine: 'vllm' needs the vllm package (GPU only): pip install 'raylhf[gpu]'"
+        )
+
+
+def dump_config(cfg: JobConfig) -> str:
+    """The resolved config as YAML, each field followed by its description as a comment."""
+    return _dump_section(cfg, 0)
+
+
+def _dump_section(section: BaseModel, indent: int) -> str:
+    pad = "  " * indent
+    out = []
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        comment = f"  # {info.description}" if info.description else ""
+        if isinstance(value, BaseModel):
+            out.append(f"{pad}{name}:")
+            out.append(_dump_section(value, indent + 1))
+        elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            out.append(f"{pad}{name}:{comment}")
+            for item in value:
+                body = _dump_section(item, indent + 2).lstrip()
+                out.append(f"{pad}  - {body}")
+        else:
+            text = yaml.safe_dump(value if not isinstance(value, tuple) else list(value), default_flow_style=True).strip()
+            if text.endswith("\n..."):
+                text = text[: -len("\n...")]
+            text = text.removesuffix("...").strip()
+            out.append(f"{pad}{name}: {text}{comment}")
+    return "\n".join(out)

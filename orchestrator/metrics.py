@@ -1,0 +1,80 @@
+"""Per-step metrics: computed from scored groups and trainer stats; written to JSONL and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from actors.types import Group
+
+STAGES = ("generate", "reward", "score", "train", "sync")
+
+
+def rollout_metrics(groups: list[Group], accuracy_threshold: float) -> dict[str, float]:
+    """Reward, accuracy, length and reward-failure numbers of one batch of groups."""
+    samples = [s for g in groups for s in g.samples]
+    rewards = [s.reward for s in samples]
+    lengths = [len(s.response_ids) for s in samples]
+    out = {
+        "reward/mean": statistics.fmean(rewards),
+        "reward/std": statistics.pstdev(rewards),
+        "accuracy": statistics.fmean(float(r >= accuracy_threshold) for r in rewards),
+        "response_length/mean": statistics.fmean(lengths),
+        "response_length/max": float(max(lengths)),
+        "response/truncated_frac": statistics.fmean(float(s.finish_reason == "length") for s in samples),
+        "groups/all_equal_frac": statistics.fmean(
+            float(len({s.reward for s in g.samples}) == 1) for g in groups),
+        "tokens/generated": float(sum(lengths)),
+    }
+    for name in samples[0].reward_parts:
+        out[f"reward/{name}"] = statistics.fmean(s.reward_parts[name] for s in samples)
+    failures: dict[str, int] = {}
+    for g in groups:
+        for name, n in g.reward_failures.items():
+            failures[name] = failures.get(name, 0) + n
+    for name, n in failures.items():
+        out[f"reward_failures/{name}"] = float(n)
+    for stage in ("generate", "reward", "score"):
+        out[f"busy/{stage}"] = sum(g.timings.get(stage, 0.0) for g in groups)
+    return out
+
+
+def merge_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Trainer stats averaged over ranks (ratio_max is a max); times are rank 0's."""
+    out = {}
+    for key in per_rank[0]:
+        values = [r[key] for r in per_rank]
+        out[key] = max(values) if key == "ratio_max" else (values[0] if key.startswith("time/") else statistics.fmean(values))
+    return out
+
+
+class MetricsWriter:
+    """Appends one JSON line per record to `metrics.jsonl`; mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every record of a run's `metrics.jsonl`."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

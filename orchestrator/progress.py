@@ -1,0 +1,36 @@
+"""A progress bar per step showing reward and accuracy; plain lines when not on a terminal."""
+
+from __future__ import annotations
+
+import sys
+
+
+class Progress:
+    def __init__(self, total: int, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="GRPO", unit="step", dynamic_ncols=True, file=sys.stderr,
+                            mininterval=0 if not sys.stderr.isatty() else 0.1)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def step(self, step: int, m: dict[str, float]) -> None:
+        if self.bar is None:
+            return
+        post = {"reward": f"{m['reward/mean']:.3f}", "acc": f"{m['accuracy']:.2f}",
+                "len": f"{m['response_length/mean']:.1f}", "s/step": f"{m['time/step']:.2f}"}
+        if "eval/accuracy" in m:
+            post["eval_acc"] = f"{m['eval/accuracy']:.3f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

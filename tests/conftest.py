@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny random-init model built from code, and one embedded Ray per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """An untrained example policy (tokenizer + Llama config from code), no download."""
+    from examples.arith.warmstart import build_random
+
+    return build_random(str(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray on 127.0.0.1 with enough logical CPUs for the pools the tests start."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def base_config(model_path: str, **sections) -> dict:
+    """A small valid job config as a dict; `sections` replace or extend top-level sections."""
+    cfg = {
+        "model": {"path": model_path},
+        "data": {
+            "train": {"source": "examples.arith.task:make_rows", "kwargs": {"split": "train", "n": 200}},
+            "eval": {"source": "examples.arith.task:make_rows", "kwargs": {"split": "eval", "n": 16}},
+        },
+        "rollout": {"group_size": 4, "max_new_tokens": 8, "prompts_per_call": 2},
+        "reward": {"functions": [{"name": "rewards.final_answer:hash_answer"}]},
+        "trainer": {"lr": 1e-3, "micro_batch_size": 8},
+        "loop": {"steps": 2, "prompts_per_step": 4, "eval_size": 8},
+        "logging": {"progress": False, "tensorboard": True},
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    return cfg
