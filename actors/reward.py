@@ -13,8 +13,9 @@ from rewards.loader import load_function
 class RewardWorker:
     """Scores groups; a function that raises or returns a non-finite or non-number gets `failure_score`."""
 
-    def __init__(self, functions: list[tuple[str, float]], failure_score: float = 0.0):
-        self.functions = [(name, load_function(name), weight) for name, weight in functions]
+    def __init__(self, functions: list[tuple[str, str, float]], failure_score: float = 0.0):
+        """`functions`: (label for metrics, "module:function" or "/abs/file.py:function", weight)."""
+        self.functions = [(label, load_function(spec), weight) for label, spec, weight in functions]
         self.failure_score = failure_score
         self._reported: set[tuple[str, str]] = set()
 

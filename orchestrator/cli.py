@@ -106,7 +106,7 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None) -> int:
     run_dir = make_run_dir(cfg, run_dir_override)
     print(f"raylhf: run directory {run_dir}", file=sys.stderr)
     model_path = prepare_model(cfg)
-    functions = [(_absolute_file_spec(f.name), f.weight) for f in cfg.reward.functions]
+    functions = [(f.name, _absolute_file_spec(f.name), f.weight) for f in cfg.reward.functions]
     started = init_ray(cfg)
     try:
         result = train(cfg, run_dir, model_path, functions)

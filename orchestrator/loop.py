@@ -38,7 +38,7 @@ def evaluate(pools: Pools, cfg: JobConfig, rows: list[dict]) -> dict[str, float]
             "eval/response_length": m["response_length/mean"]}
 
 
-def train(cfg: JobConfig, run_dir: Path, model_path: str, reward_functions: list[tuple[str, float]]) -> RunResult:
+def train(cfg: JobConfig, run_dir: Path, model_path: str, reward_functions: list[tuple[str, str, float]]) -> RunResult:
     """Run `cfg.loop.steps` GRPO steps on the pools; write metrics, plots and the final policy."""
     start = time.perf_counter()
     r, loop = cfg.rollout, cfg.loop

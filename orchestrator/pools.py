@@ -26,7 +26,7 @@ def logical_cpus_needed(cfg: JobConfig) -> float:
 class Pools:
     """Every actor of a job; methods fan work out round-robin and gather it back."""
 
-    def __init__(self, cfg: JobConfig, model_path: str, reward_functions: list[tuple[str, float]]):
+    def __init__(self, cfg: JobConfig, model_path: str, reward_functions: list[tuple[str, str, float]]):
         m = cfg.model
         device = "cuda" if cfg.trainer.num_gpus > 0 else "cpu"
         common = dict(model_path=model_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)

@@ -1,0 +1,231 @@
+"""Losses to minimise: one generalized clipped policy loss (PPO / GRPO / DAPO clip-higher / dual-clip /
+GSPO sequence ratio), value, entropy, SFT, DPO and reward-model losses (survey 2.4, 3.1–3.5, A.10).
+
+Token tensors are [B, T], right-padded, with a 0/1 `mask` (float or bool); padded entries are replaced
+by 0 before any arithmetic, so they never change a loss, a statistic or a gradient (which is 0 there).
+Statistics are detached 0-dim tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .kl import kl_estimate
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+RATIO_LEVELS = ("token", "sequence")
+MAX_LOG_RATIO = 20.0  # |log π/π_old| is clamped here before exp (as verl) so exp never overflows
+
+
+def aggregate(values: Tensor, mask: Tensor, agg: str, norm_length: int | None = None) -> Tensor:
+    """Reduce per-token values [B, T] to a scalar: the 1/|o| and 1/G averages of (3.9), (A.10) and their variants.
+
+    token-mean: Σ valid / #valid (DAPO); seq-mean-token-mean: mean of per-sequence means (A.10);
+    seq-mean-token-sum-norm: mean of per-sequence sums / norm_length, default T (Dr.GRPO).
+    Sequence means run over rows with at least one valid token (an all-padding row is padding too).
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown agg {agg!r}; allowed values: {', '.join(AGG_MODES)}")
+    valid = mask.bool()  # [B, T]
+    values = torch.where(valid, values, 0)  # [B, T]
+    if agg == "token-mean":
+        return values.sum() / valid.sum().clamp(min=1)
+    seq_sum = values.sum(dim=-1)  # [B]
+    n_tokens = valid.sum(dim=-1)  # [B]
+    n_seqs = (n_tokens > 0).sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        return (seq_sum / n_tokens.clamp(min=1)).sum() / n_seqs
+    length = values.shape[-1] if norm_length is None else norm_length
+    return (seq_sum / length).sum() / n_seqs
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+    agg: str,
+    dual_clip: float | None = None,
+    ratio_level: str = "token",
+    norm_length: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate loss −min(r·A, clip(r, 1−clip_low, 1+clip_high)·A) (survey 2.4.3, 3.9, 3.11, A.10).
+
+    clip_high > clip_low is DAPO clip-higher; dual_clip=c caps the loss of A < 0 tokens at −c·A (Ye et al. 2020).
+    ratio_level="sequence" is GSPO-token (Zheng et al. 2025): every token of sequence i carries the value
+    s_i = exp(mean_t log(π/π_old)) with gradient flowing through its own token. The raw product
+    π(o_i)/π_old(o_i) of (3.10) is not used: its log is a sum of |o_i| noisy terms, so its variance grows
+    with length and exp overflows/underflows on long responses; the length-normalized (geometric-mean)
+    ratio keeps every length on the same scale, so one clip range fits all.
+    Log-ratios are clamped to ±MAX_LOG_RATIO (20) before exp so float32 never overflows.
+    stats: clip_frac (valid tokens whose clipped branch was taken, gradient 0), approx_kl (token-mean k3
+    estimate of KL[π_old ‖ π], samples from π_old), ratio_mean, ratio_max, dual_clip_frac (if dual_clip).
+    """
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; allowed values: {', '.join(RATIO_LEVELS)}")
+    if not 0 <= clip_low < 1 or clip_high < 0:
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if dual_clip is not None and dual_clip <= 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    valid = mask.bool()  # [B, T]
+    logp = torch.where(valid, logp, 0)  # [B, T]
+    old_logp = torch.where(valid, old_logp, 0)  # [B, T]
+    advantages = torch.where(valid, advantages, 0)  # [B, T]
+
+    log_ratio = logp - old_logp  # [B, T]
+    if ratio_level == "sequence":
+        # The survey's (3.10) is the raw sequence ratio; we follow the GSPO paper's length-normalized s_i.
+        seq_log_ratio = log_ratio.sum(dim=-1) / valid.sum(dim=-1).clamp(min=1)  # [B]
+        log_ratio = seq_log_ratio.detach()[:, None] + (logp - logp.detach())  # [B, T] value s_i, grad per token
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T]
+
+    per_token, clipped, dual_capped = _clipped_surrogate(ratio, advantages, clip_low, clip_high, dual_clip)
+    loss = aggregate(per_token, valid, agg, norm_length)
+
+    with torch.no_grad():
+        stats = {
+            "clip_frac": aggregate(clipped.to(ratio.dtype), valid, "token-mean"),
+            "approx_kl": aggregate(kl_estimate(old_logp, logp, "k3"), valid, "token-mean"),
+            "ratio_mean": aggregate(ratio, valid, "token-mean"),
+            "ratio_max": torch.where(valid, ratio, 0).max(),
+        }
+        if dual_clip is not None:
+            stats["dual_clip_frac"] = aggregate(dual_capped.to(ratio.dtype), valid, "token-mean")
+    return loss, stats
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+    beta: float,
+    kl_kind: str = "k3",
+    agg: str = "token-mean",
+    norm_length: int | None = None,
+    dual_clip: float | None = None,
+    ratio_level: str = "token",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss = policy_loss + β·aggregate(KL[π ‖ π_ref]), the negated objective (survey 3.14, A.10, 3.13).
+
+    stats: policy_loss's plus "kl" (the aggregated per-token KL) when ref_logp is given; it may be None if beta == 0.
+    """
+    loss, stats = policy_loss(
+        logp, old_logp, advantages, mask, clip_low, clip_high, agg, dual_clip, ratio_level, norm_length
+    )
+    if ref_logp is None:
+        if beta != 0:
+            raise ValueError("grpo_loss needs ref_logp when beta != 0")
+        return loss, stats
+    with torch.set_grad_enabled(torch.is_grad_enabled() and beta != 0):
+        kl = aggregate(kl_estimate(logp, ref_logp, kl_kind, mask), mask, agg, norm_length)
+    stats["kl"] = kl.detach()
+    return (loss + beta * kl if beta != 0 else loss), stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None, agg: str = "token-mean"
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss ½·max((V − R)², (clip(V, V_old ± c) − R)²), the L^VF term of (survey 2.18).
+
+    clip=None is the plain ½(V − R)²; stats: value_clip_frac (valid tokens where the clipped term won, gradient 0).
+    """
+    valid = mask.bool()  # [B, T]
+    values = torch.where(valid, values, 0)  # [B, T]
+    old_values = torch.where(valid, old_values, 0)  # [B, T]
+    returns = torch.where(valid, returns, 0)  # [B, T]
+    unclipped = (values - returns).square()  # [B, T]
+    if clip is None:
+        per_token, clipped = unclipped, torch.zeros_like(valid)
+    else:
+        v_clipped = old_values + (values - old_values).clamp(-clip, clip)  # [B, T]
+        clipped_sq = (v_clipped - returns).square()  # [B, T]
+        clipped = clipped_sq > unclipped  # [B, T]
+        per_token = torch.where(clipped, clipped_sq, unclipped)
+    loss = aggregate(0.5 * per_token, valid, agg)
+    clip_frac = aggregate(clipped.to(values.dtype), valid, "token-mean").detach()
+    return loss, {"value_clip_frac": clip_frac}
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy −Σ_a π(a) log π(a) of each token's distribution, from logits [B, T, V] → [B, T] (survey 2.18, S[π])."""
+    logp = torch.log_softmax(logits, dim=-1)  # [B, T, V]
+    p = logp.exp()  # [B, T, V]
+    return -(p * torch.where(p > 0, logp, 0)).sum(dim=-1)  # 0·log 0 = 0 for −inf logits
+
+
+def entropy(logits: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
+    """Aggregated token entropy, the S[π_θ] bonus of (survey 2.18); logits [B, T, V]."""
+    valid = mask.bool()  # [B, T]
+    logits = torch.where(valid[..., None], logits, 0)  # [B, T, V]
+    return aggregate(token_entropy(logits), valid, agg)
+
+
+def sft_loss(logp: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
+    """Negative log-likelihood −E[log π(x)], the pretraining-mix term of InstructGPT's objective (survey 3.3.2)."""
+    return aggregate(-logp, mask, agg)
+
+
+def dpo_loss(
+    policy_chosen_logp: Tensor,
+    policy_rejected_logp: Tensor,
+    ref_chosen_logp: Tensor,
+    ref_rejected_logp: Tensor,
+    beta: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DPO loss −log σ(β[(log π_c − log ref_c) − (log π_r − log ref_r)]) on sequence log-prob sums [B] (survey 3.8).
+
+    stats: implicit rewards β·log(π/π_ref) — rewards_chosen, rewards_rejected (means), reward_accuracy, reward_margin.
+    """
+    chosen = beta * (policy_chosen_logp - ref_chosen_logp)  # [B] implicit reward r̂_θ (survey 3.4.2)
+    rejected = beta * (policy_rejected_logp - ref_rejected_logp)  # [B]
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    with torch.no_grad():
+        stats = {
+            "rewards_chosen": chosen.mean(),
+            "rewards_rejected": rejected.mean(),
+            "reward_accuracy": (chosen > rejected).to(chosen.dtype).mean(),
+            "reward_margin": (chosen - rejected).mean(),
+        }
+    return loss, stats
+
+
+def reward_model_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """Pairwise Bradley–Terry reward-model loss −E[log σ(r_chosen − r_rejected)] (survey 3.1)."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def kwise_reward_model_loss(scores: Tensor) -> Tensor:
+    """InstructGPT K-wise loss: mean of −log σ(s_i − s_j) over pairs i < j, then over prompts (survey 3.3.1).
+
+    scores [N, K] are the rewards of K responses of one prompt, ranked best first.
+    """
+    n_responses = scores.shape[-1]
+    if n_responses < 2:
+        raise ValueError(f"kwise_reward_model_loss needs K >= 2 responses per prompt, got {n_responses}")
+    better, worse = torch.triu_indices(n_responses, n_responses, offset=1, device=scores.device)  # [K(K−1)/2]
+    return -F.logsigmoid(scores[:, better] - scores[:, worse]).mean()  # pairs [N, K(K−1)/2]
+
+
+def _clipped_surrogate(
+    ratio: Tensor, advantages: Tensor, clip_low: float, clip_high: float, dual_clip: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token −min(r·A, clip(r)·A), capped at −c·A for A < 0 (dual-clip); → (loss, clipped, dual_capped)."""
+    # PPO paper: for A < 0 the ratio is kept from falling below 1 − ε (survey 2.4.3's text says "exceed").
+    unclipped = -advantages * ratio  # [B, T]
+    clipped_loss = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)  # [B, T] constant in r outside the range
+    clipped = clipped_loss > unclipped  # [B, T] pessimistic branch is the clipped one
+    loss = torch.where(clipped, clipped_loss, unclipped)  # [B, T]
+    dual_capped = torch.zeros_like(clipped)  # [B, T]
+    if dual_clip is not None:
+        cap = -dual_clip * advantages  # [B, T]
+        dual_capped = (advantages < 0) & (loss > cap)
+        loss = torch.where(dual_capped, cap, loss)
+    return loss, clipped, dual_capped

@@ -1,0 +1,314 @@
+"""Losses against hand-worked numbers, finite differences and independent loops (survey 2.4, 2.18, 3.1–3.14, A.10)."""
+
+import math
+
+import pytest
+import torch
+
+from algorithms import (
+    aggregate,
+    dpo_loss,
+    entropy,
+    grpo_loss,
+    kwise_reward_model_loss,
+    policy_loss,
+    reward_model_loss,
+    sft_loss,
+    token_entropy,
+    value_loss,
+)
+
+F64 = torch.float64
+MASK_2x3 = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+# ---- aggregation ---------------------------------------------------------------------------------
+
+
+def test_aggregate_modes_hand_worked_2x3():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=F64)
+    assert aggregate(values, MASK_2x3, "token-mean").item() == pytest.approx((1 + 2 + 4) / 3)
+    assert aggregate(values, MASK_2x3, "seq-mean-token-mean").item() == pytest.approx(((1 + 2) / 2 + 4 / 1) / 2)
+    assert aggregate(values, MASK_2x3, "seq-mean-token-sum-norm").item() == pytest.approx(((1 + 2) / 3 + 4 / 3) / 2)
+    assert aggregate(values, MASK_2x3, "seq-mean-token-sum-norm", norm_length=4).item() == pytest.approx(
+        ((1 + 2) / 4 + 4 / 4) / 2
+    )
+
+
+def test_aggregate_ignores_all_padding_rows_and_rejects_unknown_mode():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], dtype=F64)
+    mask = torch.cat([MASK_2x3, torch.zeros(1, 3)])
+    assert aggregate(values, mask, "seq-mean-token-mean").item() == pytest.approx(((1 + 2) / 2 + 4) / 2)
+    with pytest.raises(ValueError, match="token-mean.*seq-mean-token-mean.*seq-mean-token-sum-norm"):
+        aggregate(values, mask, "sum")
+
+
+# ---- policy loss ---------------------------------------------------------------------------------
+
+
+def _ratios_to_logps(ratios: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, old_logp) with π/π_old = ratios exactly up to rounding."""
+    r = torch.tensor(ratios, dtype=F64)  # [B, T]
+    old = -torch.linspace(0.5, 3.0, r.numel(), dtype=F64).reshape(r.shape)  # [B, T]
+    return old + r.log(), old
+
+
+def test_policy_loss_aggregation_modes_hand_worked_2x3():
+    logp, old = _ratios_to_logps([[1.1, 1.0, 7.0], [0.9, 7.0, 7.0]])
+    adv = torch.tensor([[1.0, 2.0, 9.0], [-1.0, 9.0, 9.0]], dtype=F64)
+    # Inside the clip range every token's loss is −A·r: row 0 → −1.1, −2.0; row 1 → +0.9.
+    expected = {
+        "token-mean": (-1.1 - 2.0 + 0.9) / 3,
+        "seq-mean-token-mean": ((-1.1 - 2.0) / 2 + 0.9 / 1) / 2,
+        "seq-mean-token-sum-norm": ((-1.1 - 2.0) / 3 + 0.9 / 3) / 2,
+    }
+    for agg, want in expected.items():
+        loss, _ = policy_loss(logp, old, adv, MASK_2x3, 0.2, 0.2, agg)
+        assert loss.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_asymmetric_clip_hand_worked():
+    logp, old = _ratios_to_logps([[1.5, 1.25, 0.5, 0.75]])
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]], dtype=F64)
+    loss, stats = policy_loss(logp, old, adv, torch.ones(1, 4), 0.2, 0.28, "token-mean")
+    # A=+1, r=1.5 → clipped at 1+0.28: −1.28.   A=+1, r=1.25 → inside [0.8, 1.28]: −1.25.
+    # A=−1, r=0.5 → clipped at 1−0.2: −(−1)(0.8) = 0.8.   A=−1, r=0.75 → clipped too: 0.8.
+    assert loss.item() == pytest.approx((-1.28 - 1.25 + 0.8 + 0.8) / 4, rel=1e-12)
+    assert stats["clip_frac"].item() == pytest.approx(3 / 4)
+    symmetric, _ = policy_loss(logp, old, adv, torch.ones(1, 4), 0.2, 0.2, "token-mean")
+    assert symmetric.item() == pytest.approx((-1.2 - 1.2 + 0.8 + 0.8) / 4, rel=1e-12)
+
+
+def test_dual_clip_hand_worked():
+    logp, old = _ratios_to_logps([[4.0, 2.0, 4.0, 0.5]])
+    adv = torch.tensor([[-1.0, -1.0, 2.0, -2.0]], dtype=F64)
+    loss, stats = policy_loss(logp, old, adv, torch.ones(1, 4), 0.2, 0.2, "token-mean", dual_clip=3.0)
+    # A=−1, r=4: max(4, 1.2) = 4 > 3·1 → capped at 3.   A=−1, r=2: 2 (below the cap).
+    # A=+2, r=4: −2·1.2 = −2.4 (dual-clip only touches A < 0).   A=−2, r=0.5: max(1, 1.6) = 1.6.
+    assert loss.item() == pytest.approx((3.0 + 2.0 - 2.4 + 1.6) / 4, rel=1e-12)
+    assert stats["dual_clip_frac"].item() == pytest.approx(1 / 4)
+    plain, plain_stats = policy_loss(logp, old, adv, torch.ones(1, 4), 0.2, 0.2, "token-mean")
+    assert plain.item() == pytest.approx((4.0 + 2.0 - 2.4 + 1.6) / 4, rel=1e-12)
+    assert "dual_clip_frac" not in plain_stats
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(logp, old, adv, torch.ones(1, 4), 0.2, 0.2, "token-mean", dual_clip=0.5)
+
+
+def test_policy_loss_stats_hand_worked():
+    logp, old = _ratios_to_logps([[1.5, 1.0, 0.5]])
+    adv = torch.tensor([[1.0, 1.0, 1.0]], dtype=F64)
+    _, stats = policy_loss(logp, old, adv, torch.ones(1, 3), 0.2, 0.2, "token-mean")
+    k3 = [(r - 1) - math.log(r) for r in (1.5, 1.0, 0.5)]  # KL[π_old ‖ π] with r = π/π_old
+    assert stats["approx_kl"].item() == pytest.approx(sum(k3) / 3, rel=1e-12)
+    assert stats["ratio_mean"].item() == pytest.approx(3.0 / 3)
+    assert stats["ratio_max"].item() == pytest.approx(1.5)
+    assert stats["clip_frac"].item() == pytest.approx(1 / 3)  # only r=1.5 with A>0; r=0.5 with A>0 is not clipped
+    assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
+
+
+def _mixed_clip_case():
+    # ratio, advantage → branch (clip_low 0.2, clip_high 0.28):
+    ratios = [[1.5, 0.5, 1.05, 0.95, 4.0], [0.6, 1.4, 1.1, 0.7, 1.0]]
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0, -1.0], [1.0, -1.0, -2.0, 0.5, 1.0]], dtype=F64)
+    clipped = [[True, True, False, False, False], [False, False, False, False, False]]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=F64)
+    logp, old = _ratios_to_logps(ratios)
+    return logp, old, adv, mask, torch.tensor(clipped)
+
+
+def test_policy_loss_finite_difference_gradient():
+    logp, old, adv, mask, _ = _mixed_clip_case()
+    logp.requires_grad_(True)
+    for dual_clip in (None, 3.0):
+        f = lambda x: policy_loss(x, old, adv, mask, 0.2, 0.28, "token-mean", dual_clip)[0]  # noqa: E731
+        (grad,) = torch.autograd.grad(f(logp), logp)
+        h = 1e-6
+        numeric = torch.zeros_like(logp)
+        with torch.no_grad():
+            for idx in torch.cartesian_prod(torch.arange(2), torch.arange(5)).tolist():
+                bump = torch.zeros_like(logp)
+                bump[tuple(idx)] = h
+                numeric[tuple(idx)] = (f(logp + bump) - f(logp - bump)) / (2 * h)
+        torch.testing.assert_close(grad, numeric, rtol=1e-7, atol=1e-9)
+
+
+def test_gradient_zero_exactly_for_tokens_clipped_toward_their_advantage():
+    logp, old, adv, mask, clipped = _mixed_clip_case()
+    logp.requires_grad_(True)
+    loss, stats = policy_loss(logp, old, adv, mask, 0.2, 0.28, "token-mean")
+    (grad,) = torch.autograd.grad(loss, logp)
+    valid = mask.bool()
+    assert (grad[clipped] == 0).all()
+    assert (grad[valid & ~clipped] != 0).all()
+    assert (grad[~valid] == 0).all()
+    # Unclipped tokens: ∂(−A·r)/∂logp = −A·r, divided by the 8 valid tokens.
+    ratio = (logp - old).exp().detach()
+    torch.testing.assert_close(grad[valid & ~clipped], (-adv * ratio / 8)[valid & ~clipped])
+    assert stats["clip_frac"].item() == pytest.approx(2 / 8)
+    # Dual-clip: the A=−1, r=4 token is capped at 3 and its gradient vanishes too.
+    loss_dc, _ = policy_loss(logp, old, adv, mask, 0.2, 0.28, "token-mean", dual_clip=3.0)
+    (grad_dc,) = torch.autograd.grad(loss_dc, logp)
+    assert grad[0, 4] != 0 and grad_dc[0, 4] == 0
+
+
+def test_sequence_ratio_hand_worked():
+    old = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]], dtype=F64)
+    logp = (old + torch.tensor([[0.1, 0.3, 50.0], [0.2, -0.4, 0.5]], dtype=F64)).requires_grad_(True)
+    adv = torch.tensor([[1.0, 1.0, 1.0], [1.0, 2.0, 3.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, stats = policy_loss(logp, old, adv, mask, 0.2, 0.2, "seq-mean-token-mean", ratio_level="sequence")
+    # s_0 = exp((0.1 + 0.3)/2) = e^0.2 = 1.2214 > 1.2 → clipped: tokens give −1·1.2.
+    # s_1 = exp((0.2 − 0.4 + 0.5)/3) = e^0.1 = 1.10517 → inside: tokens give −A·e^0.1.
+    s1 = math.exp(0.1)
+    want = ((-1.2 - 1.2) / 2 + (-1 * s1 - 2 * s1 - 3 * s1) / 3) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    assert stats["ratio_max"].item() == pytest.approx(math.exp(0.2))
+    assert stats["clip_frac"].item() == pytest.approx(2 / 5)
+    (grad,) = torch.autograd.grad(loss, logp)
+    # GSPO-token: gradient of token t is −A_t·s_i times its aggregation weight, per token (not averaged).
+    torch.testing.assert_close(grad[1], torch.tensor([-1 * s1, -2 * s1, -3 * s1], dtype=F64) / 3 / 2)
+    assert (grad[0] == 0).all()
+    token_level, _ = policy_loss(logp, old, adv, mask, 0.2, 0.2, "seq-mean-token-mean")
+    assert token_level.item() != pytest.approx(want)
+    with pytest.raises(ValueError, match="token.*sequence"):
+        policy_loss(logp, old, adv, mask, 0.2, 0.2, "token-mean", ratio_level="seq")
+
+
+def test_sequence_ratio_is_length_normalized_and_finite_on_long_sequences():
+    T = 4000
+    old = torch.full((1, T), -2.0, dtype=F64)
+    logp = old + 0.05  # every token ratio e^0.05: raw product e^200 would overflow float32
+    ones = torch.ones(1, T)
+    loss, stats = policy_loss(logp.float(), old.float(), ones, ones, 0.2, 0.2, "token-mean", ratio_level="sequence")
+    assert stats["ratio_mean"].item() == pytest.approx(math.exp(0.05), rel=1e-5)
+    assert torch.isfinite(loss)
+
+
+# ---- GRPO ----------------------------------------------------------------------------------------
+
+
+def test_grpo_loss_is_policy_loss_plus_beta_kl():
+    logp, old = _ratios_to_logps([[1.1, 0.9, 1.0]])
+    ref = logp + torch.tensor([[0.5, -0.2, 0.0]], dtype=F64)
+    adv = torch.tensor([[1.0, -1.0, 0.5]], dtype=F64)
+    mask = torch.ones(1, 3)
+    loss, stats = grpo_loss(logp.requires_grad_(True), old, ref, adv, mask, 0.2, 0.2, beta=0.04)
+    assert loss.requires_grad and not any(v.requires_grad for v in stats.values())
+    surrogate = (-1.1 + 0.9 - 0.5) / 3
+    kl = sum(math.exp(d) - 1 - d for d in (0.5, -0.2, 0.0)) / 3  # k3 with log r = ref − logp
+    assert loss.item() == pytest.approx(surrogate + 0.04 * kl, rel=1e-12)
+    assert stats["kl"].item() == pytest.approx(kl, rel=1e-12)
+    k1_loss, k1_stats = grpo_loss(logp, old, ref, adv, mask, 0.2, 0.2, beta=0.04, kl_kind="k1")
+    assert k1_stats["kl"].item() == pytest.approx((-0.5 + 0.2 - 0.0) / 3, rel=1e-12)
+
+
+def test_grpo_loss_beta_zero_accepts_no_reference():
+    logp, old = _ratios_to_logps([[1.1, 0.9, 1.0]])
+    adv = torch.tensor([[1.0, -1.0, 0.5]], dtype=F64)
+    loss, stats = grpo_loss(logp, old, None, adv, torch.ones(1, 3), 0.2, 0.2, beta=0.0)
+    assert loss.item() == pytest.approx((-1.1 + 0.9 - 0.5) / 3, rel=1e-12)
+    assert "kl" not in stats
+    with pytest.raises(ValueError, match="ref_logp"):
+        grpo_loss(logp, old, None, adv, torch.ones(1, 3), 0.2, 0.2, beta=0.1)
+
+
+# ---- value, entropy, SFT -------------------------------------------------------------------------
+
+
+def test_value_loss_clipped_hand_worked():
+    values = torch.tensor([[1.5, 0.5, 1.05]], dtype=F64)
+    old = torch.tensor([[1.0, 1.0, 1.0]], dtype=F64)
+    returns = torch.tensor([[2.0, 2.0, 2.0]], dtype=F64)
+    loss, stats = value_loss(values, old, returns, torch.ones(1, 3), clip=0.2)
+    # V=1.5 → clip 1.2: max(0.25, 0.64) = 0.64.  V=0.5 → clip 0.8: max(2.25, 1.44) = 2.25.  V=1.05 in range: 0.9025.
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 2.25 + 0.9025) / 3, rel=1e-12)
+    assert stats["value_clip_frac"].item() == pytest.approx(1 / 3)
+    unclipped, _ = value_loss(values, old, returns, torch.ones(1, 3), clip=None)
+    assert unclipped.item() == pytest.approx(0.5 * (0.25 + 2.25 + 0.9025) / 3, rel=1e-12)
+
+
+def _entropy_by_hand(logits: list[float]) -> float:
+    z = [math.exp(x) for x in logits]
+    p = [v / sum(z) for v in z]
+    return -sum(pi * math.log(pi) for pi in p)
+
+
+def test_entropy_matches_direct_formula():
+    rows = [[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], [[-1.0, 5.0, 0.5], [9.0, 9.0, 9.0]]]
+    logits = torch.tensor(rows, dtype=F64)
+    per_token = token_entropy(logits)
+    for b in range(2):
+        for t in range(2):
+            assert per_token[b, t].item() == pytest.approx(_entropy_by_hand(rows[b][t]), rel=1e-12)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    want = (_entropy_by_hand(rows[0][0]) + math.log(3) + _entropy_by_hand(rows[1][0])) / 3
+    assert entropy(logits, mask).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_entropy_is_stable_for_large_and_minus_inf_logits():
+    logits = torch.tensor([[[1000.0, 1000.0, -float("inf")], [0.0, 3000.0, 0.0]]], dtype=F64, requires_grad=True)
+    h = token_entropy(logits)
+    assert h[0, 0].item() == pytest.approx(math.log(2))
+    assert h[0, 1].item() == pytest.approx(0.0, abs=1e-300)
+    h.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_sft_loss_is_mean_negative_log_likelihood():
+    logp = torch.tensor([[-0.5, -1.5, -9.0], [-2.0, -9.0, -9.0]], dtype=F64)
+    assert sft_loss(logp, MASK_2x3).item() == pytest.approx((0.5 + 1.5 + 2.0) / 3)
+    assert sft_loss(logp, MASK_2x3, "seq-mean-token-mean").item() == pytest.approx(((0.5 + 1.5) / 2 + 2.0) / 2)
+
+
+# ---- preference losses ---------------------------------------------------------------------------
+
+
+def test_reward_model_loss_matches_formula():
+    chosen = torch.tensor([1.0, -0.5, 3.0], dtype=F64)
+    rejected = torch.tensor([0.0, 0.5, 3.5], dtype=F64)
+    want = -sum(_log_sigmoid(c - r) for c, r in [(1.0, 0.0), (-0.5, 0.5), (3.0, 3.5)]) / 3
+    assert reward_model_loss(chosen, rejected).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_dpo_equals_reward_model_loss_on_implicit_rewards():
+    gen = torch.Generator().manual_seed(11)
+    pc, pr, rc, rr = (torch.randn(6, generator=gen, dtype=F64) * 5 for _ in range(4))
+    loss, stats = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert loss.item() == pytest.approx(reward_model_loss(0.1 * (pc - rc), 0.1 * (pr - rr)).item(), rel=1e-12)
+    assert stats["rewards_chosen"].item() == pytest.approx((0.1 * (pc - rc)).mean().item())
+
+
+def test_dpo_stats_hand_worked():
+    loss, stats = dpo_loss(
+        torch.tensor([-1.0, -4.0], dtype=F64),
+        torch.tensor([-3.0, -2.0], dtype=F64),
+        torch.tensor([-2.0, -3.0], dtype=F64),
+        torch.tensor([-2.0, -2.0], dtype=F64),
+        beta=0.5,
+    )
+    # implicit rewards: chosen 0.5·(1, −1) = (0.5, −0.5); rejected 0.5·(−1, 0) = (−0.5, 0); margins (1, −0.5)
+    assert loss.item() == pytest.approx(-(_log_sigmoid(1.0) + _log_sigmoid(-0.5)) / 2, rel=1e-12)
+    assert stats["rewards_chosen"].item() == pytest.approx(0.0)
+    assert stats["rewards_rejected"].item() == pytest.approx(-0.25)
+    assert stats["reward_accuracy"].item() == pytest.approx(0.5)
+    assert stats["reward_margin"].item() == pytest.approx(0.25)
+
+
+def test_kwise_reward_model_loss_is_mean_over_pairs():
+    gen = torch.Generator().manual_seed(12)
+    scores = torch.randn(3, 4, generator=gen, dtype=F64)
+    per_prompt = []
+    for row in scores.tolist():
+        pairs = [-_log_sigmoid(row[i] - row[j]) for i in range(4) for j in range(i + 1, 4)]
+        assert len(pairs) == 4 * 3 // 2
+        per_prompt.append(sum(pairs) / len(pairs))
+    assert kwise_reward_model_loss(scores).item() == pytest.approx(sum(per_prompt) / 3, rel=1e-12)
+    # K = 2 is the pairwise loss
+    two = scores[:, :2]
+    assert kwise_reward_model_loss(two).item() == pytest.approx(reward_model_loss(two[:, 0], two[:, 1]).item())
+    with pytest.raises(ValueError, match="K >= 2"):
+        kwise_reward_model_loss(scores[:, :1])
