@@ -99,7 +99,8 @@ def init_ray(cfg: JobConfig) -> bool:
 def run_train(cfg: JobConfig, run_dir_override: str | None = None) -> int:
     import ray
 
-    from orchestrator.loop import summarize, train
+    from orchestrator.data import DataError
+    from orchestrator.loop import load_data, summarize, train
     from orchestrator.metrics import read_metrics
     from orchestrator.plots import plot_run
 
@@ -107,9 +108,14 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None) -> int:
     print(f"raylhf: run directory {run_dir}", file=sys.stderr)
     model_path = prepare_model(cfg)
     functions = [(f.name, _absolute_file_spec(f.name), f.weight) for f in cfg.reward.functions]
+    try:
+        data = load_data(cfg, model_path)
+    except DataError as e:
+        print(f"raylhf: data error: {e}", file=sys.stderr)
+        return 2
     started = init_ray(cfg)
     try:
-        result = train(cfg, run_dir, model_path, functions)
+        result = train(cfg, run_dir, model_path, functions, data)
     finally:
         if started:
             ray.shutdown()

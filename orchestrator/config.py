@@ -70,7 +70,6 @@ class RewardConfig(_Section):
     functions: list[RewardFunction] = Field(min_length=1, description="Reward functions, summed with weights.")
     num_workers: int = Field(1, gt=0, description="Number of RewardWorker actors.")
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs per reward worker.")
-    timeout_s: float = Field(10.0, gt=0, description="Per-call timeout of a reward function.")
     failure_score: float = Field(0.0, description="Score given when a reward function fails.")
     accuracy_threshold: float = Field(
         1.0, description="A sample counts as correct for the accuracy metric when its score >= this."
@@ -220,7 +219,9 @@ def _format_validation_error(err: ValidationError) -> str:
         elif e["type"] == "value_error" and msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         allowed = e.get("ctx", {}).get("expected")
-        lines.append(f"  {loc or '(top level)'}: {msg}" + (f" (allowed: {allowed})" if allowed and allowed not in msg else ""))
+        hint = f" (allowed: {allowed})" if allowed and allowed not in msg else ""
+        # Cross-field checks run at the top level and name their fields in the message.
+        lines.append(f"  {loc}: {msg}{hint}" if loc else f"  {msg}{hint}")
     return "invalid config:\n" + "\n".join(lines)
 
 

@@ -32,13 +32,19 @@ def load_rows(src: DataSource) -> list[dict[str, Any]]:
     return list(rows)
 
 
-def check_rows(rows: list[dict], prompt_key: str, where: str) -> None:
-    """Every row must be a dict with a non-empty string prompt."""
+def check_rows(rows: list[dict], prompt_key: str, where: str, tokenizer=None, max_prompt_tokens: int = 0) -> None:
+    """Every row must be a dict with a non-empty string prompt of at most `max_prompt_tokens` tokens."""
     if not rows:
         raise DataError(f"{where}: no rows")
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or not isinstance(row.get(prompt_key), str) or not row[prompt_key]:
             raise DataError(f"{where}: row {i} has no non-empty string field {prompt_key!r}: {str(row)[:200]}")
+    if tokenizer is not None and max_prompt_tokens:
+        lengths = [len(ids) for ids in tokenizer([r[prompt_key] for r in rows])["input_ids"]]
+        for i, n in enumerate(lengths):
+            if n > max_prompt_tokens:
+                raise DataError(f"{where}: row {i} has a {n}-token prompt, above data.max_prompt_tokens="
+                                f"{max_prompt_tokens}")
 
 
 def to_request(uid: str, row: dict, prompt_key: str) -> GroupRequest:

@@ -38,15 +38,33 @@ def evaluate(pools: Pools, cfg: JobConfig, rows: list[dict]) -> dict[str, float]
             "eval/response_length": m["response_length/mean"]}
 
 
-def train(cfg: JobConfig, run_dir: Path, model_path: str, reward_functions: list[tuple[str, str, float]]) -> RunResult:
-    """Run `cfg.loop.steps` GRPO steps on the pools; write metrics, plots and the final policy."""
+@dataclass
+class Data:
+    """Checked training stream and held-out rows, loaded before any actor starts."""
+
+    pad_id: int
+    stream: PromptStream
+    eval_rows: list[dict]
+
+
+def load_data(cfg: JobConfig, model_path: str) -> Data:
+    """Load and check every row now: a bad dataset fails before Ray starts (DataError)."""
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    rows = load_rows(cfg.data.train)
+    check_rows(rows, cfg.data.prompt_key, "data.train", tokenizer, cfg.data.max_prompt_tokens)
+    eval_rows = load_rows(cfg.data.eval)[: cfg.loop.eval_size] if cfg.data.eval else []
+    if eval_rows:
+        check_rows(eval_rows, cfg.data.prompt_key, "data.eval", tokenizer, cfg.data.max_prompt_tokens)
+    stream = PromptStream(rows, cfg.data.prompt_key, cfg.loop.seed, cfg.data.shuffle)
+    return Data(tokenizer.pad_token_id, stream, eval_rows)
+
+
+def train(cfg: JobConfig, run_dir: Path, model_path: str, reward_functions: list[tuple[str, str, float]],
+          data: Data) -> RunResult:
+    """Run `cfg.loop.steps` GRPO steps on the pools; write metrics and the final policy."""
     start = time.perf_counter()
     r, loop = cfg.rollout, cfg.loop
-    pad_id = load_tokenizer(model_path, cfg.model.trust_remote_code).pad_token_id
-    rows = load_rows(cfg.data.train)
-    check_rows(rows, cfg.data.prompt_key, "data.train")
-    stream = PromptStream(rows, cfg.data.prompt_key, loop.seed, cfg.data.shuffle)
-    eval_rows = load_rows(cfg.data.eval)[: loop.eval_size] if cfg.data.eval else []
+    eval_rows = data.eval_rows
     sampling = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p,
                               max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
     writer = MetricsWriter(run_dir, cfg.logging.tensorboard)
@@ -63,7 +81,7 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, reward_functions: list
             writer.write(0, m)
             progress.note(f"held-out greedy accuracy before RL: {before:.1%} ({len(eval_rows)} prompts)")
         for step in range(1, loop.steps + 1):
-            metrics = train_step(pools, cfg, stream, sampling, pad_id, version=step)
+            metrics = train_step(pools, cfg, data.stream, sampling, data.pad_id, version=step)
             if eval_rows and ((loop.eval_every and step % loop.eval_every == 0) or step == loop.steps):
                 metrics |= evaluate(pools, cfg, eval_rows)
                 after = metrics["eval/accuracy"]

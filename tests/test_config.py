@@ -92,3 +92,20 @@ def test_config_show_prints_resolved_values_and_descriptions(tmp_path, tiny_mode
 def test_example_config_is_valid():
     cfg = load_config("examples/arith_grpo.yaml", check_paths=False)
     assert cfg.rollout.group_size >= 2
+
+
+@pytest.mark.parametrize("rows,expected", [
+    ([{"prompt": "1+2=", "answer": "3"}, {"question": "no prompt"}], "row 1"),
+    ([{"prompt": "", "answer": "3"}], "row 0"),
+    ([{"prompt": 12, "answer": "3"}], "row 0"),
+    ([{"prompt": "1+2=" * 100, "answer": "3"}], "max_prompt_tokens"),
+], ids=["missing prompt", "empty prompt", "wrong type", "too long"])
+def test_bad_data_rows_exit_2_before_ray_starts(tmp_path, tiny_model, capsys, rows, expected):
+    import json
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = base_config(tiny_model, data={"train": {"source": str(data)}, "max_prompt_tokens": 64})
+    assert main(["train", write(tmp_path, cfg), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "data error" in err and expected in err, err

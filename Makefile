@@ -1,0 +1,27 @@
+# Two commands for a new user: `make demo` runs the GRPO example, `make test` runs the tests.
+# Both build .venv first with the CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	# DeepSpeed ships as an sdist whose build imports torch: build it against the torch above.
+	$(PY) -m pip install -q --no-build-isolation deepspeed
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/raylhf train examples/arith_grpo.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs checkpoints
