@@ -38,7 +38,7 @@ class HFEngine:
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
-            top_k=None,
+            top_k=None if greedy else 0,  # 0 disables a checkpoint's default top-k: sample the full distribution
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
