@@ -4,6 +4,7 @@ stop strings, returning each sampled token's log-prob under logits / temperature
 from __future__ import annotations
 
 import torch
+from transformers import StoppingCriteria
 
 from actors.engines import Completion, SamplingParams
 from actors.modeling import load_causal_lm, load_tokenizer, token_logprobs
@@ -42,8 +43,7 @@ class HFEngine:
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
-            stop_strings=list(sampling.stop) or None,
-            tokenizer=tok if sampling.stop else None,
+            stopping_criteria=[StopOnStrings(tok, sampling.stop, input_ids.shape[1])] if sampling.stop else None,
             output_logits=True,
             return_dict_in_generate=True,
             use_cache=True,
@@ -58,13 +58,10 @@ class HFEngine:
         tok = self.tokenizer
         ids_list = ids.tolist()
         end, reason = len(ids_list), "length"
-        for i, t in enumerate(ids_list):
-            if t == tok.eos_token_id:
-                end, reason = i + 1, "stop"
-                break
-            if t == tok.pad_token_id:  # generate pads finished rows (stop strings)
-                end, reason = i, "stop"
-                break
+        if tok.eos_token_id in ids_list:
+            end, reason = ids_list.index(tok.eos_token_id) + 1, "stop"
+        # Rows finished by a stop string are padded by `generate`; the cut below drops that tail.
+        # A pad token sampled mid-row is an ordinary token: its log-prob is part of the policy.
         if stop:
             end, reason = _cut_at_stop(tok, ids_list, end, reason, stop)
         text = tok.decode(ids_list[:end], skip_special_tokens=True)
@@ -86,3 +83,17 @@ def _cut_at_stop(tok, ids: list[int], end: int, reason: str, stop: tuple[str, ..
         if any(s in tok.decode(ids[:k], skip_special_tokens=True) for s in stop):
             return k, "stop"
     return end, reason
+
+
+class StopOnStrings(StoppingCriteria):
+    """Marks a row done once its generated text ends in a stop string (works for any tokenizer,
+    unlike `generate(stop_strings=...)`, which needs a tokenizer that can spell arbitrary text)."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_len: int):
+        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
+        self.window = max(len(s) for s in stops)  # every token spells at least one character
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        tails = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.window) :].tolist()
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
