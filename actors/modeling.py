@@ -11,7 +11,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def set_threads(threads: int | None) -> None:
-    """Bound torch's intra-op threads (default: every core this process may use)."""
+    """Bound torch's intra-op threads (default: every core this process may use). Several actors
+    share a machine, so each gets few threads: oversubscribed cores make tiny ops many times slower."""
     torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
 
 

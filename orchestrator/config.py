@@ -52,7 +52,7 @@ class RolloutConfig(_Section):
     num_workers: int = Field(1, gt=0, description="Number of RolloutWorker actors.")
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved per rollout worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
-    threads: int | None = Field(None, gt=0, description="torch threads per worker (default: all cores).")
+    threads: int = Field(1, gt=0, description="torch intra-op threads per worker (more oversubscribes small CPUs).")
     group_size: int = Field(8, gt=0, description="G: completions sampled per prompt.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trained policy is logits/T).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
@@ -80,7 +80,7 @@ class ScoringConfig(_Section):
     num_workers: int = Field(1, gt=0, description="Number of ScoringWorker actors (reference / old policy).")
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs per scoring worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per scoring worker.")
-    threads: int | None = Field(None, gt=0, description="torch threads per worker (default: all cores).")
+    threads: int = Field(1, gt=0, description="torch intra-op threads per worker (more oversubscribes small CPUs).")
     micro_batch_size: int = Field(64, gt=0, description="Sequences per scoring forward pass.")
 
 
@@ -104,7 +104,7 @@ class TrainerConfig(_Section):
     num_workers: int = Field(1, gt=0, description="Data-parallel PolicyTrainer ranks.")
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs per trainer rank.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per trainer rank (0: CPU with gloo).")
-    threads: int | None = Field(None, gt=0, description="torch threads per rank (default: cores / ranks).")
+    threads: int = Field(1, gt=0, description="torch intra-op threads per rank (more oversubscribes small CPUs).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
