@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-_ANSWER = re.compile(r"####\s*([-+]?[\d,]*\.?\d+)")
+# After the marker: spaces, markdown bold and a currency sign may precede the number; any text may follow it.
+_ANSWER = re.compile(r"####[\s*$]*([-+]?[\d,]*\.?\d+)")
 
 
 def extract_final_answer(completion: str) -> str | None:
