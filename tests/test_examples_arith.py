@@ -63,11 +63,12 @@ def test_sft_target_verifies():
 def test_warmstart_is_cached_atomic_and_loadable(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt")
     monkeypatch.setattr(warmstart, "EVAL_ROWS", 16)
-    assert warmstart.prepare(path, steps=3) == path
+    monkeypatch.setattr(warmstart, "VALIDATION_ROWS", 8)
+    assert warmstart.prepare(path, max_steps=3, target=None) == path
     info = json.load(open(os.path.join(path, warmstart.MARKER)))
-    assert info["steps"] == 3 and 0.0 <= info["eval_accuracy"] <= 1.0
+    assert info["steps_run"] == 3 and 0.0 <= info["eval_accuracy"] <= 1.0
     stamp = os.path.getmtime(os.path.join(path, "model.safetensors"))
-    warmstart.prepare(path, steps=3)  # complete: reused, not rebuilt
+    warmstart.prepare(path, max_steps=3, target=None)  # complete: reused, not rebuilt
     assert os.path.getmtime(os.path.join(path, "model.safetensors")) == stamp
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dirs left
 
@@ -85,3 +86,32 @@ def test_unfinished_build_is_replaced(tmp_path):
     warmstart.build_random(str(path))
     assert warmstart.is_complete(str(path))
     AutoModelForCausalLM.from_pretrained(str(path))
+
+
+def test_warmstart_stops_at_the_target_accuracy(tmp_path, monkeypatch):
+    monkeypatch.setattr(warmstart, "VALIDATION_ROWS", 8)
+    monkeypatch.setattr(warmstart, "EVAL_ROWS", 8)
+    monkeypatch.setattr(warmstart, "CHECK_EVERY", 2)
+    warmstart.prepare(str(tmp_path / "a"), max_steps=6, target=0.0)  # any accuracy meets 0%
+    assert json.load(open(tmp_path / "a" / warmstart.MARKER))["steps_run"] == 2
+    warmstart.prepare(str(tmp_path / "b"), max_steps=6, target=1.01)  # unreachable: all steps
+    assert json.load(open(tmp_path / "b" / warmstart.MARKER))["steps_run"] == 6
+
+
+def test_validation_problems_are_never_trained_on(monkeypatch):
+    seen: list[str] = []
+    checked: list[str] = []
+    real_encode = warmstart._encode
+    monkeypatch.setattr(warmstart, "_encode", lambda tok, rows: (seen.extend(r["prompt"] for r in rows),
+                                                                 real_encode(tok, rows))[1])
+    monkeypatch.setattr(warmstart, "greedy_accuracy",
+                        lambda model, tok, rows, n: (checked.extend(r["prompt"] for r in rows), 0.0)[1])
+    monkeypatch.setattr(warmstart, "VALIDATION_SEED", 0)  # same draw as the training rows: must be skipped
+    monkeypatch.setattr(warmstart, "CHECK_EVERY", 4)
+    from examples.arith.model import tiny_config
+    from transformers import LlamaForCausalLM
+
+    tok = build_tokenizer()
+    warmstart._train(LlamaForCausalLM(tiny_config(tok)), tok, max_steps=8, target=None, seed=0)
+    assert len(seen) == 8 * warmstart.BATCH and seen == [r["prompt"] for r in task.make_rows("train", len(seen))]
+    assert len(set(checked)) == warmstart.VALIDATION_ROWS and not set(checked) & set(seen)

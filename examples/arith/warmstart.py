@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -18,13 +17,20 @@ from examples.arith.task import make_rows, sft_completion
 from examples.arith.tokenizer import build_tokenizer
 
 MARKER = "warmstart.json"  # written last; a directory without it is an unfinished build
-STEPS = 300  # SFT steps: leaves held-out accuracy well below the ceiling, so RL has headroom
+# A fixed number of supervised steps, on one thread so the same floating-point order gives the same
+# policy on every run on a machine. 3-digit addition is learned in a sudden jump (here between steps
+# ~700 and ~1300) whose timing moves with any numeric detail, so other CPUs may land elsewhere on it;
+# `prepare(target=...)` instead stops at the first check where validation accuracy reaches a target.
+MAX_STEPS = 1000
+TARGET_ACCURACY: float | None = None
+CHECK_EVERY = 50
 BATCH = 64
 LR = 3e-3
 WARMUP = 20
 MAX_NEW_TOKENS = 10  # "#### " + up to 4 digits + EOS
-EVAL_ROWS = 256
-LOG_EVERY = 50
+VALIDATION_ROWS = 256  # train-split problems never trained on; the run's eval split stays untouched
+EVAL_ROWS = 256  # eval-split problems, reported (not used for stopping)
+VALIDATION_SEED = 10_000
 
 
 def is_complete(path: str) -> bool:
@@ -49,52 +55,69 @@ def _encode(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> tuple[torch
     return ids, mask, lab
 
 
-def _lr_at(step: int, steps: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth of LR."""
-    if step < WARMUP:
-        return LR * (step + 1) / WARMUP
-    frac = (step - WARMUP) / max(steps - WARMUP, 1)
-    return LR * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+def _lr_at(step: int) -> float:
+    """Linear warm-up, then constant: the run stops on accuracy, not at a known step."""
+    return LR * min(1.0, (step + 1) / WARMUP)
 
 
-def _train(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, steps: int, seed: int) -> float:
-    """Supervised warm start on fresh train problems; returns the last logged loss."""
-    ids, mask, lab = _encode(tokenizer, make_rows("train", steps * BATCH, seed=seed))
+def _train(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    max_steps: int,
+    target: float | None,
+    seed: int,
+) -> dict:
+    """Supervised warm start until validation accuracy reaches `target` (None: run all steps)."""
+    rows = make_rows("train", max_steps * BATCH, seed=seed)
+    trained = {r["prompt"] for r in rows}
+    candidates = make_rows("train", VALIDATION_ROWS + len(trained), seed=VALIDATION_SEED)
+    validation = [r for r in candidates if r["prompt"] not in trained][:VALIDATION_ROWS]
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, betas=(0.9, 0.98))
-    model.train()
-    start, running = time.time(), 0.0
-    for step in range(steps):
-        sl = slice(step * BATCH, (step + 1) * BATCH)
+    start, running, accuracy, step = time.time(), 0.0, None, 0
+    for step in range(max_steps):
+        ids, mask, lab = _encode(tokenizer, rows[step * BATCH : (step + 1) * BATCH])
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps)
-        loss = model(input_ids=ids[sl], attention_mask=mask[sl], labels=lab[sl]).loss
+            g["lr"] = _lr_at(step)
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         running = 0.9 * running + 0.1 * loss.item() if step else loss.item()
-        if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
-            print(f"[warmstart] step {step + 1}/{steps} loss {running:.4f} ({time.time() - start:.0f}s)", flush=True)
-    return running
+        if (step + 1) % CHECK_EVERY == 0 or step + 1 == max_steps:
+            accuracy = greedy_accuracy(model, tokenizer, validation, MAX_NEW_TOKENS)
+            print(f"[warmstart] step {step + 1}: loss {running:.3f}, validation accuracy {accuracy:.1%} "
+                  f"({time.time() - start:.0f}s)", flush=True)
+            if target is not None and accuracy >= target:
+                break
+    return {"steps_run": step + 1, "loss": running, "validation_accuracy": accuracy}
 
 
-def prepare(path: str, steps: int | None = None, seed: int = 0) -> str:
-    """Return `path` holding the warm-started example policy, building it first if it is missing."""
+def prepare(path: str, max_steps: int = MAX_STEPS, target: float | None = TARGET_ACCURACY, seed: int = 0) -> str:
+    """Return `path` holding the warm-started example policy, building it first if it is missing.
+
+    Training stops at the first check where validation accuracy reaches `target` (None: never).
+    """
     path = os.path.abspath(path)
     if is_complete(path):
         return path
-    steps = STEPS if steps is None else steps
-    start = time.time()
-    torch.set_num_threads(os.cpu_count() or 1)
+    start, threads = time.time(), torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same floating-point order, hence the same policy, each time
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     model = LlamaForCausalLM(tiny_config(tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"[warmstart] building {path}: {n_params / 1e6:.2f}M parameters, {steps} SFT steps", flush=True)
-    info = {"steps": steps, "seed": seed, "params": n_params}
-    if steps:
-        info["loss"] = _train(model, tokenizer, steps, seed)
-        info["eval_accuracy"] = greedy_accuracy(model, tokenizer, make_rows("eval", EVAL_ROWS), MAX_NEW_TOKENS)
+    goal = f"until validation accuracy >= {target:.0%}, at most " if target is not None and max_steps else ""
+    print(f"[warmstart] building {path}: {n_params / 1e6:.2f}M parameters, SFT {goal}{max_steps} steps", flush=True)
+    info = {"max_steps": max_steps, "target": target, "seed": seed, "params": n_params}
+    try:
+        if max_steps:
+            info.update(_train(model, tokenizer, max_steps, target, seed))
+            eval_rows = make_rows("eval", EVAL_ROWS)
+            info["eval_accuracy"] = greedy_accuracy(model, tokenizer, eval_rows, MAX_NEW_TOKENS)
+    finally:
+        torch.set_num_threads(threads)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -110,7 +133,7 @@ def prepare(path: str, steps: int | None = None, seed: int = 0) -> str:
 
 def build_random(path: str, seed: int = 0) -> str:
     """An untrained (random-init) example policy at `path`: fast, for tests."""
-    return prepare(path, steps=0, seed=seed)
+    return prepare(path, max_steps=0, seed=seed)
 
 
 def _save_atomically(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, path: str, info: dict) -> None:
