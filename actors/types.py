@@ -23,8 +23,9 @@ class Sample:
     text: str
     rollout_logp: list[float]  # log pi_rollout(token) at the sampling temperature, one per response token
     finish_reason: str  # "stop" (EOS or stop string) or "length"
-    reward: float = 0.0
-    reward_parts: dict[str, float] = field(default_factory=dict)
+    reward: float = 0.0  # weighted sum of the reward parts; each reward stage adds its own
+    reward_parts: dict[str, float] = field(default_factory=dict)  # label -> score (failure_score on failure)
+    reward_extras: dict[str, float] = field(default_factory=dict)  # "label/key" -> extra number a reward returned
     ref_logp: list[float] | None = None
     old_logp: list[float] | None = None
 
@@ -40,7 +41,35 @@ class Group:
     samples: list[Sample]
     policy_version: int
     timings: dict[str, float] = field(default_factory=dict)  # busy seconds per stage, summed
-    reward_failures: dict[str, int] = field(default_factory=dict)
+    reward_failures: dict[str, int] = field(default_factory=dict)  # label -> samples that scored failure_score
+    reward_errors: dict[str, str] = field(default_factory=dict)  # "label: kind" -> first traceback a worker saw
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+    def note_reward_failure(self, label: str, kind: str, text: str, reported: set[str]) -> bool:
+        """Count one failed sample of reward `label`; keep `text` (a traceback) for the first failure of each
+        (label, kind) a worker sees, `reported` being that worker's memory. True when this one is the first."""
+        self.reward_failures[label] = self.reward_failures.get(label, 0) + 1
+        key = f"{label}: {kind}"
+        if key in reported:
+            return False
+        reported.add(key)
+        self.reward_errors[key] = text
+        return True
+
+
+@dataclass
+class RewardSpec:
+    """One configured reward: a function or a reward model, its weight, and the label its metrics carry.
+
+    Field order keeps the older `(label, "module:function", weight)` tuples valid: `RewardSpec(*t)`.
+    """
+
+    label: str
+    name: str | None = None  # "package.module:function" or "/abs/path/file.py:function"
+    weight: float = 1.0
+    model: str | None = None  # reward-model checkpoint directory (AutoModelForSequenceClassification, 1 label)
+    batched: bool = False  # the function takes lists (prompts, completions, **columns) and returns a list
+    batch_size: int | None = None  # samples per batched call / per reward-model forward pass
+    num_gpus: float = 0.0  # reward model: GPUs of its worker

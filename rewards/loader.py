@@ -14,12 +14,18 @@ class RewardLoadError(Exception):
     """A function name that does not resolve; the message says which part failed."""
 
 
+def file_module_name(path: str | Path) -> str:
+    """A stable, unique module name per absolute path, so two files named rewards.py never collide."""
+    path = Path(path)
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    stem = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in path.stem)
+    return f"raylhf_user_{stem}_{digest}"
+
+
 def _load_file_module(path: Path):
     if not path.is_file():
         raise RewardLoadError(f"file {str(path)!r} not found (relative paths are taken from the working directory)")
-    # A stable, unique module name per absolute path, so two files named rewards.py never collide.
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
-    name = f"raylhf_user_{path.stem}_{digest}"
+    name = file_module_name(path)
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

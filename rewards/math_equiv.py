@@ -22,6 +22,11 @@ def _math_verify():
         import math_verify
     except ImportError as e:
         raise ImportError("rewards.math_equiv needs the math-verify package: pip install math-verify") from e
+    # Its "Timeout is disabled" warning does not apply: the RewardWorker's pool bounds every call (reward.timeout_s).
+    import math_verify.grader
+    import math_verify.parser
+
+    math_verify.grader.TIMEOUT_WARNING_SHOWN = math_verify.parser.TIMEOUT_WARNING_SHOWN = True
     return math_verify
 
 
