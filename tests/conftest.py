@@ -18,6 +18,29 @@ def tiny_model(tmp_path_factory) -> str:
     return build_random(str(tmp_path_factory.mktemp("models") / "tiny"))
 
 
+def save_tiny_reward_model(path, num_labels: int = 1, causal: bool = False) -> str:
+    """A random-init Llama sequence classifier (or causal LM) with the example tokenizer, saved at `path`."""
+    import torch
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    from examples.arith.model import tiny_config
+    from examples.arith.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    config = tiny_config(tok, num_labels=num_labels, hidden_size=64, intermediate_size=128, initializer_range=0.5)
+    model = LlamaForCausalLM(config) if causal else LlamaForSequenceClassification(config)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory) -> str:
+    """A one-label reward model (sequence classifier) sharing the example's tokenizer, no download."""
+    return save_tiny_reward_model(tmp_path_factory.mktemp("rm") / "tiny-rm")
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray on 127.0.0.1 with enough logical CPUs for the pools the tests start."""
