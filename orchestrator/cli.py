@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from actors.types import RewardSpec
 from orchestrator.config import ConfigError, JobConfig, dump_config, load_config
 
 EXAMPLES = """examples:
@@ -61,6 +65,51 @@ def _absolute_file_spec(spec: str) -> str:
     return spec
 
 
+def reward_specs(cfg: JobConfig) -> list[RewardSpec]:
+    """The config's rewards as the actors take them: file and model paths absolute, labels resolved."""
+    return [RewardSpec(label=f.label, name=f.name and _absolute_file_spec(f.name), weight=f.weight,
+                       model=f.model and str(Path(f.model).expanduser().resolve()), batched=f.batched,
+                       batch_size=f.batch_size, num_gpus=f.num_gpus)
+            for f in cfg.reward.functions]
+
+
+def ship_reward_files(specs: list[RewardSpec], staging: Path) -> tuple[list[RewardSpec], list[str]]:
+    """For a remote cluster, whose nodes cannot read our files: each reward *file* is copied into `staging`
+    under a unique module name and named by that module; the copies are the job's Ray `py_modules`,
+    which Ray uploads at `ray.init` and puts on every worker's import path. A file is shipped alone:
+    its sibling modules are not (install shared helpers on the cluster, or keep them in the file)."""
+    from rewards.loader import file_module_name
+
+    shipped, modules = [], []
+    for spec in specs:
+        target, _, attr = (spec.name or "").rpartition(":")
+        if spec.name is None or not (target.endswith(".py") or "/" in target):
+            shipped.append(spec)
+            continue
+        module = file_module_name(target)
+        copy = staging / f"{module}.py"
+        if not copy.exists():
+            shutil.copyfile(target, copy)
+            modules.append(str(copy))
+        shipped.append(dataclasses.replace(spec, name=f"{module}:{attr}"))
+    return shipped, modules
+
+
+def connect_ray(cfg: JobConfig, staging: Path) -> tuple[bool, list[RewardSpec]]:
+    """Start or join Ray (see `init_ray`); the reward specs the actors of this job must use.
+
+    Joining a cluster at `ray.address` ships the reward files (see `ship_reward_files`, copies in
+    `staging`, which must live until Ray has started); an embedded Ray reads them where they are.
+    """
+    import ray
+
+    specs = reward_specs(cfg)
+    modules: list[str] = []
+    if cfg.ray.address and not ray.is_initialized():
+        specs, modules = ship_reward_files(specs, staging)
+    return init_ray(cfg, {"py_modules": modules} if modules else None), specs
+
+
 def make_run_dir(cfg: JobConfig, override: str | None) -> Path:
     name = override or cfg.logging.run_dir.format(name=cfg.logging.name, time=time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(name)
@@ -79,8 +128,9 @@ def prepare_model(cfg: JobConfig) -> str:
     return path
 
 
-def init_ray(cfg: JobConfig) -> bool:
-    """Connect to `ray.address`, or start an embedded Ray bound to 127.0.0.1; False if already connected."""
+def init_ray(cfg: JobConfig, runtime_env: dict | None = None) -> bool:
+    """Connect to `ray.address` (with the job's `runtime_env`), or start an embedded Ray bound to 127.0.0.1;
+    False if already connected."""
     import ray
 
     from orchestrator.pools import logical_cpus_needed
@@ -88,7 +138,7 @@ def init_ray(cfg: JobConfig) -> bool:
     if ray.is_initialized():
         return False
     if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=cfg.logging.worker_logs)
+        ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=cfg.logging.worker_logs)
         return True
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(logical_cpus_needed(cfg)))
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
@@ -100,25 +150,25 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None) -> int:
     import ray
 
     from orchestrator.data import DataError
-    from orchestrator.loop import load_data, summarize, train
+    from orchestrator.loop import load_data, reward_failure_totals, summarize, train
     from orchestrator.metrics import read_metrics
     from orchestrator.plots import plot_run
 
     run_dir = make_run_dir(cfg, run_dir_override)
     print(f"raylhf: run directory {run_dir}", file=sys.stderr)
     model_path = prepare_model(cfg)
-    functions = [(f.name, _absolute_file_spec(f.name), f.weight) for f in cfg.reward.functions]
     try:
         data = load_data(cfg, model_path)
     except DataError as e:
         print(f"raylhf: data error: {e}", file=sys.stderr)
         return 2
-    started = init_ray(cfg)
-    try:
-        result = train(cfg, run_dir, model_path, functions, data)
-    finally:
-        if started:
-            ray.shutdown()
+    with tempfile.TemporaryDirectory(prefix="raylhf-rewards-") as staging:
+        started, rewards = connect_ray(cfg, Path(staging))
+        try:
+            result = train(cfg, run_dir, model_path, rewards, data)
+        finally:
+            if started:
+                ray.shutdown()
     records = read_metrics(run_dir)
     png = plot_run(records, run_dir / "curves.png")
     s = summarize(records)
@@ -128,6 +178,9 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None) -> int:
               f"({(result.eval_after - result.eval_before) * 100:+.1f} points)")
     for k, v in s.items():
         print(f"{k} (mean over steps): {v:.3f}")
+    failures = reward_failure_totals(records)
+    print("reward failures: " + (", ".join(f"{k} {n}" for k, n in failures.items() if n) or "none")
+          + (" (see reward/<label>/failures)" if any(failures.values()) else ""))
     print(f"wall time: {result.seconds:.0f} s")
     print(f"metrics: {run_dir / 'metrics.jsonl'}\nplot: {png}\nfinal policy (Hugging Face): {result.final_policy}")
     return 0

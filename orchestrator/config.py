@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,19 +63,86 @@ class RolloutConfig(_Section):
     prompts_per_call: int = Field(4, gt=0, description="Prompts per generate call: the streaming granularity.")
 
 
+_LABEL = re.compile(r"[\w.:-]+")
+_RESERVED_LABELS = ("mean", "std")  # reward/mean and reward/std are the totals
+
+
+def _default_label(entry: dict) -> str | None:
+    """The function's name ("pkg.mod:fn" -> "fn"), else the model directory's name."""
+    if isinstance(entry.get("name"), str):
+        return entry["name"].rpartition(":")[2] or entry["name"]
+    if isinstance(entry.get("model"), str):
+        return re.sub(r"[^\w.:-]", "_", Path(entry["model"].rstrip("/")).name) or "reward_model"
+    return None
+
+
 class RewardFunction(_Section):
-    name: str = Field(description='"package.module:function" or "path/to/file.py:function".')
+    name: str | None = Field(
+        None, description='Reward function: "package.module:function" or "path/to/file.py:function".')
+    model: str | None = Field(
+        None, description="Or a reward model: a sequence-classification checkpoint directory with num_labels=1.")
     weight: float = Field(1.0, description="Weight of this reward in the total score.")
+    label: str | None = Field(
+        None, description="Name in metrics (reward/<label>, reward/<label>/failures); default: the function's name or "
+        "the model directory's name.")
+    batched: bool = Field(
+        False, description="The function takes lists: fn(prompts, completions, **columns) -> list of scores "
+        "(a function may instead set fn.batched = True).")
+    batch_size: int | None = Field(
+        None, gt=0, description="Samples per call of a batched function (default: all of a chunk) or per "
+        "reward-model forward pass (default 32).")
+    num_gpus: float = Field(0.0, ge=0, description="Reward model: GPUs of its worker.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_label(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("label") is None and _default_label(data):
+            data = {**data, "label": _default_label(data)}
+        return data
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "RewardFunction":
+        if (self.name is None) == (self.model is None):
+            raise ValueError("give exactly one of name (a reward function, \"module:function\" or "
+                             "\"file.py:function\") and model (a reward-model checkpoint directory)")
+        if self.model is not None and self.batched:
+            raise ValueError("batched: applies to reward functions; a reward model is always run in batches "
+                             "of batch_size")
+        if self.name is not None and self.num_gpus:
+            raise ValueError("num_gpus: applies to reward models (model: ...), not to reward functions")
+        if self.label is None or not _LABEL.fullmatch(self.label) or self.label in _RESERVED_LABELS:
+            raise ValueError(f"label: {self.label!r} must be letters, digits, _ . : - (no '/'), and not 'mean' "
+                             "or 'std' (reward/mean and reward/std are the totals)")
+        return self
 
 
 class RewardConfig(_Section):
-    functions: list[RewardFunction] = Field(min_length=1, description="Reward functions, summed with weights.")
-    num_workers: int = Field(1, gt=0, description="Number of RewardWorker actors.")
-    num_cpus: float = Field(0.5, ge=0, description="Logical CPUs per reward worker.")
-    failure_score: float = Field(0.0, description="Score given when a reward function fails.")
+    functions: list[RewardFunction] = Field(
+        min_length=1, description="Reward functions and reward models, summed with weights.")
+    num_workers: int = Field(1, gt=0, description="Number of RewardWorker actors (groups are spread over them).")
+    num_cpus: float = Field(
+        0.5, ge=0, description="Logical CPUs per reward worker and reward-model worker (a RewardWorker's "
+        "num_processes subprocesses use real cores: reserve them on a shared cluster).")
+    num_processes: int = Field(
+        2, gt=0, description="Subprocesses per RewardWorker running reward calls in parallel; a call past "
+        "timeout_s has its process killed and replaced.")
+    timeout_s: float = Field(
+        60.0, gt=0, description="Seconds one reward call may take (one sample; one batch for a batched "
+        "function) before it counts as failed.")
+    failure_score: float = Field(
+        0.0, description="Score of a sample whose reward raised, timed out, or returned NaN, inf or a non-number.")
     accuracy_threshold: float = Field(
         1.0, description="A sample counts as correct for the accuracy metric when its score >= this."
     )
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> "RewardConfig":
+        labels = [f.label for f in self.functions]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"label {twice[0]!r} names two entries of reward.functions; give them distinct "
+                             "`label`s (metrics are logged per label)")
+        return self
 
 
 class ScoringConfig(_Section):
@@ -248,19 +317,45 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     return cfg
 
 
-def _check_callable(field: str, spec: str) -> None:
+def _check_callable(field: str, spec: str):
     from rewards.loader import RewardLoadError, load_function
 
     try:
-        load_function(spec)
+        return load_function(spec)
     except RewardLoadError as e:
         raise ConfigError(f"invalid config:\n  {field}: {e}") from None
+
+
+def _check_reward_model(field: str, path: str) -> None:
+    """A directory with a config.json of a one-output sequence classifier (read, not loaded)."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"invalid config:\n  {field}: {path!r} is not a model directory (no config.json)")
+    try:
+        meta = json.loads(config.read_text())
+    except ValueError as e:
+        raise ConfigError(f"invalid config:\n  {field}: {str(config)!r} is not valid JSON: {e}") from None
+    archs = meta.get("architectures") or []
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(
+            f"invalid config:\n  {field}: {path!r} holds a {archs[0]}; a reward model is an "
+            "AutoModelForSequenceClassification checkpoint with num_labels=1")
+    labels = meta.get("num_labels", len(meta["id2label"]) if "id2label" in meta else 2)
+    if labels != 1:
+        raise ConfigError(f"invalid config:\n  {field}: {path!r} has {labels} labels; a reward model has "
+                          "exactly one output (num_labels=1)")
 
 
 def check_references(cfg: JobConfig) -> None:
     """Files and "module:function" names must resolve: fail now, not deep inside a Ray actor."""
     for i, fn in enumerate(cfg.reward.functions):
-        _check_callable(f"reward.functions.{i}.name", fn.name)
+        if fn.name is not None:
+            loaded = _check_callable(f"reward.functions.{i}.name", fn.name)
+            if fn.batch_size is not None and not (fn.batched or getattr(loaded, "batched", False)):
+                raise ConfigError(f"invalid config:\n  reward.functions.{i}.batch_size: applies to batched "
+                                  "functions (batched: true, or fn.batched = True) and reward models")
+        else:
+            _check_reward_model(f"reward.functions.{i}.model", fn.model)
     for field, src in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if src is None:
             continue

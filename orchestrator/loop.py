@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +14,8 @@ from actors.modeling import load_tokenizer
 from orchestrator.batching import build_batch, shard
 from orchestrator.config import JobConfig
 from orchestrator.data import PromptStream, check_rows, load_rows, to_request
-from orchestrator.metrics import MetricsWriter, merge_rank_stats, rollout_metrics
-from orchestrator.pools import Pools, gather
+from orchestrator.metrics import MetricsWriter, merge_rank_stats, reward_labels, rollout_metrics
+from orchestrator.pools import Pools, gather, num_reward_actors
 from orchestrator.progress import Progress
 
 
@@ -26,13 +28,19 @@ class RunResult:
     seconds: float
 
 
-def evaluate(pools: Pools, cfg: JobConfig, rows: list[dict]) -> dict[str, float]:
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def evaluate(pools: Pools, cfg: JobConfig, rows: list[dict], log: Callable[[str], None] = _stderr) -> dict[str, float]:
     """Held-out greedy accuracy with the run's reward functions."""
     sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
                               stop=tuple(cfg.rollout.stop))
     requests = [to_request(f"eval:{i}", row, cfg.data.prompt_key) for i, row in enumerate(rows)]
     per_call = max(1, -(-len(requests) // len(pools.rollout)))
     groups = gather(pools.submit_groups(requests, sampling, per_call, score=False))
+    for message in pools.new_reward_errors(groups):
+        log(message)
     m = rollout_metrics(groups, cfg.reward.accuracy_threshold)
     return {"eval/accuracy": m["accuracy"], "eval/reward": m["reward/mean"],
             "eval/response_length": m["response_length/mean"]}
@@ -59,9 +67,10 @@ def load_data(cfg: JobConfig, model_path: str) -> Data:
     return Data(tokenizer.pad_token_id, stream, eval_rows)
 
 
-def train(cfg: JobConfig, run_dir: Path, model_path: str, reward_functions: list[tuple[str, str, float]],
-          data: Data) -> RunResult:
-    """Run `cfg.loop.steps` GRPO steps on the pools; write metrics and the final policy."""
+def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: Data) -> RunResult:
+    """Run `cfg.loop.steps` GRPO steps on the pools; write metrics and the final policy.
+
+    `rewards`: the resolved `actors.types.RewardSpec`s (see `orchestrator.cli.reward_specs`)."""
     start = time.perf_counter()
     r, loop = cfg.rollout, cfg.loop
     eval_rows = data.eval_rows
@@ -70,20 +79,20 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, reward_functions: list
     writer = MetricsWriter(run_dir, cfg.logging.tensorboard)
     progress = Progress(loop.steps, enabled=cfg.logging.progress)
     progress.note(f"starting {len(pools_desc(cfg))} actors ...")
-    pools = Pools(cfg, model_path, reward_functions)
+    pools = Pools(cfg, model_path, rewards)
     progress.note(f"policy: {pools.num_params / 1e6:.2f}M parameters; "
                   f"{cfg.trainer.num_workers} trainer rank(s), {r.num_workers} rollout worker(s)")
     try:
         before = after = None
         if eval_rows:
-            m = evaluate(pools, cfg, eval_rows)
+            m = evaluate(pools, cfg, eval_rows, progress.note)
             before = m["eval/accuracy"]
             writer.write(0, m)
             progress.note(f"held-out greedy accuracy before RL: {before:.1%} ({len(eval_rows)} prompts)")
         for step in range(1, loop.steps + 1):
-            metrics = train_step(pools, cfg, data.stream, sampling, data.pad_id, version=step)
+            metrics = train_step(pools, cfg, data.stream, sampling, data.pad_id, version=step, log=progress.note)
             if eval_rows and ((loop.eval_every and step % loop.eval_every == 0) or step == loop.steps):
-                metrics |= evaluate(pools, cfg, eval_rows)
+                metrics |= evaluate(pools, cfg, eval_rows, progress.note)
                 after = metrics["eval/accuracy"]
             writer.write(step, metrics)
             progress.step(step, metrics)
@@ -96,11 +105,13 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, reward_functions: list
 
 
 def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: SamplingParams, pad_id: int,
-               version: int) -> dict[str, float]:
-    """One strict on-policy step; returns its metrics."""
+               version: int, log: Callable[[str], None] = _stderr) -> dict[str, float]:
+    """One strict on-policy step; returns its metrics (`log` shows the first failure of each reward kind)."""
     t0 = time.perf_counter()
     groups = gather(pools.submit_groups(stream.next(cfg.loop.prompts_per_step), sampling,
                                         cfg.rollout.prompts_per_call))
+    for message in pools.new_reward_errors(groups):
+        log(message)
     t1 = time.perf_counter()
     batch = build_batch(groups, cfg.algorithm, pad_id)
     shards = shard(batch, cfg.trainer.num_minibatches, cfg.trainer.num_workers, cfg.algorithm.agg)
@@ -115,7 +126,7 @@ def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: Sam
     m["policy_version"] = float(version)
     m["time/rollout"] = t1 - t0
     m["time/generate"] = m.pop("busy/generate") / len(pools.rollout)
-    m["time/reward"] = m.pop("busy/reward") / len(pools.reward)
+    m["time/reward"] = m.pop("busy/reward") / (len(pools.reward) + len(pools.reward_models))
     m["time/score"] = m.pop("busy/score") / len(pools.scoring)
     m["time/train"] = t2 - t1
     m["time/sync"] = t3 - t2
@@ -127,12 +138,23 @@ def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: Sam
 
 def pools_desc(cfg: JobConfig) -> list[str]:
     """One entry per actor the job starts (for progress messages)."""
-    return (["rollout"] * cfg.rollout.num_workers + ["reward"] * cfg.reward.num_workers
+    return (["rollout"] * cfg.rollout.num_workers + ["reward"] * num_reward_actors(cfg)
             + ["scoring"] * cfg.scoring.num_workers + ["trainer"] * cfg.trainer.num_workers)
 
 
 def summarize(records: list[dict]) -> dict[str, float]:
-    """Means over the run's training steps of the numbers a summary prints."""
+    """Means over the run's training steps of the numbers a summary prints: the total reward, each
+    reward's own mean (`reward/<label>`), accuracy, length and speed."""
     steps = [r for r in records if "reward/mean" in r]
-    keys = ("reward/mean", "accuracy", "response_length/mean", "time/step", "tokens_per_s")
-    return {k: statistics.fmean(r[k] for r in steps) for k in keys if steps and k in steps[0]}
+    if not steps:
+        return {}
+    keys = ["reward/mean", *(f"reward/{x}" for x in reward_labels(steps[0])), "accuracy", "response_length/mean",
+            "time/step", "tokens_per_s"]
+    return {k: statistics.fmean(r[k] for r in steps) for k in keys if k in steps[0]}
+
+
+def reward_failure_totals(records: list[dict]) -> dict[str, int]:
+    """Failed reward calls per label over the run's training steps."""
+    steps = [r for r in records if "reward/mean" in r]
+    labels = reward_labels(steps[0]) if steps else []
+    return {x: int(sum(r.get(f"reward/{x}/failures", 0) for r in steps)) for x in labels}

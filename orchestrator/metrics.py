@@ -27,17 +27,33 @@ def rollout_metrics(groups: list[Group], accuracy_threshold: float) -> dict[str,
             float(len({s.reward for s in g.samples}) == 1) for g in groups),
         "tokens/generated": float(sum(lengths)),
     }
-    for name in samples[0].reward_parts:
-        out[f"reward/{name}"] = statistics.fmean(s.reward_parts[name] for s in samples)
-    failures: dict[str, int] = {}
-    for g in groups:
-        for name, n in g.reward_failures.items():
-            failures[name] = failures.get(name, 0) + n
-    for name, n in failures.items():
-        out[f"reward_failures/{name}"] = float(n)
+    out |= reward_part_metrics(groups)
     for stage in ("generate", "reward", "score"):
         out[f"busy/{stage}"] = sum(g.timings.get(stage, 0.0) for g in groups)
     return out
+
+
+def reward_part_metrics(groups: list[Group]) -> dict[str, float]:
+    """Per reward label: `reward/<label>` (mean score), `reward/<label>/failures` (count, 0 included) and
+    `reward/<label>/<key>` (mean of each extra number the reward returned, over the samples that have it)."""
+    samples = [s for g in groups for s in g.samples]
+    out: dict[str, float] = {}
+    for label in samples[0].reward_parts:
+        out[f"reward/{label}"] = statistics.fmean(s.reward_parts[label] for s in samples)
+        out[f"reward/{label}/failures"] = float(sum(g.reward_failures.get(label, 0) for g in groups))
+    extras: dict[str, list[float]] = {}
+    for s in samples:
+        for key, value in s.reward_extras.items():
+            extras.setdefault(key, []).append(value)
+    for key, values in sorted(extras.items()):
+        out.setdefault(f"reward/{key}", statistics.fmean(values))  # a key named "failures" cannot hide the count
+    return out
+
+
+def reward_labels(record: dict) -> list[str]:
+    """The reward labels of a metrics record (from its `reward/<label>/failures` keys)."""
+    prefix, suffix = "reward/", "/failures"
+    return [k[len(prefix) : -len(suffix)] for k in record if k.startswith(prefix) and k.endswith(suffix)]
 
 
 def merge_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -8,10 +8,11 @@ import ray
 
 from actors.engines import SamplingParams
 from actors.reward import RewardWorker
+from actors.reward_model import RewardModelWorker
 from actors.rollout import RolloutWorker
 from actors.scoring import ScoringWorker
 from actors.trainer import PolicyTrainer
-from actors.types import Group, GroupRequest
+from actors.types import Group, GroupRequest, RewardSpec
 from orchestrator.config import JobConfig
 
 _CPU_ENV = {"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}}
@@ -19,14 +20,23 @@ _CPU_ENV = {"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "fal
 
 def logical_cpus_needed(cfg: JobConfig) -> float:
     """Logical CPUs all pools ask for (an embedded Ray is started with at least this many)."""
-    return (cfg.rollout.num_workers * cfg.rollout.num_cpus + cfg.reward.num_workers * cfg.reward.num_cpus
+    reward_actors = num_reward_actors(cfg)
+    return (cfg.rollout.num_workers * cfg.rollout.num_cpus + reward_actors * cfg.reward.num_cpus
             + cfg.scoring.num_workers * cfg.scoring.num_cpus + cfg.trainer.num_workers * cfg.trainer.num_cpus)
+
+
+def num_reward_actors(cfg: JobConfig) -> int:
+    """RewardWorkers (when any reward is a function) plus one RewardModelWorker per reward model."""
+    models = sum(f.model is not None for f in cfg.reward.functions)
+    has_functions = models < len(cfg.reward.functions)
+    return cfg.reward.num_workers * has_functions + models
 
 
 class Pools:
     """Every actor of a job; methods fan work out round-robin and gather it back."""
 
-    def __init__(self, cfg: JobConfig, model_path: str, reward_functions: list[tuple[str, str, float]]):
+    def __init__(self, cfg: JobConfig, model_path: str, rewards: list[RewardSpec | tuple]):
+        """`rewards`: resolved reward entries (paths absolute); `(label, "module:function", weight)` tuples work too."""
         m = cfg.model
         device = "cuda" if cfg.trainer.num_gpus > 0 else "cpu"
         common = dict(model_path=model_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
@@ -38,10 +48,20 @@ class Pools:
                 device="cuda" if r.num_gpus > 0 else "cpu", **common)
             for i in range(r.num_workers)
         ]
+        rw = cfg.reward
+        specs = [x if isinstance(x, RewardSpec) else RewardSpec(*x) for x in rewards]
+        functions = [x for x in specs if x.model is None]
         self.reward = [
-            ray.remote(RewardWorker).options(num_cpus=cfg.reward.num_cpus, runtime_env=_CPU_ENV).remote(
-                reward_functions, cfg.reward.failure_score)
-            for _ in range(cfg.reward.num_workers)
+            ray.remote(RewardWorker).options(num_cpus=rw.num_cpus, runtime_env=_CPU_ENV).remote(
+                functions, rw.failure_score, rw.timeout_s, rw.num_processes)
+            for _ in range(rw.num_workers if functions else 0)
+        ]
+        self.reward_models = [  # one worker per model; every chunk of groups passes through each
+            ray.remote(RewardModelWorker).options(num_cpus=rw.num_cpus, num_gpus=x.num_gpus,
+                                                  runtime_env=_CPU_ENV).remote(
+                x.label, x.model, x.weight, x.batch_size or 32, rw.failure_score,
+                device="cuda" if x.num_gpus > 0 else "cpu")
+            for x in specs if x.model is not None
         ]
         self.scoring = [
             ray.remote(ScoringWorker).options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, runtime_env=_CPU_ENV).remote(
@@ -66,6 +86,7 @@ class Pools:
         addr, port = ray.get(self.trainers[0].rendezvous.remote())
         self.num_params = ray.get([tr.setup.remote(addr, port) for tr in self.trainers])[0]
         self._cycle = {name: itertools.count() for name in ("rollout", "reward", "scoring")}
+        self._errors_shown: set[str] = set()
 
     def _next(self, name: str):
         workers = getattr(self, name)
@@ -73,15 +94,32 @@ class Pools:
 
     def submit_groups(self, requests: list[GroupRequest], sampling: SamplingParams, prompts_per_call: int,
                       score: bool = True) -> list[ray.ObjectRef]:
-        """Chain generate → reward (→ score) per chunk of prompts; each chunk streams on its own."""
+        """Chain generate → reward functions → reward models (→ score) per chunk of prompts; each chunk
+        streams on its own, and consecutive chunks go to the next RewardWorker (round-robin)."""
         refs = []
         for lo in range(0, len(requests), prompts_per_call):
             groups = self._next("rollout").generate.remote(requests[lo : lo + prompts_per_call], sampling)
-            groups = self._next("reward").score.remote(groups)
+            if self.reward:
+                groups = self._next("reward").score.remote(groups)
+            for rm in self.reward_models:
+                groups = rm.score.remote(groups)
             if score:
                 groups = self._next("scoring").score.remote(groups)
             refs.append(groups)
         return refs
+
+    def new_reward_errors(self, groups: list[Group]) -> list[str]:
+        """Messages for reward failures of a kind not shown before in this job (each kind once, whichever worker)."""
+        out = []
+        for g in groups:
+            for key, text in g.reward_errors.items():
+                if key not in self._errors_shown:
+                    self._errors_shown.add(key)
+                    label, _, kind = key.partition(": ")
+                    out.append(f"reward {label} failed ({kind}); such samples score reward.failure_score and are "
+                               f"counted in reward/{label}/failures; the run goes on. First traceback:\n"
+                               + text.rstrip())
+        return out
 
     def train(self, shards: list[list[dict]]) -> list[dict]:
         """One training step on every rank (each gets its own slices); per-rank stats."""
@@ -103,8 +141,8 @@ class Pools:
         return ray.get(self.trainers[0].save_pretrained.remote(path))
 
     def shutdown(self) -> None:
-        for a in self.rollout + self.reward + self.scoring + self.trainers:
-            ray.kill(a)
+        for a in self.rollout + self.reward + self.reward_models + self.scoring + self.trainers:
+            ray.kill(a)  # a RewardWorker's subprocesses die with it (PR_SET_PDEATHSIG)
 
 
 def gather(refs: list[ray.ObjectRef]) -> list[Group]:

@@ -16,11 +16,12 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_two_step_run_through_the_cli(tmp_path, tiny_model):
+def test_two_step_run_through_the_cli(tmp_path, tiny_model, tiny_reward_model):
     """`raylhf train` with an embedded Ray: exit 0 and a complete run directory."""
     cfg_path = tmp_path / "job.yaml"
     functions = [{"name": "rewards.final_answer:hash_answer"},
-                 {"name": "tests/data/toy_rewards.py:length_reward", "weight": 0.1}]  # a file path, as users write
+                 {"name": "tests/data/toy_rewards.py:length_reward", "weight": 0.1},  # a file path, as users write
+                 {"model": tiny_reward_model, "weight": 0.01, "batch_size": 4}]  # a reward model
     cfg = base_config(tiny_model, algorithm={"kl_coef": 0.05}, reward={"functions": functions})
     cfg_path.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "run"
@@ -28,6 +29,7 @@ def test_two_step_run_through_the_cli(tmp_path, tiny_model):
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "held-out greedy accuracy" in proc.stdout
+    assert "reward/length_reward (mean over steps)" in proc.stdout and "reward failures: none" in proc.stdout
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
@@ -37,7 +39,8 @@ def test_two_step_run_through_the_cli(tmp_path, tiny_model):
                     "time/generate", "time/reward", "time/score", "time/train", "time/sync", "tokens_per_s"):
             assert key in r, key
         assert r["kl"] >= 0 and r["entropy"] > 0
-        assert r["reward/tests/data/toy_rewards.py:length_reward"] > 0  # each reward's mean, logged on its own
+        assert r["reward/length_reward"] > 0  # each reward's mean, logged on its own
+        assert "reward/tiny-rm" in r and r["reward/tiny-rm/failures"] == 0 and r["reward/hash_answer/failures"] == 0
     assert records[2]["policy_version"] == 2
 
     assert (run_dir / "curves.png").stat().st_size > 10_000
