@@ -45,3 +45,30 @@ def test_error_example_is_what_the_cli_prints(tiny_model, tmp_path, capsys):
     expected = example.split("```", 1)[0].strip()
     main(["train", "examples/arith_grpo.yaml", "--set", "rollout.group_size=1", "--set", f"model.path={tiny_model}"])
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_reward_forms_snippet_runs(tmp_path):
+    """The batched and async examples, run by a RewardWorker as in a job."""
+    from actors.reward import RewardWorker
+    from actors.types import Group, RewardSpec, Sample
+
+    code = next(b for b in blocks("python") if b.startswith("# my_forms.py"))
+    (tmp_path / "my_forms.py").write_text(code)
+    specs = [RewardSpec("correct", f"{tmp_path / 'my_forms.py'}:correct_batch"),
+             RewardSpec("judge", f"{tmp_path / 'my_forms.py'}:judge")]
+    samples = [Sample([1], text, [0.0], "stop") for text in ("#### 3", "#### 4", "3")]
+    worker = RewardWorker(specs, num_processes=1)
+    try:
+        (g,) = worker.score([Group("u", "1+2=", {"answer": "3"}, [1], samples, 0)])
+    finally:
+        worker.close()
+    assert [s.reward_parts for s in g.samples] == [{"correct": 1.0, "judge": 1.0}, {"correct": 0.0, "judge": 1.0},
+                                                   {"correct": 0.0, "judge": 0.0}]
+    assert g.samples[0].reward_extras == {"judge/chars": 6.0} and not g.reward_failures
+
+
+def test_reward_model_snippet_validates():
+    snippet = next(b for b in blocks("yaml") if "model:" in b)
+    cfg = RewardConfig.model_validate(yaml.safe_load(snippet)["reward"])
+    assert [(f.label, f.weight, f.batch_size) for f in cfg.functions] == [
+        ("math_equiv", 1.0, None), ("my-reward-model", 0.1, 16)]
