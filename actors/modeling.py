@@ -58,3 +58,37 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float)
     t = batch["response_mask"].shape[1]
     logits = response_logits(model, batch["input_ids"], batch["attention_mask"], t)
     return token_logprobs(logits, batch["input_ids"][:, -t:], temperature), logits
+
+
+def load_value_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu"):
+    """A value model: the checkpoint's transformer with a linear head giving one value per token.
+
+    `path` may be a causal LM (the policy: the head starts at zero, so V = 0 everywhere at first) or a
+    one-label reward model (its `score` head is kept, so V(s_t) starts as the reward model's score of the
+    prefix, minus the `reward_offset` its training stored). Dropout on the head is off: values are regressed.
+    """
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config.num_labels, config.classifier_dropout = 1, 0.0
+    config.id2label, config.label2id = {0: "value"}, {"value": 0}
+    try:
+        model, info = AutoModelForTokenClassification.from_pretrained(
+            path, config=config, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, output_loading_info=True)
+    except ValueError as e:  # an architecture without a token-classification class
+        raise ValueError(f"cannot build a value model from {path!r}: {e}") from None
+    with torch.no_grad():
+        if any(k.startswith("score.weight") for k in info["missing_keys"]):
+            model.score.weight.zero_()
+        if model.score.bias is not None:
+            model.score.bias.fill_(-float(getattr(model.config, "reward_offset", 0.0) or 0.0))
+    return model.to(device)
+
+
+def response_values(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """V(s_t) for every response token t: `[B, T]`, read at position P-1+t, the state before token t is
+    chosen (the same position whose logits give token t's log-prob; survey 2.14's V(s_t))."""
+    t = batch["response_mask"].shape[1]
+    am = batch["attention_mask"]
+    out = model(input_ids=batch["input_ids"], attention_mask=am, position_ids=position_ids(am), use_cache=False)
+    return out.logits[:, -t - 1 : -1, 0].float()  # [B, T]

@@ -1,4 +1,4 @@
-"""PolicyTrainer: one data-parallel DeepSpeed rank that updates the policy with the GRPO/PPO loss.
+"""PolicyTrainer (and the shared DeepSpeedRank): data-parallel DeepSpeed ranks that update the policy.
 
 Each rank receives its slice of every mini-batch. Micro-batch losses are weighted by their share of
 the mini-batch's aggregation units (tokens or sequences, across all ranks), so the accumulated,
@@ -57,21 +57,29 @@ def ds_config(micro: int, grad_accum: int, world: int, zero_stage: int, grad_cli
     }
 
 
-class PolicyTrainer:
-    """One DeepSpeed rank. Construct all ranks, then call `setup` on all of them together."""
+EPOCH_STATS = ("approx_kl", "clip_frac")  # also reported per epoch when K > 1: they grow as the policy moves
 
-    def __init__(self, rank: int, world_size: int, model: dict, trainer: dict, algorithm: dict,
-                 temperature: float, norm_length: int, grad_accum: int, total_steps: int, seed: int = 0,
-                 device: str = "cpu"):
+
+class DeepSpeedRank:
+    """One data-parallel DeepSpeed rank of a model trained on the step's mini-batches (policy or critic).
+
+    Construct all ranks, then call `setup` on all of them together. Subclasses give the model
+    (`build_model`) and the loss of one micro-batch (`_micro_loss`).
+    """
+
+    def __init__(self, rank: int, world_size: int, model: dict, trainer: dict, grad_accum: int, total_steps: int,
+                 seed: int = 0, device: str = "cpu"):
         self.rank, self.world_size = rank, world_size
-        self.model_cfg, self.cfg, self.alg = model, trainer, algorithm
-        self.temperature, self.norm_length = temperature, norm_length
+        self.model_cfg, self.cfg = model, trainer
         self.grad_accum, self.total_steps, self.seed, self.device = grad_accum, total_steps, seed, device
         set_threads(trainer.get("threads"))
 
     def rendezvous(self) -> tuple[str, int]:
         """(address, port) for the process group; called on rank 0."""
         return "127.0.0.1" if self.device == "cpu" else socket.gethostbyname(socket.gethostname()), free_port()
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
 
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the process group and build the DeepSpeed engine; returns the parameter count."""
@@ -82,7 +90,7 @@ class PolicyTrainer:
         deepspeed.init_distributed("gloo" if self.device == "cpu" else "nccl")
         torch.manual_seed(self.seed)
         m, c = self.model_cfg, self.cfg
-        model = load_causal_lm(m["path"], m["dtype"], m["trust_remote_code"], self.device)
+        model = self.build_model()
         self.tokenizer = load_tokenizer(m["path"], m["trust_remote_code"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], betas=tuple(c["betas"]),
                                       weight_decay=c["weight_decay"])
@@ -97,12 +105,15 @@ class PolicyTrainer:
 
     def train_step(self, minibatches: list[dict]) -> dict[str, float]:
         """K epochs over this rank's slices of the step's mini-batches; one optimizer step per mini-batch."""
-        engine, alg = self.engine, self.alg
+        engine = self.engine
         engine.train()
         sums: dict[str, float] = {}
-        ratio_max, weight_total = 0.0, 0.0
+        ratio_max: float | None = None  # policy only
+        weight_total = 0.0
         t_fwd_bwd = t_opt = 0.0
-        for _ in range(self.cfg["epochs"]):
+        epochs = self.cfg["epochs"]
+        per_epoch: list[dict[str, float]] = [{} for _ in range(epochs)]  # how far each epoch has moved the policy
+        for epoch in range(epochs):
             for mb in minibatches:
                 n = mb["input_ids"].shape[0]
                 micro = self.cfg["micro_batch_size"]
@@ -124,27 +135,53 @@ class PolicyTrainer:
                     t_opt += time.perf_counter() - t1
                     for k, v in stats.items():
                         if k == "ratio_max":
-                            ratio_max = max(ratio_max, float(v))
+                            ratio_max = max(ratio_max or 0.0, float(v))
                         else:
                             sums[k] = sums.get(k, 0.0) + float(v) * weight
+                            if epochs > 1 and k in EPOCH_STATS:
+                                per_epoch[epoch][k] = per_epoch[epoch].get(k, 0.0) + float(v) * weight
                     weight_total += weight
         steps = max(1.0, sums.pop("optimizer_steps", 1.0))
         out = {k: v / weight_total for k, v in sums.items() if k != "grad_norm"}
+        for e, stats in enumerate(per_epoch if epochs > 1 else []):
+            out |= {f"epoch{e + 1}/{k}": v * epochs / weight_total for k, v in stats.items()}
         out["grad_norm"] = sums.get("grad_norm", 0.0) / steps
-        out["ratio_max"] = ratio_max
+        if ratio_max is not None:
+            out["ratio_max"] = ratio_max
         out["lr"] = engine.get_lr()[0]
         out["time/train_fwd_bwd"] = t_fwd_bwd
         out["time/optimizer"] = t_opt
         return out
 
     def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float]:
-        """The loss of one micro-batch and its share of the mini-batch's aggregation units."""
+        """(loss, detached stats, the chunk's share of the mini-batch's aggregation units)."""
+        raise NotImplementedError
+
+
+class PolicyTrainer(DeepSpeedRank):
+    """A policy rank: the clipped GRPO/PPO loss (survey 3.14, A.10) with optional KL and entropy terms."""
+
+    def __init__(self, rank: int, world_size: int, model: dict, trainer: dict, algorithm: dict,
+                 temperature: float, norm_length: int, grad_accum: int, total_steps: int, seed: int = 0,
+                 device: str = "cpu"):
+        super().__init__(rank, world_size, model, trainer, grad_accum, total_steps, seed, device)
+        self.alg, self.temperature, self.norm_length = algorithm, temperature, norm_length
+
+    def build_model(self) -> torch.nn.Module:
+        m = self.model_cfg
+        return load_causal_lm(m["path"], m["dtype"], m["trust_remote_code"], self.device)
+
+    def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float]:
+        """The loss of one micro-batch and its share of the mini-batch's aggregation units.
+
+        β of the KL-in-loss term comes with the batch (`kl_coef`, set by the orchestrator's controller)."""
         alg = self.alg
         mask = chunk["response_mask"]
+        beta = float(chunk.get("kl_coef", alg["kl_coef"]))
         logp, logits = response_logprobs(self.engine, chunk, self.temperature)  # [b, t], [b, t, V]
         loss, stats = grpo_loss(
             logp, chunk["old_logp"], chunk.get("ref_logp"), chunk["advantages"], mask,
-            alg["clip_low"], alg["clip_high"], alg["kl_coef"], alg["kl_kind"], alg["agg"],
+            alg["clip_low"], alg["clip_high"], beta, alg["kl_kind"], alg["agg"],
             self.norm_length, alg["dual_clip"])
         with torch.set_grad_enabled(alg["entropy_coef"] > 0):
             ent = entropy(logits / self.temperature, mask, alg["agg"])

@@ -28,6 +28,7 @@ class Sample:
     reward_extras: dict[str, float] = field(default_factory=dict)  # "label/key" -> extra number a reward returned
     ref_logp: list[float] | None = None
     old_logp: list[float] | None = None
+    values: list[float] | None = None  # PPO: V(s_t) before each response token, from the critic at rollout time
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Scored groups → advantages (survey 3.12, A.3.1) → the trainer ranks' mini-batch slices."""
+"""Scored groups → advantages (survey 3.12, A.3.1, GAE 2.14-2.17 with KL-shaped rewards 3.5.1) → the
+trainer ranks' mini-batch slices."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import torch
 
 from actors.batch import collate_groups, pad_rows, select
 from actors.types import Group
-from algorithms.advantages import broadcast_to_tokens, group_normalized, reinforce_pp, rloo
+from algorithms.advantages import broadcast_to_tokens, gae, group_normalized, kl_shaped_token_rewards, reinforce_pp, rloo
+from algorithms.kl import kl_estimate
 from orchestrator.config import AlgorithmConfig
 
 
@@ -23,19 +25,56 @@ def sequence_advantages(scores: torch.Tensor, group_size: int, alg: AlgorithmCon
     raise ValueError(f"unknown estimator {alg.estimator!r}")
 
 
-def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int) -> dict[str, torch.Tensor]:
-    """One padded batch of every sample with old/ref log-probs and per-token advantages."""
+def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: float = 0.0) -> dict[str, torch.Tensor]:
+    """One padded batch of every sample with old/ref log-probs and per-token advantages.
+
+    `beta` is the KL coefficient of this step: with `kl_placement: reward` it shapes the rewards (3.5.1),
+    with `loss` it travels with the batch as `kl_coef` for the trainer's loss (3.14).
+    """
     group_size = len(groups[0].samples)
     samples = [s for g in groups for s in g.samples]
     batch = collate_groups(groups, pad_id)
-    width = batch["response_mask"].shape[1]
+    mask = batch["response_mask"]  # [B, T]
+    width = mask.shape[1]
     batch["old_logp"] = pad_rows([s.old_logp for s in samples], width)  # [B, T]
     if samples[0].ref_logp is not None:
         batch["ref_logp"] = pad_rows([s.ref_logp for s in samples], width)  # [B, T]
     scores = torch.tensor([s.reward for s in samples], dtype=torch.float32)  # [B]
     batch["scores"] = scores
-    batch["advantages"] = broadcast_to_tokens(sequence_advantages(scores, group_size, alg), batch["response_mask"])
+    in_reward = alg.kl_placement == "reward" and beta > 0 and "ref_logp" in batch
+    batch["kl_coef"] = 0.0 if alg.kl_placement == "reward" else beta
+    if alg.estimator == "gae":
+        values = pad_rows([s.values for s in samples], width)  # [B, T]
+        rewards = kl_shaped_token_rewards(scores, batch["old_logp"], batch.get("ref_logp", batch["old_logp"]), mask,
+                                          beta if in_reward else 0.0, alg.kl_kind)  # [B, T]
+        advantages, returns = gae(rewards, values, mask, alg.gamma, alg.lam)  # [B, T] each
+        batch["advantages"] = whiten(advantages, mask) if alg.whiten_advantages else advantages
+        batch["old_values"], batch["returns"] = values, returns
+        return batch
+    if in_reward:  # a sequence-level estimator sees the score minus beta times the sequence's summed KL
+        kl = kl_estimate(batch["old_logp"], batch["ref_logp"], alg.kl_kind, mask)  # [B, T]
+        scores = scores - beta * torch.where(mask.bool(), kl, 0).sum(-1)  # [B]
+    batch["advantages"] = broadcast_to_tokens(sequence_advantages(scores, group_size, alg), mask)
     return batch
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the valid tokens, 0 on padding: PPO's advantage normalisation."""
+    valid = mask.bool()  # [B, T]
+    vals = x[valid]  # [n]
+    if vals.numel() < 2:
+        return torch.where(valid, x, 0)
+    return torch.where(valid, (x - vals.mean()) / (vals.std() + eps), 0)
+
+
+def sequence_kl(batch: dict[str, torch.Tensor]) -> float:
+    """Mean over samples of sum_t log(pi_old / pi_ref) of the sampled tokens: the k1 estimate of
+    KL[pi_old || pi_ref] per sequence (2.1), what the adaptive controller tracks; 0 without a reference."""
+    if "ref_logp" not in batch:
+        return 0.0
+    mask = batch["response_mask"].bool()  # [B, T]
+    per_token = kl_estimate(batch["old_logp"], batch["ref_logp"], "k1", mask)  # [B, T]
+    return float(torch.where(mask, per_token, 0).sum(-1).mean())
 
 
 def shard(batch: dict[str, torch.Tensor], num_minibatches: int, world_size: int, agg: str) -> list[list[dict]]:

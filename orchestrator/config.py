@@ -154,19 +154,56 @@ class ScoringConfig(_Section):
 
 
 class AlgorithmConfig(_Section):
-    estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field(
-        "grpo", description="Advantage estimator (survey 3.12, A.3.1, RLOO, REINFORCE++)."
+    estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field(
+        "grpo", description="Advantage estimator: grpo (3.12), dr_grpo (mean-only, A.3.1; its agg defaults to "
+        "seq-mean-token-sum-norm), rloo, reinforce_pp (2.2.4), gae (PPO with a critic, 2.14-2.17; see `critic`)."
     )
     std_normalize: bool = Field(True, description="grpo: divide by the group std (3.12); dr_grpo never does.")
+    gamma: float = Field(1.0, ge=0, le=1, description="gae: discount per token (2.14).")
+    lam: float = Field(0.95, ge=0, le=1, description="gae: lambda (2.14); 0 is the TD residual, 1 the return - V.")
+    whiten_advantages: bool = Field(
+        True, description="gae: normalise advantages to mean 0, std 1 over the batch's valid tokens (as PPO codes do).")
     clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip: ratio >= 1 - clip_low (2.4.3).")
     clip_high: float = Field(0.2, ge=0, description="PPO clip: ratio <= 1 + clip_high; > clip_low is clip-higher.")
     dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c for negative advantages.")
-    kl_coef: float = Field(0.0, ge=0, description="beta of the KL-to-reference term in the loss (3.14).")
+    kl_coef: float = Field(0.0, ge=0, description="beta of the KL-to-reference penalty (its start, when adaptive).")
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (survey 2.1).")
+    kl_placement: Literal["loss", "reward"] = Field(
+        "loss", description="Where beta*KL goes: the loss (GRPO, 3.14) or the per-token reward (PPO / InstructGPT, "
+        "3.5.1; for sequence-level estimators the score minus beta times the summed KL).")
+    kl_controller: Literal["fixed", "adaptive"] = Field(
+        "fixed", description="fixed beta, or adaptive: beta moves so the measured KL tracks kl_target (2.4.2).")
+    kl_target: float = Field(0.1, gt=0, description="adaptive: target KL per sequence (summed over tokens).")
+    kl_horizon: float = Field(10000, gt=0, description="adaptive: horizon, in samples, of the beta update.")
     agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
         "token-mean", description="How per-token losses are averaged."
     )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (2.18).")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO dynamic sampling: drop groups whose rewards are all equal (no signal) and sample "
+        "more prompts until the batch is full.")
+    max_sampling_rounds: int = Field(
+        4, gt=0, description="dynamic_sampling: generation rounds per step at most; a batch still short after them "
+        "trains on the groups it has.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dr_grpo_norm(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("estimator") == "dr_grpo" and "agg" not in data:
+            data = {**data, "agg": "seq-mean-token-sum-norm"}  # Dr.GRPO: no 1/|o| length bias either
+        return data
+
+
+class CriticConfig(_Section):
+    init: str | None = Field(
+        None, description="Where the value model starts: a reward-model or causal-LM checkpoint directory "
+        "(default: the policy's model.path).")
+    num_workers: int = Field(1, gt=0, description="Data-parallel CriticTrainer ranks.")
+    num_cpus: float = Field(1.0, ge=0, description="Logical CPUs per critic rank.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per critic rank.")
+    lr: float = Field(1e-5, gt=0, description="Critic peak learning rate (the rest of the schedule follows trainer).")
+    value_clip: float | None = Field(0.2, gt=0, description="Clip of the value update around the old values (2.18).")
+    warmup_steps: int = Field(0, ge=0, description="Steps at the start that train only the critic (the policy waits).")
 
 
 class TrainerConfig(_Section):
@@ -204,7 +241,9 @@ class LoggingConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str | None = Field(None, description='Ray cluster address ("auto" or host:port); None: embedded.')
+    address: str | None = Field(
+        None, description='Ray cluster to join ("auto" or GCS host:port); None: the RAY_ADDRESS environment '
+        "variable (set for a `ray job submit` driver), else an embedded Ray.")
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for an embedded Ray (default: enough).")
 
 
@@ -216,6 +255,7 @@ class JobConfig(_Section):
     scoring: ScoringConfig = ScoringConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     trainer: TrainerConfig = TrainerConfig()
+    critic: CriticConfig = CriticConfig()
     loop: LoopConfig = LoopConfig()
     logging: LoggingConfig = LoggingConfig()
     ray: RayConfig = RayConfig()
@@ -229,6 +269,21 @@ class JobConfig(_Section):
                 f"trainer: batch of {batch} sequences (loop.prompts_per_step x rollout.group_size) "
                 f"must split evenly into trainer.num_minibatches x trainer.num_workers = {per_step}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _critic_and_kl(self) -> "JobConfig":
+        alg = self.algorithm
+        if alg.estimator == "gae":
+            batch = self.loop.prompts_per_step * self.rollout.group_size
+            per_step = self.trainer.num_minibatches * self.critic.num_workers
+            if batch % per_step:
+                raise ValueError(f"critic: batch of {batch} sequences must split evenly into trainer.num_minibatches "
+                                 f"x critic.num_workers = {per_step}")
+        elif self.critic.warmup_steps:
+            raise ValueError("critic.warmup_steps: there is no critic unless algorithm.estimator is gae")
+        if alg.kl_controller == "adaptive" and alg.kl_coef == 0:
+            raise ValueError("algorithm.kl_coef: the adaptive controller scales beta, so it must start above 0")
         return self
 
     @model_validator(mode="after")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -11,11 +12,13 @@ from pathlib import Path
 
 from actors.engines import SamplingParams
 from actors.modeling import load_tokenizer
-from orchestrator.batching import build_batch, shard
+from actors.types import Group
+from algorithms.kl_control import AdaptiveKLController, FixedKLController
+from orchestrator.batching import build_batch, sequence_kl, shard
 from orchestrator.config import JobConfig
 from orchestrator.data import PromptStream, check_rows, load_rows, to_request
-from orchestrator.metrics import MetricsWriter, merge_rank_stats, reward_labels, rollout_metrics
-from orchestrator.pools import Pools, gather, num_reward_actors
+from orchestrator.metrics import MetricsWriter, merge_rank_stats, reward_labels, rollout_metrics, value_metrics
+from orchestrator.pools import Pools, gather, num_reward_actors, uses_critic
 from orchestrator.progress import Progress
 
 
@@ -89,8 +92,13 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
             before = m["eval/accuracy"]
             writer.write(0, m)
             progress.note(f"held-out greedy accuracy before RL: {before:.1%} ({len(eval_rows)} prompts)")
+        kl = kl_controller(cfg.algorithm)
+        version = 0  # the policy version the rollout workers serve
         for step in range(1, loop.steps + 1):
-            metrics = train_step(pools, cfg, data.stream, sampling, data.pad_id, version=step, log=progress.note)
+            moves = step > cfg.critic.warmup_steps or not pools.critics  # critic warm-up: the policy waits
+            version += moves
+            metrics = train_step(pools, cfg, data.stream, sampling, data.pad_id, version=version, log=progress.note,
+                                 kl=kl, train_policy=moves)
             if eval_rows and ((loop.eval_every and step % loop.eval_every == 0) or step == loop.steps):
                 metrics |= evaluate(pools, cfg, eval_rows, progress.note)
                 after = metrics["eval/accuracy"]
@@ -104,24 +112,74 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
     return RunResult(run_dir, before, after, final, time.perf_counter() - start)
 
 
+def kl_controller(alg) -> FixedKLController | AdaptiveKLController:
+    """beta of the KL penalty: fixed, or adapted to keep the per-sequence KL near its target (survey 2.4.2)."""
+    if alg.kl_controller == "adaptive":
+        return AdaptiveKLController(alg.kl_coef, alg.kl_target, alg.kl_horizon)
+    return FixedKLController(alg.kl_coef)
+
+
+def collect_groups(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: SamplingParams
+                   ) -> tuple[list[Group], list[Group], int]:
+    """(groups to train on, every group generated, generation rounds) for one step.
+
+    With `algorithm.dynamic_sampling` (DAPO), groups whose rewards are all equal carry no advantage and
+    are set aside; more prompts are sampled until `loop.prompts_per_step` groups have signal or
+    `max_sampling_rounds` is reached, and then the batch is topped up with set-aside groups (which add
+    nothing to a group-relative gradient), so every step trains on a batch of the same size.
+    """
+    want, alg = cfg.loop.prompts_per_step, cfg.algorithm
+    generated: list[Group] = []
+    kept: list[Group] = []
+    rounds = 0
+    while len(kept) < want and rounds < (alg.max_sampling_rounds if alg.dynamic_sampling else 1):
+        rounds += 1
+        need = want - len(kept)
+        if rounds > 1:  # ask for enough to fill the batch at the rate groups had signal so far
+            need = min(want, math.ceil(need * len(generated) / max(len(kept), 1)))
+        groups = gather(pools.submit_groups(stream.next(need), sampling, cfg.rollout.prompts_per_call))
+        generated += groups
+        kept += [g for g in groups if not alg.dynamic_sampling or len({s.reward for s in g.samples}) > 1]
+    kept = kept[:want]
+    if len(kept) < want:
+        chosen = {id(g) for g in kept}
+        kept += [g for g in generated if id(g) not in chosen][: want - len(kept)]
+    return kept, generated, rounds
+
+
 def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: SamplingParams, pad_id: int,
-               version: int, log: Callable[[str], None] = _stderr) -> dict[str, float]:
-    """One strict on-policy step; returns its metrics (`log` shows the first failure of each reward kind)."""
+               version: int, log: Callable[[str], None] = _stderr, kl: FixedKLController | None = None,
+               train_policy: bool = True) -> dict[str, float]:
+    """One strict on-policy step; returns its metrics (`log` shows the first failure of each reward kind).
+
+    `version` is what the rollout workers serve after the step; `train_policy` False trains only the
+    critic (warm-up); `kl` holds beta and, when adaptive, is updated with the measured KL."""
     t0 = time.perf_counter()
-    groups = gather(pools.submit_groups(stream.next(cfg.loop.prompts_per_step), sampling,
-                                        cfg.rollout.prompts_per_call))
-    for message in pools.new_reward_errors(groups):
+    groups, generated, rounds = collect_groups(pools, cfg, stream, sampling)
+    for message in pools.new_reward_errors(generated):
         log(message)
     t1 = time.perf_counter()
-    batch = build_batch(groups, cfg.algorithm, pad_id)
-    shards = shard(batch, cfg.trainer.num_minibatches, cfg.trainer.num_workers, cfg.algorithm.agg)
-    stats = merge_rank_stats(pools.train(shards))
+    beta = kl.value if kl is not None else cfg.algorithm.kl_coef
+    batch = build_batch(groups, cfg.algorithm, pad_id, beta)
+    t, agg = cfg.trainer, cfg.algorithm.agg
+    policy_shards = shard(batch, t.num_minibatches, t.num_workers, agg) if train_policy else None
+    critic_shards = shard(batch, t.num_minibatches, len(pools.critics), agg) if pools.critics else None
+    policy_stats, critic_stats = pools.train(policy_shards, critic_shards)
     t2 = time.perf_counter()
-    versions = pools.sync_weights(version)
+    versions = pools.sync_weights(version, policy=train_policy)
     assert set(versions) == {version}, versions
     t3 = time.perf_counter()
-    m = rollout_metrics(groups, cfg.reward.accuracy_threshold)
-    m |= stats
+    m = rollout_metrics(generated, cfg.reward.accuracy_threshold)
+    m |= merge_rank_stats(policy_stats) if policy_stats else {}
+    m |= {k if k.startswith("critic/") else f"critic/{k}": v
+          for k, v in (merge_rank_stats(critic_stats) if critic_stats else {}).items()}
+    m |= value_metrics(batch) if "returns" in batch else {}
+    m["kl/sequence"], m["kl/beta"] = sequence_kl(batch), beta
+    if kl is not None:
+        kl.update(m["kl/sequence"], n_steps=batch["input_ids"].shape[0])
+    if cfg.algorithm.dynamic_sampling:
+        m["sampling/dropped_frac"] = 1.0 - sum(len({s.reward for s in g.samples}) > 1 for g in generated) / len(generated)
+        m["sampling/rounds"] = float(rounds)
     m["advantage/abs_mean"] = float(batch["advantages"].abs().sum() / batch["response_mask"].sum())
     m["policy_version"] = float(version)
     m["time/rollout"] = t1 - t0
@@ -139,7 +197,8 @@ def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: Sam
 def pools_desc(cfg: JobConfig) -> list[str]:
     """One entry per actor the job starts (for progress messages)."""
     return (["rollout"] * cfg.rollout.num_workers + ["reward"] * num_reward_actors(cfg)
-            + ["scoring"] * cfg.scoring.num_workers + ["trainer"] * cfg.trainer.num_workers)
+            + ["scoring"] * cfg.scoring.num_workers + ["trainer"] * cfg.trainer.num_workers
+            + ["critic"] * (cfg.critic.num_workers if uses_critic(cfg) else 0))
 
 
 def summarize(records: list[dict]) -> dict[str, float]:

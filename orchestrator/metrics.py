@@ -56,6 +56,16 @@ def reward_labels(record: dict) -> list[str]:
     return [k[len(prefix) : -len(suffix)] for k in record if k.startswith(prefix) and k.endswith(suffix)]
 
 
+def value_metrics(batch: dict) -> dict[str, float]:
+    """PPO critic health at rollout time: mean value and return, and the explained variance
+    1 - Var(R - V) / Var(R) over valid tokens (1: values predict the returns; <= 0: no better than a constant)."""
+    valid = batch["response_mask"].bool()
+    v, r = batch["old_values"][valid], batch["returns"][valid]
+    var = float(r.var()) if r.numel() > 1 else 0.0
+    return {"critic/values_mean": float(v.mean()), "critic/returns_mean": float(r.mean()),
+            "critic/explained_variance": 1.0 - float((r - v).var()) / var if var > 0 else 0.0}
+
+
 def merge_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Trainer stats averaged over ranks (ratio_max is a max); times are rank 0's."""
     out = {}

@@ -1,11 +1,13 @@
-"""Pools of Ray actors sized from the config: rollout, reward, scoring and trainer ranks."""
+"""Pools of Ray actors sized from the config: rollout, reward, scoring, trainer and (PPO) critic ranks."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import ray
 
+from actors.critic import CriticTrainer
 from actors.engines import SamplingParams
 from actors.reward import RewardWorker
 from actors.reward_model import RewardModelWorker
@@ -22,7 +24,13 @@ def logical_cpus_needed(cfg: JobConfig) -> float:
     """Logical CPUs all pools ask for (an embedded Ray is started with at least this many)."""
     reward_actors = num_reward_actors(cfg)
     return (cfg.rollout.num_workers * cfg.rollout.num_cpus + reward_actors * cfg.reward.num_cpus
-            + cfg.scoring.num_workers * cfg.scoring.num_cpus + cfg.trainer.num_workers * cfg.trainer.num_cpus)
+            + cfg.scoring.num_workers * cfg.scoring.num_cpus + cfg.trainer.num_workers * cfg.trainer.num_cpus
+            + uses_critic(cfg) * cfg.critic.num_workers * cfg.critic.num_cpus)
+
+
+def uses_critic(cfg: JobConfig) -> bool:
+    """PPO with GAE trains a value model next to the policy."""
+    return cfg.algorithm.estimator == "gae"
 
 
 def num_reward_actors(cfg: JobConfig) -> int:
@@ -32,8 +40,28 @@ def num_reward_actors(cfg: JobConfig) -> int:
     return cfg.reward.num_workers * has_functions + models
 
 
+def _join(ranks: list) -> int:
+    """Rank 0 picks the rendezvous; every rank joins the process group and builds its engine. Parameters."""
+    addr, port = ray.get(ranks[0].rendezvous.remote())
+    return ray.get([r.setup.remote(addr, port) for r in ranks])[0]
+
+
+def _rank_split(trainer_cfg: dict, batch: int, world: int) -> tuple[int, dict]:
+    """(gradient-accumulation steps, the trainer config with the micro-batch each rank really uses)."""
+    per_rank = batch // (trainer_cfg["num_minibatches"] * world)
+    micro = min(trainer_cfg["micro_batch_size"], per_rank)
+    return -(-per_rank // micro), trainer_cfg | {"micro_batch_size": micro}
+
+
 class Pools:
     """Every actor of a job; methods fan work out round-robin and gather it back."""
+
+    @staticmethod
+    def critic_path(cfg: JobConfig, model_path: str) -> str | None:
+        """Where the value model starts (PPO), or None without a critic."""
+        if not uses_critic(cfg):
+            return None
+        return str(Path(cfg.critic.init).expanduser().resolve()) if cfg.critic.init else model_path
 
     def __init__(self, cfg: JobConfig, model_path: str, rewards: list[RewardSpec | tuple]):
         """`rewards`: resolved reward entries (paths absolute); `(label, "module:function", weight)` tuples work too."""
@@ -67,14 +95,11 @@ class Pools:
             ray.remote(ScoringWorker).options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, runtime_env=_CPU_ENV).remote(
                 with_reference=cfg.algorithm.kl_coef > 0, temperature=r.temperature,
                 micro_batch_size=s.micro_batch_size, threads=s.threads,
-                device="cuda" if s.num_gpus > 0 else "cpu", **common)
+                device="cuda" if s.num_gpus > 0 else "cpu", value_model=self.critic_path(cfg, model_path), **common)
             for _ in range(s.num_workers)
         ]
         batch = cfg.loop.prompts_per_step * r.group_size
-        per_rank = batch // (t.num_minibatches * t.num_workers)
-        micro = min(t.micro_batch_size, per_rank)
-        self.grad_accum = -(-per_rank // micro)
-        trainer_cfg = t.model_dump() | {"micro_batch_size": micro}
+        self.grad_accum, trainer_cfg = _rank_split(t.model_dump(), batch, t.num_workers)
         self.trainers = [
             ray.remote(PolicyTrainer).options(num_cpus=t.num_cpus, num_gpus=t.num_gpus,
                                               runtime_env=None if device == "cuda" else _CPU_ENV).remote(
@@ -83,8 +108,21 @@ class Pools:
                 cfg.loop.steps, cfg.loop.seed, device)
             for rank in range(t.num_workers)
         ]
-        addr, port = ray.get(self.trainers[0].rendezvous.remote())
-        self.num_params = ray.get([tr.setup.remote(addr, port) for tr in self.trainers])[0]
+        self.critics = []
+        if uses_critic(cfg):
+            c = cfg.critic
+            accum, critic_cfg = _rank_split(t.model_dump() | {"lr": c.lr}, batch, c.num_workers)
+            self.critics = [
+                ray.remote(CriticTrainer).options(num_cpus=c.num_cpus, num_gpus=c.num_gpus,
+                                                  runtime_env=None if c.num_gpus > 0 else _CPU_ENV).remote(
+                    rank, c.num_workers, m.model_dump() | {"path": self.critic_path(cfg, model_path)}, critic_cfg,
+                    c.value_clip, cfg.algorithm.agg, accum, cfg.loop.steps, cfg.loop.seed,
+                    "cuda" if c.num_gpus > 0 else "cpu")
+                for rank in range(c.num_workers)
+            ]
+        self.num_params = _join(self.trainers)
+        if self.critics:
+            _join(self.critics)
         self._cycle = {name: itertools.count() for name in ("rollout", "reward", "scoring")}
         self._errors_shown: set[str] = set()
 
@@ -121,14 +159,26 @@ class Pools:
                                + text.rstrip())
         return out
 
-    def train(self, shards: list[list[dict]]) -> list[dict]:
-        """One training step on every rank (each gets its own slices); per-rank stats."""
-        return ray.get([tr.train_step.remote(sh) for tr, sh in zip(self.trainers, shards)])
+    def train(self, shards: list[list[dict]] | None, critic_shards: list[list[dict]] | None = None
+              ) -> tuple[list[dict], list[dict]]:
+        """One training step on every policy rank and (PPO) every critic rank, side by side; their per-rank
+        stats. `shards` None leaves the policy as it is (critic warm-up)."""
+        policy = [tr.train_step.remote(sh) for tr, sh in zip(self.trainers, shards)] if shards is not None else []
+        critic = [cr.train_step.remote(sh) for cr, sh in zip(self.critics, critic_shards or [])]
+        return ray.get(policy), ray.get(critic)
 
-    def sync_weights(self, version: int) -> list[int]:
-        """Trainer rank 0's weights, put once into the object store, loaded by every rollout and scoring worker."""
-        packed = self.trainers[0].state_dict.remote()
-        return ray.get([w.load_weights.remote(packed, version) for w in self.rollout + self.scoring])
+    def sync_weights(self, version: int, policy: bool = True) -> list[int]:
+        """Trainer rank 0's weights, put once into the object store, loaded by every rollout and scoring worker;
+        the critic's rank 0 weights go to the scoring workers' critic copies. The versions now served."""
+        critic = self.critics[0].state_dict.remote() if self.critics else None
+        waits = [w.load_value_weights.remote(critic) for w in self.scoring] if critic is not None else []
+        if policy:
+            packed = self.trainers[0].state_dict.remote()
+            versions = ray.get([w.load_weights.remote(packed, version) for w in self.rollout + self.scoring])
+        else:
+            versions = [v for v, _ in self.served_versions()]
+        ray.get(waits)
+        return versions
 
     def served_versions(self) -> list[tuple[int, str]]:
         """(version, checksum) of every rollout and scoring worker."""
@@ -141,7 +191,7 @@ class Pools:
         return ray.get(self.trainers[0].save_pretrained.remote(path))
 
     def shutdown(self) -> None:
-        for a in self.rollout + self.reward + self.reward_models + self.scoring + self.trainers:
+        for a in self.rollout + self.reward + self.reward_models + self.scoring + self.trainers + self.critics:
             ray.kill(a)  # a RewardWorker's subprocesses die with it (PR_SET_PDEATHSIG)
 
 

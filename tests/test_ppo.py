@@ -1,0 +1,290 @@
+"""PPO with a critic: value alignment, GAE batches with KL-shaped rewards, critic and policy updates, dynamic sampling."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from actors.batch import collate
+from actors.modeling import load_value_model, position_ids, response_values
+from actors.types import Group, Sample
+from orchestrator.batching import build_batch, sequence_kl
+from orchestrator.config import AlgorithmConfig, ModelConfig, TrainerConfig
+
+TOY = str(Path(__file__).parent / "data" / "toy_rewards.py")
+
+
+@pytest.fixture(scope="module")
+def value_model(tiny_model):
+    torch.manual_seed(0)
+    model = load_value_model(tiny_model).eval()
+    with torch.no_grad():  # a head that starts at zero would value every state alike: give it something to say
+        model.score.weight.normal_(0, 1.0)
+    return model
+
+
+def test_values_are_of_the_state_before_each_response_token(value_model):
+    """Independent computation: V(s_t) is the model's output at the last token of prompt + response[:t],
+    run alone. Reading one position later (V of the state after token t) fails this test."""
+    prompts = [[1, 7, 8, 9], [1, 5]]
+    responses = [[10, 11, 12], [13, 14, 15, 16]]
+    batch = collate(prompts, responses, pad_id=0)
+    with torch.no_grad():
+        values = response_values(value_model, batch)  # [2, 4]
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            for t in range(len(r)):
+                prefix = torch.tensor([p + r[:t]])
+                alone = value_model(input_ids=prefix, position_ids=position_ids(torch.ones_like(prefix))).logits
+                assert values[i, t].item() == pytest.approx(alone[0, -1, 0].item(), abs=1e-5), (i, t)
+    assert len({round(v, 4) for v in values[1].tolist()}) == 4  # the values really differ per state
+
+
+def test_changing_response_token_t_changes_values_after_t_only(value_model):
+    batch = collate([[1, 7, 8]], [[10, 11, 12, 13]], pad_id=0)
+    other = {k: v.clone() for k, v in batch.items()}
+    other["input_ids"][0, 3 + 1] = 20  # response token t = 1
+    with torch.no_grad():
+        a, b = response_values(value_model, batch), response_values(value_model, other)
+    assert torch.equal(a[:, :2], b[:, :2])  # V(s_0), V(s_1) come before token 1 is chosen
+    assert (a[:, 2:] - b[:, 2:]).abs().min() > 1e-6
+
+
+def test_a_reward_model_checkpoint_starts_the_critic_at_its_score_minus_the_offset(tmp_path):
+    """Initialised from a one-label reward model: V of the full text equals the RM's score, shifted by
+    the stored `reward_offset` (scores normalised to mean 0, survey 3.2.1)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from tests.conftest import save_tiny_reward_model
+
+    path = save_tiny_reward_model(tmp_path / "rm")
+    config = AutoConfig.from_pretrained(path)
+    config.reward_offset = 0.75
+    config.save_pretrained(path)
+    rm = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    critic = load_value_model(path).eval()
+    ids = torch.tensor([[1, 7, 8, 9, 10]])
+    with torch.no_grad():
+        want = rm(input_ids=ids).logits[0, 0].item() - 0.75
+        got = critic(input_ids=ids).logits[0, -1, 0].item()
+    assert got == pytest.approx(want, abs=1e-5)
+
+
+def _group(prompt_ids, responses, scores, old, ref, values) -> Group:
+    samples = [Sample(r, "x", lp, "stop", reward=s, old_logp=lp, ref_logp=rf, values=v)
+               for r, s, lp, rf, v in zip(responses, scores, old, ref, values)]
+    return Group("u", "p", {}, prompt_ids, samples, 0)
+
+
+def test_gae_batch_matches_a_hand_loop_with_kl_in_the_reward():
+    """Token rewards -beta*KL_t plus the score on the last token (3.5.1), then GAE (2.14) by an explicit
+    backward loop per sample; the loss gets no KL term (kl_coef 0) when the KL is in the reward."""
+    g = torch.Generator().manual_seed(3)
+    responses = [[5, 6, 7], [8], [9, 10]]
+    old = [(-torch.rand(len(r), generator=g)).tolist() for r in responses]
+    ref = [(-torch.rand(len(r), generator=g)).tolist() for r in responses]
+    values = [torch.randn(len(r), generator=g).tolist() for r in responses]
+    scores = [1.0, -0.5, 2.0]
+    group = _group([1, 2], responses, scores, old, ref, values)
+    gamma, lam, beta = 0.9, 0.8, 0.3
+    alg = AlgorithmConfig(estimator="gae", gamma=gamma, lam=lam, kl_placement="reward", kl_kind="k1",
+                          whiten_advantages=False)
+    batch = build_batch([group], alg, pad_id=0, beta=beta)
+    assert batch["kl_coef"] == 0.0
+    for i, r in enumerate(responses):
+        n = len(r)
+        rew = [-beta * (old[i][t] - ref[i][t]) for t in range(n)]
+        rew[-1] += scores[i]
+        adv, running = [0.0] * n, 0.0
+        for t in reversed(range(n)):
+            next_v = values[i][t + 1] if t + 1 < n else 0.0
+            running = rew[t] + gamma * next_v - values[i][t] + gamma * lam * running
+            adv[t] = running
+        assert batch["advantages"][i, :n].tolist() == pytest.approx(adv, abs=1e-5)
+        assert batch["returns"][i, :n].tolist() == pytest.approx([a + v for a, v in zip(adv, values[i])], abs=1e-5)
+        assert batch["advantages"][i, n:].abs().sum() == 0
+    want_kl = sum(sum(o - f for o, f in zip(old[i], ref[i])) for i in range(3)) / 3
+    assert sequence_kl(batch) == pytest.approx(want_kl, abs=1e-6)
+
+
+def test_kl_in_the_loss_travels_as_kl_coef_and_leaves_scores_alone():
+    group = _group([1], [[5, 6], [7, 8]], [1.0, 0.0], [[-1.0, -1.0]] * 2, [[-2.0, -2.0]] * 2, [None, None])
+    batch = build_batch([group], AlgorithmConfig(estimator="rloo", kl_coef=0.2), pad_id=0, beta=0.2)
+    assert batch["kl_coef"] == 0.2
+    assert batch["advantages"][:, 0].tolist() == pytest.approx([1.0, -1.0])
+    shaped = build_batch([group], AlgorithmConfig(estimator="rloo", kl_placement="reward", kl_kind="k1"), 0, beta=0.2)
+    assert shaped["kl_coef"] == 0.0  # both sequences pay 0.2 * 2 nats: the leave-one-out advantage is unchanged
+    assert shaped["advantages"][:, 0].tolist() == pytest.approx([1.0, -1.0])
+
+
+def test_whitened_gae_advantages_have_zero_mean_unit_std_over_valid_tokens():
+    responses = [[5, 6, 7], [8], [9, 10]]
+    group = _group([1], responses, [1.0, 0.0, 3.0], [[-1.0] * len(r) for r in responses],
+                   [[-1.0] * len(r) for r in responses], [[0.1 * t for t in range(len(r))] for r in responses])
+    batch = build_batch([group], AlgorithmConfig(estimator="gae"), pad_id=0)
+    valid = batch["response_mask"].bool()
+    assert batch["advantages"][valid].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert batch["advantages"][valid].std().item() == pytest.approx(1.0, abs=1e-5)
+    assert batch["advantages"][~valid].abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- DeepSpeed ranks (Ray)
+
+
+def _synthetic(n: int, vocab: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (3,), generator=g).tolist() for _ in range(n)]
+    responses = [torch.randint(3, vocab, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(n)]
+    batch = collate(prompts, responses, pad_id=0)
+    mask = batch["response_mask"]
+    batch["returns"] = torch.randn(mask.shape, generator=g) * mask  # [B, T]
+    batch["old_values"] = torch.zeros_like(mask)
+    batch["advantages"] = torch.randn((n, 1), generator=g).expand_as(mask) * mask
+    batch["global_units"] = float(mask.sum())
+    return batch
+
+
+def _ranks(cls, model_path: str, trainer: dict, *args):
+    import ray
+
+    rank = ray.remote(cls).options(num_cpus=1, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}).remote(
+        0, 1, ModelConfig(path=model_path).model_dump(), TrainerConfig(**trainer).model_dump(), *args)
+    addr, port = ray.get(rank.rendezvous.remote())
+    ray.get(rank.setup.remote(addr, port))
+    return rank
+
+
+@pytest.mark.slow
+def test_critic_loss_falls_on_a_fixed_batch(ray_local, tiny_model):
+    from actors.critic import CriticTrainer
+
+    batch = _synthetic(16, vocab=20, seed=0)
+    critic = _ranks(CriticTrainer, tiny_model, {"lr": 3e-3, "micro_batch_size": 8, "grad_clip": 1e9},
+                    None, "token-mean", 2, 20, 0)
+    try:
+        losses = [ray_local.get(critic.train_step.remote([batch]))["critic/value_loss"] for _ in range(15)]
+    finally:
+        ray_local.kill(critic)
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[0] == pytest.approx(0.5 * float((batch["returns"] ** 2).sum() / batch["response_mask"].sum()),
+                                      rel=1e-4)  # the head starts at zero: V = 0, loss = ½ mean R²
+
+
+@pytest.mark.slow
+def test_four_epochs_clip_and_move_further_each_epoch(ray_local, tiny_model):
+    """K = 4 passes over one batch: the policy leaves the trust region (clip fraction > 0) and the
+    approximate KL to the old policy grows epoch after epoch."""
+    from actors.modeling import load_causal_lm, response_logprobs
+    from actors.trainer import PolicyTrainer
+
+    batch = _synthetic(16, vocab=20, seed=1)
+    with torch.no_grad():
+        batch["old_logp"] = response_logprobs(load_causal_lm(tiny_model), batch, 1.0)[0] * batch["response_mask"]
+    alg = AlgorithmConfig(clip_low=0.2, clip_high=0.2).model_dump()
+    policy = _ranks(PolicyTrainer, tiny_model, {"lr": 2e-3, "micro_batch_size": 16, "epochs": 4, "grad_clip": 1e9},
+                    alg, 1.0, 8, 1, 1, 0)
+    try:
+        stats = ray_local.get(policy.train_step.remote([batch]))
+    finally:
+        ray_local.kill(policy)
+    kls = [stats[f"epoch{e}/approx_kl"] for e in range(1, 5)]
+    assert kls[0] == pytest.approx(0.0, abs=1e-7)  # epoch 1 starts on-policy
+    assert all(a < b for a, b in zip(kls, kls[1:])), kls
+    assert stats["epoch4/clip_frac"] > 0 and stats["clip_frac"] > 0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _FakePools:
+    """Rollouts whose rewards are chosen per prompt: prompts listed in `flat` give all-equal groups."""
+
+    def __init__(self, ray, flat: set[str]):
+        self.ray, self.flat, self.asked = ray, flat, []
+
+    def submit_groups(self, requests, sampling, prompts_per_call):
+        self.asked.append(len(requests))
+        groups = []
+        for r in requests:
+            rewards = [1.0] * 4 if r.uid in self.flat else [0.0, 1.0, 0.0, 1.0]
+            groups.append(Group(r.uid, "p", {}, [1], [Sample([2], "x", [0.0], "stop", reward=x) for x in rewards], 0))
+        return [self.ray.put(groups)]
+
+
+class _Stream:
+    def __init__(self):
+        self.n = 0
+
+    def next(self, n):
+        from actors.types import GroupRequest
+
+        out = [GroupRequest(str(self.n + i), "p", {}) for i in range(n)]
+        self.n += n
+        return out
+
+
+def _collect(ray, flat, **alg):
+    from orchestrator.config import JobConfig
+    from orchestrator.loop import collect_groups
+
+    from tests.conftest import base_config
+
+    cfg = JobConfig.model_validate(base_config("unused", algorithm=alg, loop={"prompts_per_step": 4}))
+    pools = _FakePools(ray, flat)
+    kept, generated, rounds = collect_groups(pools, cfg, _Stream(), None)
+    return kept, generated, rounds, pools.asked
+
+
+def test_dynamic_sampling_drops_flat_groups_and_samples_until_the_batch_is_full(ray_local):
+    kept, generated, rounds, asked = _collect(ray_local, {"0", "1", "5"}, dynamic_sampling=True)
+    assert [g.uid for g in kept] == ["2", "3", "4", "6"] and rounds == 2
+    assert asked[0] == 4 and asked[1] == 4  # 2 of 4 had signal: ask for twice the 2 still missing
+    assert len(generated) == 8
+
+
+def test_dynamic_sampling_stops_at_the_round_bound_and_tops_up_with_flat_groups(ray_local):
+    kept, generated, rounds, asked = _collect(ray_local, {str(i) for i in range(100)}, dynamic_sampling=True,
+                                              max_sampling_rounds=3)
+    assert rounds == 3 and len(kept) == 4 and asked == [4, 4, 4]  # the bound holds; the batch keeps its size
+    kept, _, rounds, _ = _collect(ray_local, {"0", "1"})  # off: the first 4 groups, flat or not
+    assert [g.uid for g in kept] == ["0", "1", "2", "3"] and rounds == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"])
+def test_every_estimator_trains_end_to_end(ray_local, tiny_model, tmp_path, estimator):
+    """Two steps of the real loop per estimator; gae adds a critic (one warm-up step), KL in the reward
+    and an adaptive beta."""
+    import json
+
+    from orchestrator.cli import reward_specs
+    from orchestrator.config import JobConfig
+    from orchestrator.loop import load_data, train
+
+    from tests.conftest import base_config
+
+    alg = {"estimator": estimator, "kl_coef": 0.05}
+    extra = {}
+    if estimator == "gae":
+        alg |= {"kl_placement": "reward", "kl_controller": "adaptive", "kl_target": 0.01, "kl_horizon": 100}
+        extra["critic"] = {"warmup_steps": 1, "lr": 1e-3}
+    cfg = JobConfig.model_validate(base_config(
+        tiny_model, algorithm=alg, reward={"functions": [{"name": f"{TOY}:length_reward"}]},
+        loop={"steps": 3 if estimator == "gae" else 2, "prompts_per_step": 4, "eval_size": 4}, **extra))
+    if estimator == "dr_grpo":
+        assert cfg.algorithm.agg == "seq-mean-token-sum-norm"
+    train(cfg, tmp_path, tiny_model, reward_specs(cfg), load_data(cfg, tiny_model))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward/mean" in r]
+    assert all(math.isfinite(r["advantage/abs_mean"]) and r["advantage/abs_mean"] > 0 for r in steps)
+    trained = [r for r in steps if "loss" in r]
+    assert trained and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in trained)
+    if estimator == "gae":
+        assert "loss" not in steps[0] and steps[0]["policy_version"] == 0  # the critic's warm-up step
+        assert [r["policy_version"] for r in steps] == [0, 1, 2]
+        assert all(r["critic/value_loss"] > 0 and r["critic/grad_norm"] > 0 for r in steps)
+        assert steps[-1]["kl/beta"] != steps[0]["kl/beta"]  # adaptive
+        assert "kl" in steps[-1]
