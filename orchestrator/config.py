@@ -134,10 +134,15 @@ class RewardConfig(_Section):
     accuracy_threshold: float = Field(
         1.0, description="A sample counts as correct for the accuracy metric when its score >= this."
     )
+    accuracy_label: str | None = Field(
+        None, description="Judge accuracy (training and held-out) by this reward's own score instead of the total: "
+        "e.g. a rule verifier listed with weight 0 next to a reward model that alone drives training.")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "RewardConfig":
         labels = [f.label for f in self.functions]
+        if self.accuracy_label is not None and self.accuracy_label not in labels:
+            raise ValueError(f"accuracy_label: {self.accuracy_label!r} is none of the reward labels {labels}")
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:
             raise ValueError(f"label {twice[0]!r} names two entries of reward.functions; give them distinct "

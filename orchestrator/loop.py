@@ -44,7 +44,7 @@ def evaluate(pools: Pools, cfg: JobConfig, rows: list[dict], log: Callable[[str]
     groups = gather(pools.submit_groups(requests, sampling, per_call, score=False))
     for message in pools.new_reward_errors(groups):
         log(message)
-    m = rollout_metrics(groups, cfg.reward.accuracy_threshold)
+    m = rollout_metrics(groups, cfg.reward.accuracy_threshold, cfg.reward.accuracy_label)
     return {"eval/accuracy": m["accuracy"], "eval/reward": m["reward/mean"],
             "eval/response_length": m["response_length/mean"]}
 
@@ -169,7 +169,7 @@ def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: Sam
     versions = pools.sync_weights(version, policy=train_policy)
     assert set(versions) == {version}, versions
     t3 = time.perf_counter()
-    m = rollout_metrics(generated, cfg.reward.accuracy_threshold)
+    m = rollout_metrics(generated, cfg.reward.accuracy_threshold, cfg.reward.accuracy_label)
     m |= merge_rank_stats(policy_stats) if policy_stats else {}
     m |= {k if k.startswith("critic/") else f"critic/{k}": v
           for k, v in (merge_rank_stats(critic_stats) if critic_stats else {}).items()}

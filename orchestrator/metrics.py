@@ -11,15 +11,18 @@ from actors.types import Group
 STAGES = ("generate", "reward", "score", "train", "sync")
 
 
-def rollout_metrics(groups: list[Group], accuracy_threshold: float) -> dict[str, float]:
-    """Reward, accuracy, length and reward-failure numbers of one batch of groups."""
+def rollout_metrics(groups: list[Group], accuracy_threshold: float, accuracy_label: str | None = None
+                    ) -> dict[str, float]:
+    """Reward, accuracy, length and reward-failure numbers of one batch of groups. A sample is correct when
+    its total reward (or the `accuracy_label` reward's own score) is at least `accuracy_threshold`."""
     samples = [s for g in groups for s in g.samples]
     rewards = [s.reward for s in samples]
+    judged = [s.reward_parts[accuracy_label] for s in samples] if accuracy_label else rewards
     lengths = [len(s.response_ids) for s in samples]
     out = {
         "reward/mean": statistics.fmean(rewards),
         "reward/std": statistics.pstdev(rewards),
-        "accuracy": statistics.fmean(float(r >= accuracy_threshold) for r in rewards),
+        "accuracy": statistics.fmean(float(r >= accuracy_threshold) for r in judged),
         "response_length/mean": statistics.fmean(lengths),
         "response_length/max": float(max(lengths)),
         "response/truncated_frac": statistics.fmean(float(s.finish_reason == "length") for s in samples),

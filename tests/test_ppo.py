@@ -288,3 +288,17 @@ def test_every_estimator_trains_end_to_end(ray_local, tiny_model, tmp_path, esti
         assert all(r["critic/value_loss"] > 0 and r["critic/grad_norm"] > 0 for r in steps)
         assert steps[-1]["kl/beta"] != steps[0]["kl/beta"]  # adaptive
         assert "kl" in steps[-1]
+
+
+def test_accuracy_can_be_judged_by_one_reward_while_another_drives_training():
+    """A reward model alone trains (weight 1) while a weight-0 rule verifier says what is correct."""
+    from orchestrator.config import RewardConfig
+    from orchestrator.metrics import rollout_metrics
+
+    samples = [Sample([2], "x", [0.0], "stop", reward=r, reward_parts={"rm": r, "hash_answer": h})
+               for r, h in ((2.5, 0.0), (-1.0, 1.0), (0.3, 1.0), (0.2, 1.0))]
+    groups = [Group("u", "p", {}, [1], samples, 0)]
+    assert rollout_metrics(groups, 1.0)["accuracy"] == 0.25  # by the total reward: only 2.5
+    assert rollout_metrics(groups, 1.0, "hash_answer")["accuracy"] == 0.75  # by the verifier: the other three
+    with pytest.raises(ValueError, match="accuracy_label"):
+        RewardConfig(functions=[{"name": "rewards.final_answer:hash_answer"}], accuracy_label="rm")
