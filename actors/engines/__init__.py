@@ -30,9 +30,14 @@ class Completion:
 
 
 def make_engine(kind: str, **kwargs):
-    """Build the engine named `kind` ("hf" or "vllm")."""
+    """Build the engine named `kind` ("hf" or "vllm"; `rollout.engine` in the config). Each engine module is
+    imported only here, so the CPU install never imports vLLM."""
     if kind == "hf":
         from actors.engines.hf import HFEngine
 
         return HFEngine(**kwargs)
-    raise ValueError(f"unknown rollout engine {kind!r}; allowed: 'hf'")
+    if kind == "vllm":
+        from actors.engines.vllm import VLLMEngine
+
+        return VLLMEngine(**kwargs)
+    raise ValueError(f"unknown rollout engine {kind!r}; allowed: 'hf', 'vllm'")

@@ -1,0 +1,304 @@
+"""The vLLM engine without vLLM: its import error, the conversion of vLLM's outputs, the sampling parameters and
+weight updates it asks for (checked against a fake `vllm` module); and, on a CUDA machine with vLLM, the real thing."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from actors.engines import Completion, SamplingParams, make_engine
+from actors.engines import vllm as vllm_engine
+from actors.engines.vllm import (VLLMEngine, WeightMeta, completion_from_output, completions_from_outputs,
+                                 packed_checksum, request_seeds, weight_group_ranks)
+from actors.weights import pack_state_dict, weights_checksum
+
+# ----------------------------------------------------------------------------- import
+
+
+def test_importing_the_engines_never_imports_vllm():
+    code = "import actors.engines, actors.engines.vllm, actors.rollout, sys; print('vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_a_missing_vllm_is_an_import_error_that_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` now raises ImportError, as when not installed
+    with pytest.raises(ImportError, match=r"pip install vllm==\d+\.\d+\.\d+ .*CUDA") as err:
+        make_engine("vllm", model_path="/models/m", dtype="bfloat16", trust_remote_code=False, device="cuda")
+    assert "rollout.engine: hf" in str(err.value)
+
+
+def test_the_vllm_engine_refuses_a_cpu_worker():
+    with pytest.raises(ValueError, match="rollout.num_gpus"):
+        make_engine("vllm", model_path="/models/m", device="cpu")
+
+
+def test_an_unknown_engine_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="'hf', 'vllm'"):
+        make_engine("sglang", model_path="/models/m")
+
+
+# ----------------------------------------------------------------------------- vLLM outputs -> our completions
+
+
+def lp(value: float, rank: int = 1) -> SimpleNamespace:
+    """Like `vllm.logprobs.Logprob`."""
+    return SimpleNamespace(logprob=value, rank=rank, decoded_token=None)
+
+
+def output(index: int, ids: list[int], text: str, logps: list[float], finish: str = "stop", extra=None):
+    """Like `vllm.outputs.CompletionOutput` with logprobs=0: one {token_id: Logprob} per position (the sampled
+    token; `extra` adds a top-1 alternative where the sampled token was not the most likely)."""
+    positions = [{t: lp(v)} for t, v in zip(ids, logps)]
+    for pos, (token, value) in (extra or {}).items():
+        positions[pos][token] = lp(value)
+    return SimpleNamespace(index=index, token_ids=tuple(ids), text=text, logprobs=positions, finish_reason=finish,
+                           cumulative_logprob=sum(logps))
+
+
+def request(*outputs) -> SimpleNamespace:
+    """Like `vllm.outputs.RequestOutput`."""
+    return SimpleNamespace(request_id="0", prompt=None, prompt_token_ids=[1, 2], outputs=list(outputs), finished=True)
+
+
+def test_outputs_become_completions_in_sample_order_with_the_sampled_tokens_logprobs():
+    reqs = [request(output(1, [7, 8], "#### 4", [-0.5, -0.25], "length", extra={0: (9, -0.1)}),
+                    output(0, [5, 2], "4", [-1.0, -2.0], "stop")),
+            request(output(0, [3], "x", [-0.125]), output(1, [4], "y", [-3.0]))]
+    groups = completions_from_outputs(reqs, n=2)
+    assert groups == [[Completion([5, 2], "4", [-1.0, -2.0], "stop"),
+                       Completion([7, 8], "#### 4", [-0.5, -0.25], "length")],
+                      [Completion([3], "x", [-0.125], "stop"), Completion([4], "y", [-3.0], "stop")]]
+
+
+def test_flat_logprobs_which_index_like_a_list_of_dicts_work_too():
+    class Flat(list):  # vLLM's FlatLogprobs supports `len` and `[i] -> {token_id: Logprob}`
+        pass
+
+    out = output(0, [5, 6], "ab", [-0.5, -0.75])
+    out.logprobs = Flat(out.logprobs)
+    assert completion_from_output(out).logprobs == [-0.5, -0.75]
+
+
+@pytest.mark.parametrize("broken, message", [
+    (dict(logprobs=None), "no log-probs"),
+    (dict(logprobs=[{5: lp(-1.0)}]), "1 log-prob positions for 2 tokens"),
+    (dict(logprobs=[{5: lp(-1.0)}, {9: lp(-1.0)}]), "sampled token 6 at position 1"),
+    (dict(finish_reason="abort"), "finish_reason='abort'"),
+])
+def test_malformed_outputs_are_clear_errors(broken, message):
+    out = output(0, [5, 6], "ab", [-0.5, -0.75])
+    for key, value in broken.items():
+        setattr(out, key, value)
+    with pytest.raises(RuntimeError, match=message):
+        completion_from_output(out)
+
+
+def test_a_prompt_with_the_wrong_number_of_samples_is_an_error():
+    with pytest.raises(RuntimeError, match="1 completions for a prompt; asked for 2"):
+        completions_from_outputs([request(output(0, [1], "a", [-1.0]))], n=2)
+
+
+def test_request_seeds_never_share_a_random_stream():
+    seeds = request_seeds(1000, num_prompts=3, n=4)
+    assert seeds == [1000, 1004, 1008]
+    streams = {s + i for s in seeds for i in range(4)}  # vLLM seeds sample i of a request `seed + i`
+    assert len(streams) == 12
+
+
+# ----------------------------------------------------------------------------- the engine against a fake vLLM
+
+
+class FakeLLM:
+    """Records what the engine asks of `vllm.LLM`; `generate` echoes one sample per requested `n`."""
+
+    instances: list["FakeLLM"] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.calls, self.version = kwargs, [], "0"
+        FakeLLM.instances.append(self)
+
+    def generate(self, prompts, params, use_tqdm=True):
+        self.calls.append(("generate", prompts, params))
+        return [request(*[output(i, [3, 4], "ok", [-0.5, -0.5], "stop") for i in range(p.n)]) for p in params]
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        if method == "reload_weights":  # read the staged file now: the engine overwrites it on the next load
+            from safetensors.torch import load_file
+
+            kwargs = {**kwargs, "loaded": load_file(f"{kwargs['weights_path']}/model.safetensors")}
+        self.calls.append((method, kwargs))
+        return [None]
+
+    def update_weight_version(self, version):
+        self.calls.append(("update_weight_version", version))
+        self.version = version
+
+    def init_weight_transfer_engine(self, request):
+        self.calls.append(("init_weight_transfer_engine", request))
+
+    def start_weight_update(self):
+        self.calls.append(("start_weight_update",))
+
+    def update_weights(self, request):
+        self.calls.append(("update_weights", request))
+
+    def finish_weight_update(self, weight_version=None):
+        self.calls.append(("finish_weight_update", weight_version))
+        self.version = weight_version
+
+    def get_weight_version(self):
+        return self.version
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A `vllm` module with `SamplingParams` (keeps its keyword arguments), `LLM` (FakeLLM) and
+    `vllm.config.WeightTransferConfig`, injected into sys.modules."""
+    module, config = types.ModuleType("vllm"), types.ModuleType("vllm.config")
+    module.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    module.LLM = FakeLLM
+    config.WeightTransferConfig = lambda backend: SimpleNamespace(backend=backend)
+    module.config = config
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.config", config)
+    FakeLLM.instances.clear()
+    return module
+
+
+def test_the_llm_is_built_with_processed_logprobs_and_the_options_given(fake_vllm, tiny_model):
+    make_engine("vllm", model_path=tiny_model, dtype="bfloat16", trust_remote_code=False, device="cuda")
+    VLLMEngine(tiny_model, tensor_parallel_size=2, gpu_memory_utilization=0.3, enable_sleep_mode=True, seed=7,
+               weight_sync="nccl")
+    single, tp2 = (llm.kwargs for llm in FakeLLM.instances)
+    assert single["logprobs_mode"] == "processed_logprobs" and tp2["logprobs_mode"] == "processed_logprobs"
+    assert single["model"] == tiny_model and single["dtype"] == "bfloat16" and single["tensor_parallel_size"] == 1
+    assert "distributed_executor_backend" not in single and "weight_transfer_config" not in single
+    assert tp2["distributed_executor_backend"] == "mp" and tp2["weight_transfer_config"].backend == "nccl"
+    assert (tp2["gpu_memory_utilization"], tp2["enable_sleep_mode"], tp2["seed"]) == (0.3, True, 7)
+
+
+def test_generate_sends_the_hf_tokenization_and_sampling_that_matches_the_trainer(fake_vllm, tiny_model):
+    engine = VLLMEngine(tiny_model)
+    prompts = ["12+34=", "5+6="]
+    groups = engine.generate(prompts, SamplingParams(n=3, temperature=0.7, top_p=0.9, max_new_tokens=9,
+                                                     stop=("\n",)), seed=100)
+    (_, sent, params), = [c for c in FakeLLM.instances[0].calls if c[0] == "generate"]
+    assert sent == [{"prompt_token_ids": ids} for ids in engine.encode(prompts)]
+    from actors.engines.hf import HFEngine
+
+    assert engine.encode(prompts) == HFEngine(tiny_model).encode(prompts)  # same prompt ids as the hf engine
+    assert [p.seed for p in params] == [100, 103]
+    p = params[0]
+    assert (p.n, p.temperature, p.top_p, p.top_k, p.max_tokens, p.stop) == (3, 0.7, 0.9, -1, 9, ["\n"])
+    assert p.logprobs == 0 and p.include_stop_str_in_output and p.skip_special_tokens
+    assert [len(g) for g in groups] == [3, 3] and groups[0][0] == Completion([3, 4], "ok", [-0.5, -0.5], "stop")
+
+
+def test_greedy_sampling_has_temperature_zero_and_no_stop_list(fake_vllm, tiny_model):
+    engine = VLLMEngine(tiny_model)
+    engine.generate(["1+1="], SamplingParams(n=1, temperature=0.0, top_p=0.5), seed=0)
+    (_, _, (p,)), = [c for c in FakeLLM.instances[0].calls if c[0] == "generate"]
+    assert (p.temperature, p.top_p, p.stop) == (0.0, 1.0, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_object_store_weights_are_staged_and_reloaded_in_place(fake_vllm, tiny_model, dtype):
+    from transformers import AutoModelForCausalLM
+
+    engine = VLLMEngine(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    packed = pack_state_dict(model)
+    engine.load_weights(packed, version=3)
+
+    llm = FakeLLM.instances[0]
+    (method, kwargs), update = llm.calls[-2:]
+    assert method == "reload_weights" and kwargs["is_checkpoint_format"] is True
+    assert update == ("update_weight_version", "3")
+    staged = kwargs["loaded"]
+    assert staged.keys() == model.state_dict().keys()
+    assert all(torch.equal(staged[k], v) and staged[k].dtype == dtype for k, v in model.state_dict().items())
+    assert engine.checksum() == weights_checksum(model) == packed_checksum(packed)  # what the trainer reports
+
+
+def test_the_checksum_before_any_update_is_the_checkpoints(fake_vllm, tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    assert VLLMEngine(tiny_model).checksum() == weights_checksum(AutoModelForCausalLM.from_pretrained(tiny_model))
+
+
+def test_nccl_receive_runs_the_weight_transfer_protocol_and_returns_the_version_served(fake_vllm, tiny_model):
+    engine = VLLMEngine(tiny_model, weight_sync="nccl")
+    engine.init_weight_group("10.0.0.1", 29555, rank_offset=1, world_size=3, packed=True)
+    tensors = [("model.embed_tokens.weight", torch.zeros(5, 4, dtype=torch.bfloat16)), ("lm_head.bias", torch.zeros(5))]
+    meta = WeightMeta.of(tensors)
+    assert (meta.names, meta.dtype_names, meta.shapes) == (["model.embed_tokens.weight", "lm_head.bias"],
+                                                            ["bfloat16", "float32"], [[5, 4], [5]])
+    assert engine.receive_weights(meta, version=4, checksum="abc") == 4
+    assert engine.checksum() == "abc"
+    calls = FakeLLM.instances[0].calls
+    assert calls[0] == ("init_weight_transfer_engine", {"init_info": dict(
+        master_address="10.0.0.1", master_port=29555, rank_offset=1, world_size=3, packed=True)})
+    assert [c[0] for c in calls[1:]] == ["start_weight_update", "update_weights", "finish_weight_update"]
+    assert calls[2][1] == {"update_info": dict(names=meta.names, dtype_names=meta.dtype_names, shapes=meta.shapes)}
+    assert calls[3][1] == "4"
+
+
+def test_the_weight_group_puts_the_trainer_first_and_each_engines_tp_ranks_next():
+    assert weight_group_ranks([2, 1, 4]) == (8, [1, 3, 4])
+    assert weight_group_ranks([]) == (1, [])
+
+
+def test_unknown_weight_sync_is_refused(fake_vllm, tiny_model):
+    with pytest.raises(ValueError, match="'object_store', 'nccl'"):
+        VLLMEngine(tiny_model, weight_sync="carrier-pigeon")
+
+
+# ----------------------------------------------------------------------------- the real engine (GPU)
+
+needs_gpu_and_vllm = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,
+    reason="needs a CUDA GPU and vllm (pip install vllm==%s)" % vllm_engine.VLLM_VERSION)
+
+
+def assert_logprobs_are_the_models(engine: VLLMEngine, model, prompts: list[str], sampling: SamplingParams):
+    """vLLM's sampled-token log-probs equal log softmax(logits / T) of `model` under teacher forcing."""
+    from actors.modeling import token_logprobs
+
+    groups = engine.generate(prompts, sampling, seed=1)
+    for ids, group in zip(engine.encode(prompts), groups):
+        for c in group:
+            full = torch.tensor([ids + c.token_ids], device="cuda")
+            with torch.no_grad():
+                logits = model(full).logits[:, len(ids) - 1 : -1]  # [1, T, V]
+            expect = token_logprobs(logits, full[:, len(ids):], sampling.temperature)[0].tolist()
+            assert c.logprobs == pytest.approx(expect, abs=2e-3)
+
+
+@pytest.mark.gpu
+@needs_gpu_and_vllm
+def test_real_vllm_logprobs_match_teacher_forcing_before_and_after_a_weight_update(tiny_model):
+    """On a GPU: the log-probs vLLM reports are the trainer's (logits / T), from the checkpoint and, after
+    `load_weights`, from the new weights."""
+    from actors.modeling import load_causal_lm
+
+    engine = VLLMEngine(tiny_model, dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
+    model = load_causal_lm(tiny_model, "float32", device="cuda").eval()
+    sampling = SamplingParams(n=4, temperature=0.7, max_new_tokens=8)
+    assert_logprobs_are_the_models(engine, model, ["12+34=", "7+8="], sampling)
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    engine.load_weights(pack_state_dict(model), version=1)
+    assert_logprobs_are_the_models(engine, model, ["12+34=", "7+8="], sampling)
+    assert engine.checksum() == weights_checksum(model)
