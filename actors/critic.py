@@ -30,7 +30,7 @@ class CriticTrainer(DeepSpeedRank):
         m = self.model_cfg
         return load_value_model(m["path"], m["dtype"], m["trust_remote_code"], self.device)
 
-    def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float]:
+    def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
         mask = chunk["response_mask"]  # [b, t]
         values = response_values(self.engine, chunk)  # [b, t]
         loss, stats = value_loss(values, chunk["old_values"], chunk["returns"], mask, self.value_clip, self.agg)
@@ -39,7 +39,7 @@ class CriticTrainer(DeepSpeedRank):
         stats = {"value_loss": loss.detach(), **stats,
                  "value_mae": err.abs().sum() / valid.sum().clamp(min=1)}
         units = float(mask.sum()) if self.agg == "token-mean" else float(mask.shape[0])
-        return loss, {f"critic/{k}": v for k, v in stats.items()}, units / global_units
+        return loss, {f"critic/{k}": v for k, v in stats.items()}, units / global_units, values
 
     def state_dict(self) -> dict:
         """The value model's weights, packed for one object-store put (the scoring pool loads them)."""

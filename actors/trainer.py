@@ -60,6 +60,13 @@ def ds_config(micro: int, grad_accum: int, world: int, zero_stage: int, grad_cli
 EPOCH_STATS = ("approx_kl", "clip_frac")  # also reported per epoch when K > 1: they grow as the policy moves
 
 
+def zero_loss(output: torch.Tensor) -> torch.Tensor:
+    """A loss with exactly zero gradient, through the same graph as the real loss (the model's `output`):
+    a NaN/inf micro-batch still takes its backward pass, so ZeRO's gradient hooks fire in the same order
+    on every rank (a different order would pair different buckets in the all-reduce), but adds nothing."""
+    return torch.nan_to_num(output, 0.0, 0.0, 0.0).sum() * 0.0
+
+
 class DeepSpeedRank:
     """One data-parallel DeepSpeed rank of a model trained on the step's mini-batches (policy or critic).
 
@@ -109,7 +116,7 @@ class DeepSpeedRank:
         engine.train()
         sums: dict[str, float] = {}
         ratio_max: float | None = None  # policy only
-        weight_total = 0.0
+        weight_total, skipped = 0.0, 0
         t_fwd_bwd = t_opt = 0.0
         epochs = self.cfg["epochs"]
         per_epoch: list[dict[str, float]] = [{} for _ in range(epochs)]  # how far each epoch has moved the policy
@@ -121,7 +128,10 @@ class DeepSpeedRank:
                 assert len(chunks) == self.grad_accum, (len(chunks), self.grad_accum)
                 for chunk in chunks:
                     t0 = time.perf_counter()
-                    loss, stats, weight = self._micro_loss(chunk, mb["global_units"])
+                    loss, stats, weight, output = self._micro_loss(chunk, mb["global_units"])
+                    if not torch.isfinite(loss.detach()).all():  # skip it here; the other ranks' data still count
+                        skipped += 1
+                        loss, stats = zero_loss(output), {}
                     engine.backward(loss * weight * self.world_size, scale_wrt_gas=False)
                     t1 = time.perf_counter()
                     t_fwd_bwd += t1 - t0
@@ -140,11 +150,12 @@ class DeepSpeedRank:
                             sums[k] = sums.get(k, 0.0) + float(v) * weight
                             if epochs > 1 and k in EPOCH_STATS:
                                 per_epoch[epoch][k] = per_epoch[epoch].get(k, 0.0) + float(v) * weight
-                    weight_total += weight
+                    weight_total += weight if stats else 0.0
         steps = max(1.0, sums.pop("optimizer_steps", 1.0))
-        out = {k: v / weight_total for k, v in sums.items() if k != "grad_norm"}
+        out = {k: v / max(weight_total, 1e-12) for k, v in sums.items() if k != "grad_norm"}
+        out["nonfinite_microbatches"] = float(skipped)
         for e, stats in enumerate(per_epoch if epochs > 1 else []):
-            out |= {f"epoch{e + 1}/{k}": v * epochs / weight_total for k, v in stats.items()}
+            out |= {f"epoch{e + 1}/{k}": v * epochs / max(weight_total, 1e-12) for k, v in stats.items()}
         out["grad_norm"] = sums.get("grad_norm", 0.0) / steps
         if ratio_max is not None:
             out["ratio_max"] = ratio_max
@@ -153,8 +164,9 @@ class DeepSpeedRank:
         out["time/optimizer"] = t_opt
         return out
 
-    def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float]:
-        """(loss, detached stats, the chunk's share of the mini-batch's aggregation units)."""
+    def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
+        """(loss, detached stats, the chunk's share of the mini-batch's aggregation units, the model output
+        the loss was computed from)."""
         raise NotImplementedError
 
 
@@ -171,8 +183,8 @@ class PolicyTrainer(DeepSpeedRank):
         m = self.model_cfg
         return load_causal_lm(m["path"], m["dtype"], m["trust_remote_code"], self.device)
 
-    def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float]:
-        """The loss of one micro-batch and its share of the mini-batch's aggregation units.
+    def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
+        """The loss of one micro-batch, its stats, its share of the mini-batch's aggregation units, the logits.
 
         β of the KL-in-loss term comes with the batch (`kl_coef`, set by the orchestrator's controller)."""
         alg = self.alg
@@ -189,7 +201,7 @@ class PolicyTrainer(DeepSpeedRank):
             loss = loss - alg["entropy_coef"] * ent
         stats = {**{k: v.detach() for k, v in stats.items()}, "entropy": ent.detach(), "loss": loss.detach()}
         units = float(mask.sum()) if alg["agg"] == "token-mean" else float(mask.shape[0])
-        return loss, stats, units / global_units
+        return loss, stats, units / global_units, logits
 
     def state_dict(self) -> dict:
         """The policy weights, packed for one object-store put (rank 0 is asked; ZeRO-2 keeps full params)."""

@@ -37,8 +37,10 @@ class ModelConfig(_Section):
 
 
 class DataSource(_Section):
-    source: str = Field(description='A .jsonl file, or a "module:function" returning a list of row dicts.')
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for a function source.")
+    source: str = Field(description='A .jsonl or .parquet file, "datasets:<builder or dir>" (datasets.load_dataset, '
+                        'e.g. "datasets:json"), or a "module:function" returning a list of row dicts.')
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for a function or datasets "
+                                   "source (datasets: split defaults to train).")
 
 
 class DataConfig(_Section):
@@ -226,6 +228,9 @@ class TrainerConfig(_Section):
     epochs: int = Field(1, gt=0, description="K: passes over each batch (PPO epochs).")
     num_minibatches: int = Field(1, gt=0, description="Optimizer steps per epoch; the batch is split evenly.")
     micro_batch_size: int = Field(16, gt=0, description="Sequences per forward/backward on one rank.")
+    max_nonfinite_steps: int = Field(
+        3, gt=0, description="Micro-batches whose loss is NaN or inf are skipped (zero gradient) and counted; "
+        "this many steps in a row with such skips stop the run.")
 
 
 class LoopConfig(_Section):
@@ -417,9 +422,9 @@ def check_references(cfg: JobConfig) -> None:
         else:
             _check_reward_model(f"reward.functions.{i}.model", fn.model)
     for field, src in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        if src is None:
-            continue
-        if ":" in src.source and not src.source.endswith(".jsonl"):
+        if src is None or src.source.startswith("datasets:"):
+            continue  # a datasets source is checked as it loads (orchestrator.data), still before Ray starts
+        if ":" in src.source and not src.source.endswith((".jsonl", ".parquet")):
             _check_callable(f"{field}.source", src.source)
         elif not Path(src.source).is_file():
             raise ConfigError(f"invalid config:\n  {field}.source: file {src.source!r} not found")

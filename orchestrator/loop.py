@@ -22,6 +22,10 @@ from orchestrator.pools import Pools, gather, num_reward_actors, uses_critic
 from orchestrator.progress import Progress
 
 
+class NonFiniteLoss(RuntimeError):
+    """Too many steps in a row had a NaN or inf loss."""
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -94,6 +98,7 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
             progress.note(f"held-out greedy accuracy before RL: {before:.1%} ({len(eval_rows)} prompts)")
         kl = kl_controller(cfg.algorithm)
         version = 0  # the policy version the rollout workers serve
+        nonfinite_run = 0  # steps in a row with NaN/inf micro-batches skipped
         for step in range(1, loop.steps + 1):
             moves = step > cfg.critic.warmup_steps or not pools.critics  # critic warm-up: the policy waits
             version += moves
@@ -104,12 +109,24 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
                 after = metrics["eval/accuracy"]
             writer.write(step, metrics)
             progress.step(step, metrics)
+            nonfinite_run = nonfinite_streak(nonfinite_run, metrics, cfg.trainer.max_nonfinite_steps, step, run_dir)
         final = Path(pools.save_policy(str(run_dir / "final_policy")))
     finally:
         progress.close()
         writer.close()
         pools.shutdown()
     return RunResult(run_dir, before, after, final, time.perf_counter() - start)
+
+
+def nonfinite_streak(streak: int, metrics: dict[str, float], limit: int, step: int, run_dir: Path) -> int:
+    """Steps in a row, this one included, whose trainer skipped NaN/inf micro-batches; raises at `limit`."""
+    streak = streak + 1 if metrics.get("nonfinite_microbatches", 0) > 0 else 0
+    if streak >= limit:
+        raise NonFiniteLoss(
+            f"step {step}: the loss was NaN or inf in {streak} steps in a row (those micro-batches were skipped); "
+            f"stopping. Lower trainer.lr, check the rewards (reward/*) and advantages in "
+            f"{run_dir / 'metrics.jsonl'}, or raise trainer.max_nonfinite_steps.")
+    return streak
 
 
 def kl_controller(alg) -> FixedKLController | AdaptiveKLController:

@@ -70,11 +70,16 @@ def value_metrics(batch: dict) -> dict[str, float]:
 
 
 def merge_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Trainer stats averaged over ranks (ratio_max is a max); times are rank 0's."""
+    """Trainer stats averaged over ranks (ratio_max is a max, skipped NaN micro-batches a sum); times are rank 0's."""
     out = {}
     for key in per_rank[0]:
         values = [r[key] for r in per_rank]
-        out[key] = max(values) if key == "ratio_max" else (values[0] if key.startswith("time/") else statistics.fmean(values))
+        if key == "ratio_max":
+            out[key] = max(values)
+        elif key == "nonfinite_microbatches":
+            out[key] = sum(values)
+        else:
+            out[key] = values[0] if key.startswith("time/") else statistics.fmean(values)
     return out
 
 
