@@ -15,6 +15,7 @@ handed back once in `Group.reward_errors`, for the driver to show. The run goes 
 
 from __future__ import annotations
 
+import os
 import time
 
 from actors.reward_pool import Job, RewardProcessPool
@@ -71,6 +72,10 @@ class RewardWorker:
             print(f"reward {label} failed ({kind}); such samples score {self.failure_score}. "
                   f"First traceback:\n{text}", flush=True)
         return self.failure_score
+
+    def pid(self) -> int:
+        """This actor's process id (for tests that kill it from outside)."""
+        return os.getpid()
 
     def process_ids(self) -> list[int]:
         """Process ids of the reward subprocesses (for tests and debugging)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 
@@ -42,6 +43,10 @@ class RolloutWorker:
         self.engine.load_weights(packed)
         self.version = version
         return version
+
+    def pid(self) -> int:
+        """This actor's process id (for tests that kill it from outside)."""
+        return os.getpid()
 
     def weights_version(self) -> tuple[int, str]:
         """(version, checksum of the weights) so callers can prove what is being served."""

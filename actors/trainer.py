@@ -170,6 +170,22 @@ class DeepSpeedRank:
         raise NotImplementedError
 
 
+    def pid(self) -> int:
+        """This rank's process id (for tests that kill it from outside)."""
+        return os.getpid()
+
+    def save_checkpoint(self, path: str) -> None:
+        """Weights, optimizer and LR-scheduler state under `path` (a collective call: every rank, same path)."""
+        self.engine.save_checkpoint(path, tag="ds", save_latest=False)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore what `save_checkpoint` wrote (same number of ranks)."""
+        loaded, _ = self.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path!r}")
+
+
 class PolicyTrainer(DeepSpeedRank):
     """A policy rank: the clipped GRPO/PPO loss (survey 3.14, A.10) with optional KL and entropy terms."""
 

@@ -242,6 +242,12 @@ class LoopConfig(_Section):
     eval_size: int = Field(200, gt=0, description="Held-out prompts per evaluation.")
 
 
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0, description="Write a checkpoint every N steps (0: none); `raylhf train CONFIG "
+                       "--resume` continues from the newest complete one.")
+    keep: int = Field(2, gt=0, description="Checkpoints kept (the newest); older ones are deleted.")
+
+
 class LoggingConfig(_Section):
     run_dir: str = Field("runs/{name}-{time}", description="Output directory; {name} and {time} are filled in.")
     name: str = Field("run", description="Run name.")
@@ -267,6 +273,7 @@ class JobConfig(_Section):
     trainer: TrainerConfig = TrainerConfig()
     critic: CriticConfig = CriticConfig()
     loop: LoopConfig = LoopConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     ray: RayConfig = RayConfig()
 

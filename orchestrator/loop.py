@@ -10,20 +10,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
+
 from actors.engines import SamplingParams
 from actors.modeling import load_tokenizer
 from actors.types import Group
 from algorithms.kl_control import AdaptiveKLController, FixedKLController
+from orchestrator import checkpoint
 from orchestrator.batching import build_batch, sequence_kl, shard
 from orchestrator.config import JobConfig
 from orchestrator.data import PromptStream, check_rows, load_rows, to_request
 from orchestrator.metrics import MetricsWriter, merge_rank_stats, reward_labels, rollout_metrics, value_metrics
-from orchestrator.pools import Pools, gather, num_reward_actors, uses_critic
+from orchestrator.pools import Pools, num_reward_actors, uses_critic
 from orchestrator.progress import Progress
 
 
 class NonFiniteLoss(RuntimeError):
     """Too many steps in a row had a NaN or inf loss."""
+
+
+class ActorDied(RuntimeError):
+    """A worker or trainer rank died in the middle of a step; the message says how to resume."""
 
 
 @dataclass
@@ -45,7 +52,7 @@ def evaluate(pools: Pools, cfg: JobConfig, rows: list[dict], log: Callable[[str]
                               stop=tuple(cfg.rollout.stop))
     requests = [to_request(f"eval:{i}", row, cfg.data.prompt_key) for i, row in enumerate(rows)]
     per_call = max(1, -(-len(requests) // len(pools.rollout)))
-    groups = gather(pools.submit_groups(requests, sampling, per_call, score=False))
+    groups = pools.run_groups(requests, sampling, per_call, score=False)
     for message in pools.new_reward_errors(groups):
         log(message)
     m = rollout_metrics(groups, cfg.reward.accuracy_threshold, cfg.reward.accuracy_label)
@@ -74,48 +81,71 @@ def load_data(cfg: JobConfig, model_path: str) -> Data:
     return Data(tokenizer.pad_token_id, stream, eval_rows)
 
 
-def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: Data) -> RunResult:
-    """Run `cfg.loop.steps` GRPO steps on the pools; write metrics and the final policy.
+def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: Data,
+          resume: Path | None = None) -> RunResult:
+    """Run `cfg.loop.steps` steps on the pools; write metrics, checkpoints and the final policy.
 
-    `rewards`: the resolved `actors.types.RewardSpec`s (see `orchestrator.cli.reward_specs`)."""
+    `rewards`: the resolved `actors.types.RewardSpec`s (see `orchestrator.cli.reward_specs`); `resume`: a
+    checkpoint directory (see `orchestrator.checkpoint`) to continue from."""
     start = time.perf_counter()
     r, loop = cfg.rollout, cfg.loop
     eval_rows = data.eval_rows
     sampling = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p,
                               max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
-    writer = MetricsWriter(run_dir, cfg.logging.tensorboard)
-    progress = Progress(loop.steps, enabled=cfg.logging.progress)
+    state = checkpoint.load_state(resume) if resume else checkpoint.LoopState()
+    writer = MetricsWriter(run_dir, cfg.logging.tensorboard, first_step=state.step + 1 if resume else 0)
+    progress = Progress(loop.steps, enabled=cfg.logging.progress, desc=cfg.algorithm.estimator.upper())
     progress.note(f"starting {len(pools_desc(cfg))} actors ...")
     pools = Pools(cfg, model_path, rewards)
     progress.note(f"policy: {pools.num_params / 1e6:.2f}M parameters; "
                   f"{cfg.trainer.num_workers} trainer rank(s), {r.num_workers} rollout worker(s)")
+    kl = kl_controller(cfg.algorithm)
     try:
-        before = after = None
-        if eval_rows:
+        if resume:
+            pools.load_checkpoint(resume, state.version)
+            data.stream.restore(state.stream)
+            kl.load_state_dict(state.kl)
+            progress.note(f"resumed from {resume} (step {state.step}, policy version {state.version})")
+        elif eval_rows:
             m = evaluate(pools, cfg, eval_rows, progress.note)
-            before = m["eval/accuracy"]
+            state.eval_before = m["eval/accuracy"]
             writer.write(0, m)
-            progress.note(f"held-out greedy accuracy before RL: {before:.1%} ({len(eval_rows)} prompts)")
-        kl = kl_controller(cfg.algorithm)
-        version = 0  # the policy version the rollout workers serve
-        nonfinite_run = 0  # steps in a row with NaN/inf micro-batches skipped
-        for step in range(1, loop.steps + 1):
+            progress.note(f"held-out greedy accuracy before RL: {state.eval_before:.1%} ({len(eval_rows)} prompts)")
+        progress.skip_to(state.step)
+        for step in range(state.step + 1, loop.steps + 1):
             moves = step > cfg.critic.warmup_steps or not pools.critics  # critic warm-up: the policy waits
-            version += moves
-            metrics = train_step(pools, cfg, data.stream, sampling, data.pad_id, version=version, log=progress.note,
-                                 kl=kl, train_policy=moves)
+            state.version += moves
+            try:
+                metrics = train_step(pools, cfg, data.stream, sampling, data.pad_id, version=state.version,
+                                     log=progress.note, kl=kl, train_policy=moves)
+            except ray.exceptions.RayActorError as e:
+                raise ActorDied(f"step {step}: an actor died ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                                + resume_hint(run_dir)) from e
             if eval_rows and ((loop.eval_every and step % loop.eval_every == 0) or step == loop.steps):
                 metrics |= evaluate(pools, cfg, eval_rows, progress.note)
-                after = metrics["eval/accuracy"]
+                state.eval_after = metrics["eval/accuracy"]
             writer.write(step, metrics)
             progress.step(step, metrics)
-            nonfinite_run = nonfinite_streak(nonfinite_run, metrics, cfg.trainer.max_nonfinite_steps, step, run_dir)
+            state.nonfinite_run = nonfinite_streak(state.nonfinite_run, metrics, cfg.trainer.max_nonfinite_steps,
+                                                   step, run_dir)
+            state.step, state.stream, state.kl = step, data.stream.state(), kl.state_dict()
+            if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == loop.steps):
+                checkpoint.save(run_dir, state, pools.save_checkpoint, cfg.checkpoint.keep)
         final = Path(pools.save_policy(str(run_dir / "final_policy")))
     finally:
         progress.close()
         writer.close()
         pools.shutdown()
-    return RunResult(run_dir, before, after, final, time.perf_counter() - start)
+    return RunResult(run_dir, state.eval_before, state.eval_after, final, time.perf_counter() - start)
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How to continue a stopped run, naming its newest complete checkpoint (or saying there is none)."""
+    newest = checkpoint.latest(run_dir)
+    if newest is None:
+        return "No checkpoint was written (set checkpoint.every to write them)."
+    return (f"Its newest complete checkpoint is {newest}; continue with: raylhf train CONFIG --resume "
+            f"--run-dir {run_dir}")
 
 
 def nonfinite_streak(streak: int, metrics: dict[str, float], limit: int, step: int, run_dir: Path) -> int:
@@ -154,7 +184,7 @@ def collect_groups(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling:
         need = want - len(kept)
         if rounds > 1:  # ask for enough to fill the batch at the rate groups had signal so far
             need = min(want, math.ceil(need * len(generated) / max(len(kept), 1)))
-        groups = gather(pools.submit_groups(stream.next(need), sampling, cfg.rollout.prompts_per_call))
+        groups = pools.run_groups(stream.next(need), sampling, cfg.rollout.prompts_per_call)
         generated += groups
         kept += [g for g in groups if not alg.dynamic_sampling or len({s.reward for s in g.samples}) > 1]
     kept = kept[:want]
@@ -199,6 +229,7 @@ def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: Sam
         m["sampling/rounds"] = float(rounds)
     m["advantage/abs_mean"] = float(batch["advantages"].abs().sum() / batch["response_mask"].sum())
     m["policy_version"] = float(version)
+    m |= {f"restarts/{name}": float(n) for name, n in pools.restarts.items()}
     m["time/rollout"] = t1 - t0
     m["time/generate"] = m.pop("busy/generate") / len(pools.rollout)
     m["time/reward"] = m.pop("busy/reward") / (len(pools.reward) + len(pools.reward_models))

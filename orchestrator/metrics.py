@@ -86,13 +86,14 @@ def merge_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
 class MetricsWriter:
     """Appends one JSON line per record to `metrics.jsonl`; mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    def __init__(self, run_dir: Path, tensorboard: bool, first_step: int = 0):
+        """`first_step` > 0 (a resumed run): TensorBoard drops the dead run's events from that step on."""
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=first_step or None)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:

@@ -40,6 +40,15 @@ def num_reward_actors(cfg: JobConfig) -> int:
     return cfg.reward.num_workers * has_functions + models
 
 
+def _alive(actor, timeout_s: float = 60.0) -> bool:
+    """Whether an actor answers (a dead one raises at once; a busy one answers when its queue reaches it)."""
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
+        return True
+    except ray.exceptions.RayActorError:
+        return False
+
+
 def _join(ranks: list) -> int:
     """Rank 0 picks the rendezvous; every rank joins the process group and builds its engine. Parameters."""
     addr, port = ray.get(ranks[0].rendezvous.remote())
@@ -69,21 +78,17 @@ class Pools:
         device = "cuda" if cfg.trainer.num_gpus > 0 else "cpu"
         common = dict(model_path=model_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
         r, s, t = cfg.rollout, cfg.scoring, cfg.trainer
-        self.rollout = [
-            ray.remote(RolloutWorker).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env=_CPU_ENV,
-                                              name=None).remote(
-                engine=r.engine, threads=r.threads, seed=cfg.loop.seed * 1000 + i,
-                device="cuda" if r.num_gpus > 0 else "cpu", **common)
-            for i in range(r.num_workers)
-        ]
+        self._make = {"rollout": lambda: ray.remote(RolloutWorker).options(
+            num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env=_CPU_ENV).remote(
+                engine=r.engine, threads=r.threads, seed=cfg.loop.seed,  # samples depend on prompts, not workers
+                device="cuda" if r.num_gpus > 0 else "cpu", **common)}
+        self.rollout = [self._make["rollout"]() for _ in range(r.num_workers)]
         rw = cfg.reward
         specs = [x if isinstance(x, RewardSpec) else RewardSpec(*x) for x in rewards]
         functions = [x for x in specs if x.model is None]
-        self.reward = [
-            ray.remote(RewardWorker).options(num_cpus=rw.num_cpus, runtime_env=_CPU_ENV).remote(
-                functions, rw.failure_score, rw.timeout_s, rw.num_processes)
-            for _ in range(rw.num_workers if functions else 0)
-        ]
+        self._make["reward"] = lambda: ray.remote(RewardWorker).options(num_cpus=rw.num_cpus, runtime_env=_CPU_ENV).remote(
+            functions, rw.failure_score, rw.timeout_s, rw.num_processes)
+        self.reward = [self._make["reward"]() for _ in range(rw.num_workers if functions else 0)]
         self.reward_models = [  # one worker per model; every chunk of groups passes through each
             ray.remote(RewardModelWorker).options(num_cpus=rw.num_cpus, num_gpus=x.num_gpus,
                                                   runtime_env=_CPU_ENV).remote(
@@ -91,13 +96,12 @@ class Pools:
                 device="cuda" if x.num_gpus > 0 else "cpu")
             for x in specs if x.model is not None
         ]
-        self.scoring = [
-            ray.remote(ScoringWorker).options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, runtime_env=_CPU_ENV).remote(
+        self._make["scoring"] = lambda: ray.remote(ScoringWorker).options(
+            num_cpus=s.num_cpus, num_gpus=s.num_gpus, runtime_env=_CPU_ENV).remote(
                 with_reference=cfg.algorithm.kl_coef > 0, temperature=r.temperature,
                 micro_batch_size=s.micro_batch_size, threads=s.threads,
                 device="cuda" if s.num_gpus > 0 else "cpu", value_model=self.critic_path(cfg, model_path), **common)
-            for _ in range(s.num_workers)
-        ]
+        self.scoring = [self._make["scoring"]() for _ in range(s.num_workers)]
         batch = cfg.loop.prompts_per_step * r.group_size
         self.grad_accum, trainer_cfg = _rank_split(t.model_dump(), batch, t.num_workers)
         self.trainers = [
@@ -125,6 +129,52 @@ class Pools:
             _join(self.critics)
         self._cycle = {name: itertools.count() for name in ("rollout", "reward", "scoring")}
         self._errors_shown: set[str] = set()
+        self.version = 0  # the policy version every rollout and scoring worker serves
+        self.restarts = {name: 0 for name in self._make}  # workers replaced after they died
+
+    def run_groups(self, requests: list[GroupRequest], sampling: SamplingParams, prompts_per_call: int,
+                   score: bool = True, max_rounds: int = 3) -> list[Group]:
+        """Every request's group, in request order, through `submit_groups`. When a rollout, reward or
+        scoring worker dies (killed, OOM, node lost), it is replaced, gets the current weights, and the
+        chunks that had not come back are issued again, up to `max_rounds` times: no group is lost and
+        none is counted twice (a chunk's groups are taken whole, from the one attempt that finished)."""
+        chunks = [requests[lo : lo + prompts_per_call] for lo in range(0, len(requests), prompts_per_call)]
+        done: dict[int, list[Group]] = {}
+        for attempt in range(max_rounds + 1):
+            todo = [i for i in range(len(chunks)) if i not in done]
+            refs = [self.submit_groups(chunks[i], sampling, prompts_per_call, score)[0] for i in todo]
+            failed = None
+            for i, ref in zip(todo, refs):
+                try:
+                    done[i] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    failed = e
+            if failed is None:
+                break
+            if not self.replace_dead() or attempt == max_rounds:
+                raise failed
+        return [g for i in range(len(chunks)) for g in done[i]]
+
+    def replace_dead(self) -> list[str]:
+        """Start a fresh worker for every dead rollout, reward and scoring worker, serving the current
+        weights; the pools that lost one (empty when all are alive)."""
+        replaced = []
+        policy = critic = None
+        for name in ("rollout", "reward", "scoring"):
+            workers = getattr(self, name)
+            for i, w in enumerate(workers):
+                if _alive(w):
+                    continue
+                workers[i] = self._make[name]()
+                self.restarts[name] += 1
+                replaced.append(name)
+                if name in ("rollout", "scoring") and self.version:
+                    policy = policy or self.trainers[0].state_dict.remote()
+                    ray.get(workers[i].load_weights.remote(policy, self.version))
+                if name == "scoring" and self.critics:
+                    critic = critic or self.critics[0].state_dict.remote()
+                    ray.get(workers[i].load_value_weights.remote(critic))
+        return replaced
 
     def _next(self, name: str):
         workers = getattr(self, name)
@@ -175,10 +225,23 @@ class Pools:
         if policy:
             packed = self.trainers[0].state_dict.remote()
             versions = ray.get([w.load_weights.remote(packed, version) for w in self.rollout + self.scoring])
+            self.version = version
         else:
             versions = [v for v, _ in self.served_versions()]
         ray.get(waits)
         return versions
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Every policy rank's (and critic rank's) DeepSpeed state under `path`/policy (and `path`/critic)."""
+        ray.get([tr.save_checkpoint.remote(str(path / "policy")) for tr in self.trainers]
+                + [cr.save_checkpoint.remote(str(path / "critic")) for cr in self.critics])
+
+    def load_checkpoint(self, path: Path, version: int) -> None:
+        """Restore the ranks from a checkpoint and serve its weights as `version` everywhere."""
+        ray.get([tr.load_checkpoint.remote(str(path / "policy")) for tr in self.trainers]
+                + [cr.load_checkpoint.remote(str(path / "critic")) for cr in self.critics])
+        served = self.sync_weights(version)
+        assert set(served) == {version}, served
 
     def served_versions(self) -> list[tuple[int, str]]:
         """(version, checksum) of every rollout and scoring worker."""

@@ -6,13 +6,13 @@ import sys
 
 
 class Progress:
-    def __init__(self, total: int, enabled: bool = True):
+    def __init__(self, total: int, enabled: bool = True, desc: str = "train"):
         self.enabled = enabled
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="GRPO", unit="step", dynamic_ncols=True, file=sys.stderr,
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr,
                             mininterval=0 if not sys.stderr.isatty() else 0.1)
 
     def note(self, text: str) -> None:
@@ -20,6 +20,11 @@ class Progress:
             self.bar.write(text, file=sys.stderr)
         else:
             print(text, file=sys.stderr, flush=True)
+
+    def skip_to(self, step: int) -> None:
+        """A resumed run starts its bar at the step it continues from."""
+        if self.bar is not None and step:
+            self.bar.update(step)
 
     def step(self, step: int, m: dict[str, float]) -> None:
         if self.bar is None:

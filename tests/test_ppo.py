@@ -202,16 +202,16 @@ def test_four_epochs_clip_and_move_further_each_epoch(ray_local, tiny_model):
 class _FakePools:
     """Rollouts whose rewards are chosen per prompt: prompts listed in `flat` give all-equal groups."""
 
-    def __init__(self, ray, flat: set[str]):
-        self.ray, self.flat, self.asked = ray, flat, []
+    def __init__(self, flat: set[str]):
+        self.flat, self.asked = flat, []
 
-    def submit_groups(self, requests, sampling, prompts_per_call):
+    def run_groups(self, requests, sampling, prompts_per_call):
         self.asked.append(len(requests))
         groups = []
         for r in requests:
             rewards = [1.0] * 4 if r.uid in self.flat else [0.0, 1.0, 0.0, 1.0]
             groups.append(Group(r.uid, "p", {}, [1], [Sample([2], "x", [0.0], "stop", reward=x) for x in rewards], 0))
-        return [self.ray.put(groups)]
+        return groups
 
 
 class _Stream:
@@ -226,30 +226,30 @@ class _Stream:
         return out
 
 
-def _collect(ray, flat, **alg):
+def _collect(flat, **alg):
     from orchestrator.config import JobConfig
     from orchestrator.loop import collect_groups
 
     from tests.conftest import base_config
 
     cfg = JobConfig.model_validate(base_config("unused", algorithm=alg, loop={"prompts_per_step": 4}))
-    pools = _FakePools(ray, flat)
+    pools = _FakePools(flat)
     kept, generated, rounds = collect_groups(pools, cfg, _Stream(), None)
     return kept, generated, rounds, pools.asked
 
 
-def test_dynamic_sampling_drops_flat_groups_and_samples_until_the_batch_is_full(ray_local):
-    kept, generated, rounds, asked = _collect(ray_local, {"0", "1", "5"}, dynamic_sampling=True)
+def test_dynamic_sampling_drops_flat_groups_and_samples_until_the_batch_is_full():
+    kept, generated, rounds, asked = _collect({"0", "1", "5"}, dynamic_sampling=True)
     assert [g.uid for g in kept] == ["2", "3", "4", "6"] and rounds == 2
     assert asked[0] == 4 and asked[1] == 4  # 2 of 4 had signal: ask for twice the 2 still missing
     assert len(generated) == 8
 
 
-def test_dynamic_sampling_stops_at_the_round_bound_and_tops_up_with_flat_groups(ray_local):
-    kept, generated, rounds, asked = _collect(ray_local, {str(i) for i in range(100)}, dynamic_sampling=True,
+def test_dynamic_sampling_stops_at_the_round_bound_and_tops_up_with_flat_groups():
+    kept, generated, rounds, asked = _collect({str(i) for i in range(100)}, dynamic_sampling=True,
                                               max_sampling_rounds=3)
     assert rounds == 3 and len(kept) == 4 and asked == [4, 4, 4]  # the bound holds; the batch keeps its size
-    kept, _, rounds, _ = _collect(ray_local, {"0", "1"})  # off: the first 4 groups, flat or not
+    kept, _, rounds, _ = _collect({"0", "1"})  # off: the first 4 groups, flat or not
     assert [g.uid for g in kept] == ["0", "1", "2", "3"] and rounds == 1
 
 

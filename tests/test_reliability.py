@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,99 @@ def test_a_nan_micro_batch_is_skipped_and_moves_nothing(ray_local, tiny_model):
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
         assert torch.isfinite(got[k]).all()
+
+
+TOY = str(Path(__file__).parent / "data" / "toy_rewards.py")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["rollout", "reward"])
+def test_a_worker_killed_mid_step_is_replaced_and_no_group_is_lost_or_doubled(ray_local, tiny_model, victim):
+    """SIGKILL a rollout (or reward) worker's process while a step's chunks are in flight: a fresh worker
+    takes its place with the current weights, unfinished chunks run again, every prompt comes back once."""
+    import os
+    import signal
+    import threading
+
+    from actors.engines import SamplingParams
+    from orchestrator.config import JobConfig
+    from orchestrator.data import PromptStream, load_rows
+    from orchestrator.pools import Pools
+    from tests.conftest import base_config
+
+    cfg = JobConfig.model_validate(base_config(tiny_model, rollout={"num_workers": 2, "prompts_per_call": 2},
+                                               reward={"num_workers": 2}))
+    pools = Pools(cfg, tiny_model, [("length", f"{TOY}:length_reward", 1.0)])
+    try:
+        pools.sync_weights(1)  # a replacement must be brought to version 1, not the checkpoint it starts from
+        stream = PromptStream(load_rows(cfg.data.train), "prompt", seed=0)
+        sampling = SamplingParams(n=4, max_new_tokens=32)
+        steps = [stream.next(48), stream.next(48)]
+        results = []
+        target = getattr(pools, victim)[0]
+        pid = ray_local.get(target.pid.remote())
+        worker = threading.Thread(target=lambda: results.append(pools.run_groups(steps[0], sampling, 2)))
+        worker.start()
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        worker.join(timeout=300)
+        results.append(pools.run_groups(steps[1], sampling, 2))  # the kill may have landed after step 1's end
+        for requests, groups in zip(steps, results):
+            assert [g.uid for g in groups] == [r.uid for r in requests]  # each once, in order
+            assert all(len(g.samples) == 4 and g.policy_version == 1 for g in groups)
+            assert all(s.reward_parts == {"length": s.reward} for g in groups for s in g.samples)
+        assert pools.restarts[victim] == 1 and sum(pools.restarts.values()) == 1
+        assert ray_local.get(getattr(pools, victim)[0].pid.remote()) != pid
+        if victim == "rollout":
+            assert {v for v, _ in pools.served_versions()} == {1}
+    finally:
+        pools.shutdown()
+
+
+@pytest.mark.slow
+def test_a_dead_trainer_rank_stops_the_run_and_says_how_to_resume(ray_local, tiny_model, tmp_path):
+    import os
+    import signal
+    import threading
+
+    from orchestrator import checkpoint
+    from orchestrator.cli import reward_specs
+    from orchestrator.config import JobConfig
+    from orchestrator.loop import ActorDied, load_data, train
+    from orchestrator.pools import Pools
+    from tests.conftest import base_config
+
+    cfg = JobConfig.model_validate(base_config(
+        tiny_model, reward={"functions": [{"name": f"{TOY}:length_reward"}]}, loop={"steps": 200},
+        checkpoint={"every": 1}, logging={"progress": False, "tensorboard": False}))
+    started = []
+    real_init = Pools.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        started.append(self)
+
+    errors = []
+    Pools.__init__ = spy
+    try:
+        run = threading.Thread(target=lambda: _catch(errors, train, cfg, tmp_path, tiny_model, reward_specs(cfg),
+                                                     load_data(cfg, tiny_model)))
+        run.start()
+        deadline = time.monotonic() + 120
+        while checkpoint.latest(tmp_path) is None:
+            assert time.monotonic() < deadline and run.is_alive()
+            time.sleep(0.05)
+        os.kill(ray_local.get(started[0].trainers[0].pid.remote()), signal.SIGKILL)
+        run.join(timeout=120)
+    finally:
+        Pools.__init__ = real_init
+    assert len(errors) == 1 and isinstance(errors[0], ActorDied), errors
+    message = str(errors[0])
+    assert "--resume" in message and str(checkpoint.latest(tmp_path)) in message
+
+
+def _catch(errors: list, fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # handed to the test thread
+        errors.append(e)
