@@ -1,15 +1,23 @@
-"""Datasets → prompt groups: rows from a JSONL file or a "module:function", served in seeded epochs."""
+"""Datasets → prompt groups: rows from a file (JSONL, Parquet), `datasets.load_dataset` or a
+"module:function", chat rows rendered with the tokenizer's template, served in seeded epochs.
+
+A row is a dict: the prompt under `data.prompt_key` (a string), or a conversation under `messages`
+(a list of `{"role", "content"}`, rendered with `tokenizer.apply_chat_template(...,
+add_generation_prompt=True)` into the prompt); its other fields go to the reward functions.
+"""
 
 from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 from actors.types import GroupRequest
 from orchestrator.config import DataSource
 from rewards.loader import load_function
+
+DATASETS_PREFIX = "datasets:"  # source "datasets:json" → datasets.load_dataset("json", **kwargs)
+MESSAGES_KEY = "messages"  # the row field holding a chat conversation
 
 
 class DataError(Exception):
@@ -17,34 +25,151 @@ class DataError(Exception):
 
 
 def load_rows(src: DataSource) -> list[dict[str, Any]]:
-    """All rows of a source, as dicts."""
+    """All rows of a source, as dicts: a `.jsonl` or `.parquet` file, `datasets:<builder or path>`, or a
+    "module:function" called with `src.kwargs`."""
     if src.source.endswith(".jsonl"):
-        rows = []
-        with open(src.source, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{src.source}:{i}: not valid JSON ({e})") from None
-        return rows
+        return _read_jsonl(src.source)
+    if src.source.endswith(".parquet"):
+        return _read_parquet(src.source)
+    if src.source.startswith(DATASETS_PREFIX):
+        return _load_dataset(src.source[len(DATASETS_PREFIX):], src.kwargs)
     rows = load_function(src.source)(**src.kwargs)
     return list(rows)
 
 
-def check_rows(rows: list[dict], prompt_key: str, where: str, tokenizer=None, max_prompt_tokens: int = 0) -> None:
-    """Every row must be a dict with a non-empty string prompt of at most `max_prompt_tokens` tokens."""
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
+    return rows
+
+
+def _read_parquet(path: str) -> list[dict[str, Any]]:
+    """Rows of a Parquet file, read with pyarrow (or pandas with a Parquet engine)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        pq = None
+    try:
+        if pq is not None:
+            return pq.read_table(path).to_pylist()
+        import pandas
+
+        return [_plain(r) for r in pandas.read_parquet(path).to_dict("records")]
+    except ImportError:
+        raise DataError(f"{path}: reading a .parquet file needs pyarrow: pip install pyarrow") from None
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _plain(value: Any) -> Any:
+    """numpy arrays and scalars (as pandas returns them) → lists and Python numbers, recursively."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    return value
+
+
+def _load_dataset(path: str, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """`datasets.load_dataset(path, split="train", **kwargs)` as a list of row dicts."""
+    where = f"{DATASETS_PREFIX}{path}"
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{where}: this source needs the datasets package: pip install datasets") from None
+    kwargs = {"split": "train", **kwargs}
+    try:
+        ds = datasets.load_dataset(path, **kwargs)
+    except Exception as e:  # noqa: BLE001 - missing files, unknown builders, bad kwargs: all a data error here
+        raise DataError(f"{where}: datasets.load_dataset failed: {type(e).__name__}: {e}") from None
+    if isinstance(ds, dict):  # a DatasetDict: split=None was passed
+        raise DataError(f"{where}: got splits {sorted(ds)}; name one with kwargs: {{split: train}}")
+    return [dict(row) for row in ds]
+
+
+def _chat_messages(row: dict, prompt_key: str, where: str, i: int) -> list | None:
+    """The conversation of a chat row (`messages`, or a list under the prompt key), None for a plain row."""
+    if isinstance(row.get(prompt_key), list):
+        messages = row[prompt_key]
+    elif MESSAGES_KEY in row:
+        if prompt_key in row:
+            raise DataError(f"{where}: row {i} has both {prompt_key!r} and {MESSAGES_KEY!r}; give one "
+                            "(a prompt string, or a conversation to render with the chat template)")
+        messages = row[MESSAGES_KEY]
+    else:
+        return None
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages)
+    if not ok:
+        raise DataError(f"{where}: row {i}: messages must be a non-empty list of {{role: str, content: str}}, "
+                        f"got {str(messages)[:200]}")
+    return messages
+
+
+def render_chat(messages: list[dict], tokenizer, where: str, i: int) -> str:
+    """The prompt text of a conversation: the tokenizer's chat template with the assistant turn opened.
+
+    The engines tokenize prompts with special tokens, so a BOS the template writes itself is dropped
+    when the tokenizer adds one anyway (no double BOS)."""
+    if tokenizer is None:
+        raise DataError(f"{where}: row {i} is a chat row and needs the model's tokenizer to be rendered")
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{where}: row {i} is a chat row ({MESSAGES_KEY}) but the model's tokenizer has no chat template; give "
+            "plain prompt rows, or a checkpoint whose tokenizer_config.json (or chat_template.jinja) sets one")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # noqa: BLE001 - a template may reject roles or orders with any exception
+        raise DataError(f"{where}: row {i}: the chat template failed: {type(e).__name__}: {e}") from None
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and _adds_bos(tokenizer):
+        text = text[len(bos):]
+    return text
+
+
+def _adds_bos(tokenizer) -> bool:
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return tokenizer.bos_token_id is not None and tokenizer.bos_token_id in ids
+
+
+def prepare_rows(rows: list[dict], prompt_key: str, where: str, tokenizer=None,
+                 max_prompt_tokens: int = 0) -> list[dict]:
+    """Rows ready to serve (new dicts): chat rows rendered into `prompt_key`, every prompt a non-empty string
+    of at most `max_prompt_tokens` tokens; a `DataError` names the first bad row."""
     if not rows:
         raise DataError(f"{where}: no rows")
+    out = []
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not isinstance(row.get(prompt_key), str) or not row[prompt_key]:
-            raise DataError(f"{where}: row {i} has no non-empty string field {prompt_key!r}: {str(row)[:200]}")
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: row {i} is a {type(row).__name__}, not a dict: {str(row)[:200]}")
+        messages = _chat_messages(row, prompt_key, where, i)
+        if messages is not None:
+            row = {**row, prompt_key: render_chat(messages, tokenizer, where, i)}
+        if not isinstance(row.get(prompt_key), str) or not row[prompt_key]:
+            raise DataError(f"{where}: row {i} has no non-empty string field {prompt_key!r} (nor a "
+                            f"{MESSAGES_KEY!r} conversation): {str(row)[:200]}")
+        out.append(row)
     if tokenizer is not None and max_prompt_tokens:
-        lengths = [len(ids) for ids in tokenizer([r[prompt_key] for r in rows])["input_ids"]]
+        lengths = [len(ids) for ids in tokenizer([r[prompt_key] for r in out])["input_ids"]]
         for i, n in enumerate(lengths):
             if n > max_prompt_tokens:
                 raise DataError(f"{where}: row {i} has a {n}-token prompt, above data.max_prompt_tokens="
                                 f"{max_prompt_tokens}")
+    return out
+
+
+def check_rows(rows: list[dict], prompt_key: str, where: str, tokenizer=None, max_prompt_tokens: int = 0) -> None:
+    """`prepare_rows`, in place: `rows` afterwards holds the prepared rows (chat rows rendered)."""
+    rows[:] = prepare_rows(rows, prompt_key, where, tokenizer, max_prompt_tokens)
 
 
 def to_request(uid: str, row: dict, prompt_key: str) -> GroupRequest:
@@ -65,6 +190,14 @@ class PromptStream:
         if self.shuffle:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         return order
+
+    def state(self) -> dict:
+        """Where the stream is: enough to continue it exactly (the order is rebuilt from seed and epoch)."""
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self.order = self._order()
 
     def next(self, n: int) -> list[GroupRequest]:
         out = []

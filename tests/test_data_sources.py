@@ -1,0 +1,137 @@
+"""Dataset rows: chat rows rendered with the chat template, and the JSONL / Parquet / `datasets` sources."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from orchestrator.config import ConfigError, DataSource, load_config
+from orchestrator.data import DataError, check_rows, load_rows, prepare_rows, to_request
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}={% endif %}")
+ROWS = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "10+20=", "answer": "30"}]
+
+
+@pytest.fixture()
+def tokenizer():
+    from examples.arith.tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+def test_chat_rows_are_rendered_with_the_template(tokenizer):
+    tokenizer.chat_template = TEMPLATE
+    rows = [{"messages": [{"role": "system", "content": "12"}, {"role": "user", "content": "1+2"}], "answer": "3"},
+            {"prompt": "4+5=", "answer": "9"}]
+    out = prepare_rows(rows, "prompt", "data.train", tokenizer, max_prompt_tokens=64)
+    # The template's own BOS is dropped: the engines tokenize with special tokens and add one.
+    assert out[0]["prompt"] == "12\n1+2\n=" and out[1]["prompt"] == "4+5="
+    ids = tokenizer(out[0]["prompt"])["input_ids"]
+    assert ids.count(tokenizer.bos_token_id) == 1
+    assert "prompt" not in rows[0]  # inputs are not changed
+    request = to_request("u", out[0], "prompt")
+    assert request.row["messages"][1]["content"] == "1+2" and request.row["answer"] == "3"  # rewards see the rest
+
+
+def test_conversation_under_the_prompt_key_and_check_rows_in_place(tokenizer):
+    tokenizer.chat_template = TEMPLATE
+    rows = [{"prompt": [{"role": "user", "content": "7+8"}], "answer": "15"}]
+    check_rows(rows, "prompt", "data.eval", tokenizer)
+    assert rows == [{"prompt": "7+8\n=", "answer": "15"}]
+
+
+def test_tokenizer_without_chat_template_names_the_row(tokenizer):
+    rows = ROWS + [{"messages": [{"role": "user", "content": "1+1"}]}]
+    with pytest.raises(DataError, match=r"data.train: row 2 is a chat row .* no chat template"):
+        prepare_rows(rows, "prompt", "data.train", tokenizer)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [{"role": "user"}]}, "row 0: messages must be a non-empty list of"),
+    ({"messages": []}, "row 0: messages must be a non-empty list of"),
+    ({"prompt": "1+1=", "messages": [{"role": "user", "content": "x"}]}, "row 0 has both 'prompt' and 'messages'"),
+    ({"question": "1+1="}, "row 0 has no non-empty string field 'prompt'"),
+])
+def test_bad_rows_are_named(tokenizer, row, message):
+    tokenizer.chat_template = TEMPLATE
+    with pytest.raises(DataError, match=message):
+        prepare_rows([row], "prompt", "data.eval", tokenizer)
+
+
+def test_jsonl_source(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n")
+    assert load_rows(DataSource(source=str(path))) == ROWS
+    path.write_text('{"prompt": "1+2="}\n{oops\n')
+    with pytest.raises(DataError, match=r"rows.jsonl:2: not valid JSON"):
+        load_rows(DataSource(source=str(path)))
+
+
+def test_parquet_source(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    rows = ROWS + [{"prompt": "", "answer": "0", "messages": [{"role": "user", "content": "0+0"}]}]
+    rows = [{**r, "messages": r.get("messages")} for r in rows]  # one schema for every row
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert load_rows(DataSource(source=str(path))) == rows
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load_rows(DataSource(source=str(tmp_path / "bad.parquet")))
+
+
+def test_parquet_without_pyarrow_or_pandas_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # None in sys.modules: the import raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(DataError, match=r"rows.parquet: reading a .parquet file needs pyarrow: pip install pyarrow"):
+        load_rows(DataSource(source=str(tmp_path / "rows.parquet")))
+
+
+def test_datasets_source(tmp_path):
+    pytest.importorskip("datasets")
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    src = DataSource(source="datasets:json", kwargs={"data_files": str(path), "cache_dir": str(tmp_path / "cache")})
+    assert load_rows(src) == ROWS
+    with pytest.raises(DataError, match="datasets:json: datasets.load_dataset failed"):
+        load_rows(DataSource(source="datasets:json", kwargs={"data_files": str(tmp_path / "missing.jsonl")}))
+
+
+def test_datasets_missing_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match=r"datasets:json: this source needs the datasets package: pip install datasets"):
+        load_rows(DataSource(source="datasets:json", kwargs={"data_files": "x.jsonl"}))
+
+
+def test_config_accepts_each_source_kind(tmp_path, tiny_model):
+    from tests.conftest import base_config
+    import yaml
+
+    (tmp_path / "train.parquet").write_bytes(b"")
+    cfg = base_config(tiny_model, data={"train": {"source": str(tmp_path / "train.parquet")},
+                                        "eval": {"source": "datasets:json", "kwargs": {"data_files": "e.jsonl"}}})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    loaded = load_config(tmp_path / "job.yaml")
+    assert loaded.data.eval.source == "datasets:json"
+    with pytest.raises(ConfigError, match=r"data.train.source: file .*missing.parquet' not found"):
+        load_config(tmp_path / "job.yaml", [f"data.train.source={tmp_path / 'missing.parquet'}"])
+
+
+def test_train_cli_exits_2_on_chat_rows_without_template(tmp_path, tiny_model, capsys):
+    """A chat dataset for a model without a chat template fails before Ray starts, naming the row."""
+    import yaml
+
+    from orchestrator.cli import main
+    from tests.conftest import base_config
+
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "1+2"}],
+                                                     "answer": "3"}) + "\n")
+    cfg = base_config(tiny_model, data={"train": {"source": str(tmp_path / "chat.jsonl")}})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "job.yaml"), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "data.train: row 0 is a chat row" in capsys.readouterr().err
