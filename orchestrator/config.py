@@ -49,6 +49,9 @@ class DataConfig(_Section):
     prompt_key: str = Field("prompt", description="Row field holding the prompt text.")
     max_prompt_tokens: int = Field(256, gt=0, description="Longer prompts are an error.")
     shuffle: bool = Field(True, description="Shuffle the training rows each epoch (seeded).")
+    bad_rows: Literal["error", "skip"] = Field(
+        "error", description="A row without a usable prompt, with bad chat messages or a prompt over "
+        "max_prompt_tokens: error (exit 2, naming the row) or skip (left out, counted, reported at start).")
 
 
 class RolloutConfig(_Section):

@@ -21,7 +21,11 @@ MESSAGES_KEY = "messages"  # the row field holding a chat conversation
 
 
 class DataError(Exception):
-    """A dataset that cannot be used; the message names the source and the row."""
+    """A dataset that cannot be used; the message names the source and the row, `reason` the kind of fault."""
+
+    def __init__(self, message: str, reason: str = "bad row"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def load_rows(src: DataSource) -> list[dict[str, Any]]:
@@ -142,29 +146,50 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def prepare_rows(rows: list[dict], prompt_key: str, where: str, tokenizer=None,
-                 max_prompt_tokens: int = 0) -> list[dict]:
+                 max_prompt_tokens: int = 0, skipped: dict[str, int] | None = None) -> list[dict]:
     """Rows ready to serve (new dicts): chat rows rendered into `prompt_key`, every prompt a non-empty string
-    of at most `max_prompt_tokens` tokens; a `DataError` names the first bad row."""
+    of at most `max_prompt_tokens` tokens. A bad row raises a `DataError` naming it, or, when a `skipped`
+    dict is given (config `data.bad_rows: skip`), is left out and counted there under its reason."""
     if not rows:
         raise DataError(f"{where}: no rows")
     out = []
     for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: row {i} is a {type(row).__name__}, not a dict: {str(row)[:200]}")
+        try:
+            out.append(_prepare_row(row, prompt_key, where, i, tokenizer))
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+    if tokenizer is not None and max_prompt_tokens and out:
+        lengths = [len(ids) for ids in tokenizer([r[prompt_key] for r in out])["input_ids"]]
+        kept = []
+        for i, (row, n) in enumerate(zip(out, lengths)):
+            if n <= max_prompt_tokens:
+                kept.append(row)
+            elif skipped is None:
+                raise DataError(f"{where}: row {i} has a {n}-token prompt, above data.max_prompt_tokens="
+                                f"{max_prompt_tokens}")
+            else:
+                skipped["too long"] = skipped.get("too long", 0) + 1
+        out = kept
+    if not out:
+        raise DataError(f"{where}: every one of its {len(rows)} rows is bad ({skipped})")
+    return out
+
+
+def _prepare_row(row, prompt_key: str, where: str, i: int, tokenizer) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: row {i} is a {type(row).__name__}, not a dict: {str(row)[:200]}", "not a dict")
+    try:
         messages = _chat_messages(row, prompt_key, where, i)
         if messages is not None:
             row = {**row, prompt_key: render_chat(messages, tokenizer, where, i)}
-        if not isinstance(row.get(prompt_key), str) or not row[prompt_key]:
-            raise DataError(f"{where}: row {i} has no non-empty string field {prompt_key!r} (nor a "
-                            f"{MESSAGES_KEY!r} conversation): {str(row)[:200]}")
-        out.append(row)
-    if tokenizer is not None and max_prompt_tokens:
-        lengths = [len(ids) for ids in tokenizer([r[prompt_key] for r in out])["input_ids"]]
-        for i, n in enumerate(lengths):
-            if n > max_prompt_tokens:
-                raise DataError(f"{where}: row {i} has a {n}-token prompt, above data.max_prompt_tokens="
-                                f"{max_prompt_tokens}")
-    return out
+    except DataError as e:
+        raise DataError(str(e), "bad chat messages") from None
+    if not isinstance(row.get(prompt_key), str) or not row[prompt_key]:
+        raise DataError(f"{where}: row {i} has no non-empty string field {prompt_key!r} (nor a "
+                        f"{MESSAGES_KEY!r} conversation): {str(row)[:200]}", "no prompt")
+    return row
 
 
 def check_rows(rows: list[dict], prompt_key: str, where: str, tokenizer=None, max_prompt_tokens: int = 0) -> None:

@@ -7,7 +7,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -19,7 +19,7 @@ from algorithms.kl_control import AdaptiveKLController, FixedKLController
 from orchestrator import checkpoint
 from orchestrator.batching import build_batch, sequence_kl, shard
 from orchestrator.config import JobConfig
-from orchestrator.data import PromptStream, check_rows, load_rows, to_request
+from orchestrator.data import PromptStream, load_rows, prepare_rows, to_request
 from orchestrator.metrics import MetricsWriter, merge_rank_stats, reward_labels, rollout_metrics, value_metrics
 from orchestrator.pools import Pools, num_reward_actors, uses_critic
 from orchestrator.progress import Progress
@@ -67,18 +67,28 @@ class Data:
     pad_id: int
     stream: PromptStream
     eval_rows: list[dict]
+    skipped: dict[str, float] = field(default_factory=dict)  # data/skipped_<split>_rows
 
 
 def load_data(cfg: JobConfig, model_path: str) -> Data:
-    """Load and check every row now: a bad dataset fails before Ray starts (DataError)."""
+    """Load and check every row now: a bad dataset fails before Ray starts (DataError); with
+    `data.bad_rows: skip` bad rows are left out and counted instead (`Data.skipped`)."""
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    rows = load_rows(cfg.data.train)
-    check_rows(rows, cfg.data.prompt_key, "data.train", tokenizer, cfg.data.max_prompt_tokens)
-    eval_rows = load_rows(cfg.data.eval)[: cfg.loop.eval_size] if cfg.data.eval else []
+    d = cfg.data
+    skipped: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
+    rows = prepare_rows(load_rows(d.train), d.prompt_key, "data.train", tokenizer, d.max_prompt_tokens,
+                        skipped["train"] if d.bad_rows == "skip" else None)
+    eval_rows = load_rows(d.eval)[: cfg.loop.eval_size] if d.eval else []
     if eval_rows:
-        check_rows(eval_rows, cfg.data.prompt_key, "data.eval", tokenizer, cfg.data.max_prompt_tokens)
-    stream = PromptStream(rows, cfg.data.prompt_key, cfg.loop.seed, cfg.data.shuffle)
-    return Data(tokenizer.pad_token_id, stream, eval_rows)
+        eval_rows = prepare_rows(eval_rows, d.prompt_key, "data.eval", tokenizer, d.max_prompt_tokens,
+                                 skipped["eval"] if d.bad_rows == "skip" else None)
+    for split, counts in skipped.items():
+        if counts:
+            detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+            print(f"raylhf: data.{split}: skipped {sum(counts.values())} bad rows ({detail})", file=sys.stderr)
+    stream = PromptStream(rows, d.prompt_key, cfg.loop.seed, d.shuffle)
+    return Data(tokenizer.pad_token_id, stream, eval_rows,
+                {f"data/skipped_{split}_rows": float(sum(c.values())) for split, c in skipped.items()})
 
 
 def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: Data,
@@ -106,11 +116,14 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
             data.stream.restore(state.stream)
             kl.load_state_dict(state.kl)
             progress.note(f"resumed from {resume} (step {state.step}, policy version {state.version})")
-        elif eval_rows:
-            m = evaluate(pools, cfg, eval_rows, progress.note)
-            state.eval_before = m["eval/accuracy"]
+        else:
+            m = dict(data.skipped)
+            if eval_rows:
+                m |= evaluate(pools, cfg, eval_rows, progress.note)
+                state.eval_before = m["eval/accuracy"]
+                progress.note(f"held-out greedy accuracy before RL: {state.eval_before:.1%} "
+                              f"({len(eval_rows)} prompts)")
             writer.write(0, m)
-            progress.note(f"held-out greedy accuracy before RL: {state.eval_before:.1%} ({len(eval_rows)} prompts)")
         progress.skip_to(state.step)
         for step in range(state.step + 1, loop.steps + 1):
             moves = step > cfg.critic.warmup_steps or not pools.critics  # critic warm-up: the policy waits

@@ -141,3 +141,29 @@ def _catch(errors: list, fn, *args) -> None:
         fn(*args)
     except Exception as e:  # handed to the test thread
         errors.append(e)
+
+
+def test_bad_rows_are_skipped_and_counted_when_the_config_says_so(tmp_path, tiny_model, capsys):
+    import json
+
+    from orchestrator.config import JobConfig
+    from orchestrator.data import DataError
+    from orchestrator.loop import load_data
+    from tests.conftest import base_config
+
+    rows = [{"prompt": "1+2=", "answer": "3"}, {"question": "no prompt"}, {"prompt": "", "answer": "1"},
+            {"prompt": 12, "answer": "3"}, "not a row", {"prompt": "1+2=" * 100, "answer": "3"},
+            {"messages": "not a list"}, {"prompt": "4+5=", "answer": "9"}]
+    source = tmp_path / "train.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = base_config(tiny_model, data={"train": {"source": str(source)}, "max_prompt_tokens": 64,
+                                        "bad_rows": "skip"})
+    del cfg["data"]["eval"]
+    data = load_data(JobConfig.model_validate(cfg), tiny_model)
+    assert sorted(r["prompt"] for r in data.stream.rows) == ["1+2=", "4+5="]
+    assert data.skipped == {"data/skipped_train_rows": 6.0, "data/skipped_eval_rows": 0.0}
+    err = capsys.readouterr().err
+    assert "skipped 6 bad rows (1 bad chat messages, 3 no prompt, 1 not a dict, 1 too long)" in err, err
+    cfg["data"]["bad_rows"] = "error"
+    with pytest.raises(DataError, match="row 1"):
+        load_data(JobConfig.model_validate(cfg), tiny_model)
