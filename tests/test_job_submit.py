@@ -183,6 +183,9 @@ def test_reward_files_in_a_submitted_jobs_working_dir_stay_relative_and_others_a
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job_env))
     calls = []
     monkeypatch.setattr(cli, "init_ray", lambda cfg, runtime_env=None: calls.append(runtime_env) or True)
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh driver, whatever ran before here
     cfg = job_config("my_rewards.py:my_rewards", "rewards.final_answer:hash_answer",
                      str(elsewhere / "far.py") + ":far", "lib/more.py:more")
     (tmp_path / "staging").mkdir()
