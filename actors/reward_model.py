@@ -48,13 +48,16 @@ class RewardModelWorker:
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id  # the model finds the last real token by it
         self.model = model.to(device).eval()
+        # `raylhf train-rm` stores the mean training score here: scores come out with mean 0 (survey 3.2.2, 3.3.1).
+        self.offset = float(getattr(model.config, "reward_offset", 0.0) or 0.0)
         limit = getattr(model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         self.max_length = min(limit, self.tokenizer.model_max_length)
         self._reported: set[str] = set()
 
     @torch.no_grad()
     def score_texts(self, texts: list[str]) -> list[float]:
-        """The model's scalar output for each text, in order; batches of `batch_size`, longest first."""
+        """The model's scalar output minus the config's `reward_offset` for each text, in order; batches of
+        `batch_size`, longest first."""
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # similar lengths share a batch: less padding
         scores = [0.0] * len(texts)
@@ -63,7 +66,7 @@ class RewardModelWorker:
             enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt").to(self.device)  # input_ids, attention_mask: [b, L]
             logits = self.model(**enc).logits  # [b, 1]
-            for i, v in zip(idx, logits[:, 0].float().tolist()):
+            for i, v in zip(idx, (logits[:, 0].float() - self.offset).tolist()):
                 scores[i] = v
         return scores
 

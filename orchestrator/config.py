@@ -369,8 +369,9 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid config:\n" + "\n".join(lines)
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, *, check_paths: bool = True) -> JobConfig:
-    """Read YAML, apply overrides, validate, and check that named files and functions exist."""
+def read_config(kind: type[BaseModel], path: str | os.PathLike | None, overrides: list[str] | None = None):
+    """A `kind` config from YAML at `path` (None: only the overrides) with `--set` overrides applied;
+    ConfigError (naming the field path) on a missing file, bad YAML or an invalid value."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -384,9 +385,14 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])
     try:
-        cfg = JobConfig.model_validate(raw)
+        return kind.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, *, check_paths: bool = True) -> JobConfig:
+    """Read YAML, apply overrides, validate, and check that named files and functions exist."""
+    cfg = read_config(JobConfig, path, overrides)
     if check_paths:
         check_references(cfg)
     return cfg
