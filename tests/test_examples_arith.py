@@ -115,3 +115,16 @@ def test_validation_problems_are_never_trained_on(monkeypatch):
     warmstart._train(LlamaForCausalLM(tiny_config(tok)), tok, max_steps=8, target=None, seed=0)
     assert len(seen) == 8 * warmstart.BATCH and seen == [r["prompt"] for r in task.make_rows("train", len(seen))]
     assert len(set(checked)) == warmstart.VALIDATION_ROWS and not set(checked) & set(seen)
+
+
+def test_a_checkpoint_built_with_another_recipe_is_rebuilt(tmp_path, monkeypatch):
+    """A cached warm start from older settings (here: another learning rate) is not reused silently."""
+    path = str(tmp_path / "ckpt")
+    warmstart.build_random(path)
+    assert warmstart.is_complete(path, warmstart.recipe(max_steps=0))
+    monkeypatch.setattr(warmstart, "LR", warmstart.LR * 3)
+    assert warmstart.is_complete(path) and not warmstart.is_complete(path, warmstart.recipe(max_steps=0))
+    before = (tmp_path / "ckpt" / "warmstart.json").stat().st_mtime_ns
+    warmstart.build_random(path)
+    info = json.loads((tmp_path / "ckpt" / "warmstart.json").read_text())
+    assert info["lr"] == warmstart.LR and (tmp_path / "ckpt" / "warmstart.json").stat().st_mtime_ns != before

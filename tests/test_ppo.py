@@ -254,10 +254,42 @@ def test_dynamic_sampling_stops_at_the_round_bound_and_tops_up_with_flat_groups(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"])
-def test_every_estimator_trains_end_to_end(ray_local, tiny_model, tmp_path, estimator):
-    """Two steps of the real loop per estimator; gae adds a critic (one warm-up step), KL in the reward
-    and an adaptive beta."""
+def test_each_sequence_estimator_trains_a_step_through_the_real_pools(ray_local, tiny_model):
+    """grpo, dr_grpo, rloo and reinforce_pp, one real step each (rollout, reward, scoring, DeepSpeed train,
+    weight sync) on one set of actors: finite, non-zero advantages, loss and gradient every time."""
+    from actors.engines import SamplingParams
+    from actors.modeling import load_tokenizer
+    from orchestrator.config import JobConfig
+    from orchestrator.data import PromptStream, load_rows
+    from orchestrator.loop import train_step
+    from orchestrator.pools import Pools
+
+    from tests.conftest import base_config
+
+    base = base_config(tiny_model, algorithm={"kl_coef": 0.05}, loop={"prompts_per_step": 4})
+    pools = Pools(JobConfig.model_validate(base), tiny_model, [("length", f"{TOY}:length_reward", 1.0)])
+    try:
+        cfg0 = JobConfig.model_validate(base)
+        stream = PromptStream(load_rows(cfg0.data.train), "prompt", seed=0)
+        sampling = SamplingParams(n=cfg0.rollout.group_size, max_new_tokens=cfg0.rollout.max_new_tokens)
+        pad_id = load_tokenizer(tiny_model).pad_token_id
+        for version, estimator in enumerate(["grpo", "dr_grpo", "rloo", "reinforce_pp"], start=1):
+            cfg = JobConfig.model_validate(base | {"algorithm": {"estimator": estimator, "kl_coef": 0.05}})
+            m = train_step(pools, cfg, stream, sampling, pad_id, version=version)
+            assert math.isfinite(m["advantage/abs_mean"]) and m["advantage/abs_mean"] > 0, estimator
+            assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["kl"] >= 0, estimator
+    finally:
+        pools.shutdown()
+
+
+def test_dr_grpo_defaults_to_the_constant_length_norm():
+    assert AlgorithmConfig(estimator="dr_grpo").agg == "seq-mean-token-sum-norm"
+    assert AlgorithmConfig(estimator="dr_grpo", agg="token-mean").agg == "token-mean"  # unless set
+
+
+@pytest.mark.slow
+def test_ppo_with_a_critic_trains_end_to_end(ray_local, tiny_model, tmp_path):
+    """The real loop with estimator gae: one critic warm-up step, KL in the reward, an adaptive beta."""
     import json
 
     from orchestrator.cli import reward_specs
@@ -266,28 +298,19 @@ def test_every_estimator_trains_end_to_end(ray_local, tiny_model, tmp_path, esti
 
     from tests.conftest import base_config
 
-    alg = {"estimator": estimator, "kl_coef": 0.05}
-    extra = {}
-    if estimator == "gae":
-        alg |= {"kl_placement": "reward", "kl_controller": "adaptive", "kl_target": 0.01, "kl_horizon": 100}
-        extra["critic"] = {"warmup_steps": 1, "lr": 1e-3}
+    alg = {"estimator": "gae", "kl_coef": 0.05, "kl_placement": "reward", "kl_controller": "adaptive",
+           "kl_target": 0.01, "kl_horizon": 100}
     cfg = JobConfig.model_validate(base_config(
         tiny_model, algorithm=alg, reward={"functions": [{"name": f"{TOY}:length_reward"}]},
-        loop={"steps": 3 if estimator == "gae" else 2, "prompts_per_step": 4, "eval_size": 4}, **extra))
-    if estimator == "dr_grpo":
-        assert cfg.algorithm.agg == "seq-mean-token-sum-norm"
+        loop={"steps": 3, "prompts_per_step": 4, "eval_size": 4}, critic={"warmup_steps": 1, "lr": 1e-3}))
     train(cfg, tmp_path, tiny_model, reward_specs(cfg), load_data(cfg, tiny_model))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward/mean" in r]
     assert all(math.isfinite(r["advantage/abs_mean"]) and r["advantage/abs_mean"] > 0 for r in steps)
-    trained = [r for r in steps if "loss" in r]
-    assert trained and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in trained)
-    if estimator == "gae":
-        assert "loss" not in steps[0] and steps[0]["policy_version"] == 0  # the critic's warm-up step
-        assert [r["policy_version"] for r in steps] == [0, 1, 2]
-        assert all(r["critic/value_loss"] > 0 and r["critic/grad_norm"] > 0 for r in steps)
-        assert steps[-1]["kl/beta"] != steps[0]["kl/beta"]  # adaptive
-        assert "kl" in steps[-1]
+    assert "loss" not in steps[0] and [r["policy_version"] for r in steps] == [0, 1, 2]  # the critic's warm-up
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in steps[1:])
+    assert all(r["critic/value_loss"] > 0 and r["critic/grad_norm"] > 0 for r in steps)
+    assert steps[-1]["kl/beta"] != steps[0]["kl/beta"] and "kl" in steps[-1]  # adaptive
 
 
 def test_accuracy_can_be_judged_by_one_reward_while_another_drives_training():

@@ -35,9 +35,23 @@ EVAL_ROWS = 256  # eval-split problems, reported (not used for stopping)
 VALIDATION_SEED = 10_000
 
 
-def is_complete(path: str) -> bool:
-    """True iff `path` holds a finished checkpoint (the marker is the last file written)."""
-    return os.path.isfile(os.path.join(path, MARKER))
+def recipe(max_steps: int = MAX_STEPS, target: float | None = TARGET_ACCURACY, seed: int = 0) -> dict:
+    """The settings a warm start is built with; a cached checkpoint built otherwise is rebuilt."""
+    return {"max_steps": max_steps, "target": target, "seed": seed, "lr": LR, "batch": BATCH, "warmup": WARMUP,
+            "check_every": CHECK_EVERY}
+
+
+def is_complete(path: str, settings: dict | None = None) -> bool:
+    """True iff `path` holds a finished checkpoint (the marker is the last file written), built with
+    `settings` when they are given (a checkpoint from an older recipe does not count)."""
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        return False
+    if settings is None:
+        return True
+    with open(marker) as f:
+        info = json.load(f)
+    return all(info.get(k) == v for k, v in settings.items())
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> tuple[torch.Tensor, ...]:
@@ -102,8 +116,11 @@ def prepare(path: str, max_steps: int = MAX_STEPS, target: float | None = TARGET
     Training stops at the first check where validation accuracy reaches `target` (None: never).
     """
     path = os.path.abspath(path)
-    if is_complete(path):
+    settings = recipe(max_steps, target, seed)
+    if is_complete(path, settings):
         return path
+    if is_complete(path):
+        print(f"[warmstart] {path} was built with other settings; rebuilding it", flush=True)
     start, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same floating-point order, hence the same policy, each time
     torch.manual_seed(seed)
@@ -112,7 +129,7 @@ def prepare(path: str, max_steps: int = MAX_STEPS, target: float | None = TARGET
     n_params = sum(p.numel() for p in model.parameters())
     goal = f"until validation accuracy >= {target:.0%}, at most " if target is not None and max_steps else ""
     print(f"[warmstart] building {path}: {n_params / 1e6:.2f}M parameters, SFT {goal}{max_steps} steps", flush=True)
-    info = {"max_steps": max_steps, "target": target, "seed": seed, "params": n_params}
+    info = {**settings, "params": n_params}
     try:
         if max_steps:
             info.update(_train(model, tokenizer, max_steps, target, seed))
@@ -148,7 +165,7 @@ def _save_atomically(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(info, f, indent=2)
-        if is_complete(path):  # another process finished first; keep its checkpoint
+        if is_complete(path, {k: info[k] for k in recipe()}):  # another process finished first; keep its result
             return
         if os.path.exists(path):  # leftovers of an interrupted build without the marker
             shutil.rmtree(path)
