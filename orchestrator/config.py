@@ -257,6 +257,14 @@ class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard event files.")
     progress: bool = Field(True, description="Show a progress bar.")
     worker_logs: bool = Field(False, description="Stream the actors' stdout/stderr to the console.")
+    sample_groups: int = Field(2, ge=0, description="Prompt groups per step written to samples.jsonl (every "
+                               "completion with its rewards and advantage); 0: none.")
+    print_samples_every: int = Field(50, ge=0, description="Print one prompt with a few completions every N "
+                                     "steps (0: never).")
+    wandb: bool = Field(False, description="Also log metrics to Weights & Biases (needs `pip install wandb`; "
+                        "WANDB_MODE=offline works without a network).")
+    mlflow: bool = Field(False, description="Also log metrics to MLflow (needs `pip install mlflow`; "
+                         "MLFLOW_TRACKING_URI picks the server, default ./mlruns).")
 
 
 class RayConfig(_Section):
@@ -428,7 +436,12 @@ def _check_reward_model(field: str, path: str) -> None:
 
 
 def check_references(cfg: JobConfig) -> None:
-    """Files and "module:function" names must resolve: fail now, not deep inside a Ray actor."""
+    """Files and "module:function" names must resolve, and logging backends asked for must be installed:
+    fail now, not deep inside a Ray actor."""
+    for field, module in (("logging.wandb", "wandb"), ("logging.mlflow", "mlflow")):
+        if getattr(cfg.logging, field.split(".")[1]) and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"invalid config:\n  {field}: true, but {module} is not installed (pip install "
+                              f"{module}, or set {field}: false)")
     for i, fn in enumerate(cfg.reward.functions):
         if fn.name is not None:
             loaded = _check_callable(f"reward.functions.{i}.name", fn.name)

@@ -103,7 +103,9 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
     sampling = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p,
                               max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
     state = checkpoint.load_state(resume) if resume else checkpoint.LoopState()
-    writer = MetricsWriter(run_dir, cfg.logging.tensorboard, first_step=state.step + 1 if resume else 0)
+    lg = cfg.logging
+    writer = MetricsWriter(run_dir, lg.tensorboard, first_step=state.step + 1 if resume else 0, wandb=lg.wandb,
+                           mlflow=lg.mlflow, name=lg.name, config=cfg.model_dump(mode="json"))
     progress = Progress(loop.steps, enabled=cfg.logging.progress, desc=cfg.algorithm.estimator.upper())
     progress.note(f"starting {len(pools_desc(cfg))} actors ...")
     pools = Pools(cfg, model_path, rewards)
@@ -128,9 +130,10 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
         for step in range(state.step + 1, loop.steps + 1):
             moves = step > cfg.critic.warmup_steps or not pools.critics  # critic warm-up: the policy waits
             state.version += moves
+            samples: list[dict] = []
             try:
                 metrics = train_step(pools, cfg, data.stream, sampling, data.pad_id, version=state.version,
-                                     log=progress.note, kl=kl, train_policy=moves)
+                                     log=progress.note, kl=kl, train_policy=moves, samples_out=samples)
             except ray.exceptions.RayActorError as e:
                 raise ActorDied(f"step {step}: an actor died ({type(e).__name__}: {str(e).splitlines()[0]}). "
                                 + resume_hint(run_dir)) from e
@@ -138,6 +141,9 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
                 metrics |= evaluate(pools, cfg, eval_rows, progress.note)
                 state.eval_after = metrics["eval/accuracy"]
             writer.write(step, metrics)
+            writer.write_samples([{"step": step, **r} for r in samples])
+            if lg.print_samples_every and step % lg.print_samples_every == 0 and samples:
+                progress.note(sample_excerpt(step, samples))
             progress.step(step, metrics)
             state.nonfinite_run = nonfinite_streak(state.nonfinite_run, metrics, cfg.trainer.max_nonfinite_steps,
                                                    step, run_dir)
@@ -207,13 +213,37 @@ def collect_groups(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling:
     return kept, generated, rounds
 
 
+def sample_records(groups: list[Group], batch: dict, n_groups: int) -> list[dict]:
+    """The first `n_groups` groups of a batch, one record per completion: prompt, completion, reward and
+    its parts, and the mean advantage over the completion's tokens (what the update pushed it by)."""
+    records, row = [], 0
+    adv, mask = batch["advantages"], batch["response_mask"]
+    for g in groups[:n_groups]:
+        for s in g.samples:
+            n = float(mask[row].sum())
+            records.append({"uid": g.uid, "prompt": g.prompt, "completion": s.text, "reward": s.reward,
+                            "reward_parts": s.reward_parts, "advantage": float(adv[row].sum()) / max(n, 1.0),
+                            "tokens": int(n), "finish_reason": s.finish_reason, "policy_version": g.policy_version})
+            row += 1
+    return records
+
+
+def sample_excerpt(step: int, records: list[dict], k: int = 3) -> str:
+    """A few completions of one prompt, readable in a console."""
+    first = [r for r in records if r["uid"] == records[0]["uid"]][:k]
+    lines = [f"step {step} sample: {first[0]['prompt']!r}"]
+    lines += [f"  -> {r['completion']!r}  reward {r['reward']:+.3f}  advantage {r['advantage']:+.3f}" for r in first]
+    return "\n".join(lines)
+
+
 def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: SamplingParams, pad_id: int,
                version: int, log: Callable[[str], None] = _stderr, kl: FixedKLController | None = None,
-               train_policy: bool = True) -> dict[str, float]:
+               train_policy: bool = True, samples_out: list | None = None) -> dict[str, float]:
     """One strict on-policy step; returns its metrics (`log` shows the first failure of each reward kind).
 
     `version` is what the rollout workers serve after the step; `train_policy` False trains only the
-    critic (warm-up); `kl` holds beta and, when adaptive, is updated with the measured KL."""
+    critic (warm-up); `kl` holds beta and, when adaptive, is updated with the measured KL; `samples_out`
+    receives `sample_records` of the step."""
     t0 = time.perf_counter()
     groups, generated, rounds = collect_groups(pools, cfg, stream, sampling)
     for message in pools.new_reward_errors(generated):
@@ -221,6 +251,8 @@ def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: Sam
     t1 = time.perf_counter()
     beta = kl.value if kl is not None else cfg.algorithm.kl_coef
     batch = build_batch(groups, cfg.algorithm, pad_id, beta)
+    if samples_out is not None:
+        samples_out += sample_records(groups, batch, cfg.logging.sample_groups)
     t, agg = cfg.trainer, cfg.algorithm.agg
     policy_shards = shard(batch, t.num_minibatches, t.num_workers, agg) if train_policy else None
     critic_shards = shard(batch, t.num_minibatches, len(pools.critics), agg) if pools.critics else None

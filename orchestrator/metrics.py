@@ -86,14 +86,24 @@ def merge_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
 class MetricsWriter:
     """Appends one JSON line per record to `metrics.jsonl`; mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, first_step: int = 0):
-        """`first_step` > 0 (a resumed run): TensorBoard drops the dead run's events from that step on."""
+    def __init__(self, run_dir: Path, tensorboard: bool, first_step: int = 0, wandb: bool = False,
+                 mlflow: bool = False, name: str = "run", config: dict | None = None):
+        """`first_step` > 0 (a resumed run): TensorBoard drops the dead run's events from that step on.
+        `wandb` / `mlflow` mirror every record there too (an ImportError saying what to install if missing)."""
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
+        self.samples_path = run_dir / "samples.jsonl"
+        self.tb = self.wandb = self.mlflow = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=first_step or None)
+        if wandb:
+            self.wandb = _optional("wandb", "logging.wandb").init(project="raylhf", name=name, config=config or {},
+                                                                  dir=str(run_dir), resume="allow")
+        if mlflow:
+            self.mlflow = _optional("mlflow", "logging.mlflow")
+            self.mlflow.set_experiment("raylhf")
+            self.mlflow.start_run(run_name=name)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
@@ -103,10 +113,36 @@ class MetricsWriter:
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(numbers, step=step)
+
+    def write_samples(self, records: list[dict]) -> None:
+        """Append completions with their rewards and advantages to `samples.jsonl`."""
+        if records:
+            with self.samples_path.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+
+
+def _optional(module: str, field: str):
+    """Import a logging backend the config asked for, or say how to get it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{field} is true but {module} is not installed: pip install {module} "
+                          f"(or set {field}: false)") from None
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

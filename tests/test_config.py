@@ -109,3 +109,13 @@ def test_bad_data_rows_exit_2_before_ray_starts(tmp_path, tiny_model, capsys, ro
     assert main(["train", write(tmp_path, cfg), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "data error" in err and expected in err, err
+
+
+def test_a_logging_backend_that_is_not_installed_exits_2_naming_it(tmp_path, tiny_model, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    cfg = base_config(tiny_model, logging={"wandb": True})
+    assert main(["train", write(tmp_path, cfg), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "logging.wandb: true, but wandb is not installed (pip install wandb" in capsys.readouterr().err

@@ -43,6 +43,18 @@ def test_two_step_run_through_the_cli(tmp_path, tiny_model, tiny_reward_model):
         assert "reward/tiny-rm" in r and r["reward/tiny-rm/failures"] == 0 and r["reward/hash_answer/failures"] == 0
     assert records[2]["policy_version"] == 2
 
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 2 * 4  # steps x logging.sample_groups x group_size
+    for step in (1, 2):
+        for uid in {r["uid"] for r in samples if r["step"] == step}:
+            group = [r for r in samples if r["step"] == step and r["uid"] == uid]
+            rewards = [r["reward"] for r in group]  # independent check of the GRPO advantage (3.12)
+            mean = sum(rewards) / 4
+            std = (sum((x - mean) ** 2 for x in rewards) / 3) ** 0.5
+            want = [0.0 if std == 0 else (x - mean) / (std + 1e-6) for x in rewards]
+            assert [r["advantage"] for r in group] == pytest.approx(want, abs=1e-4)
+            assert all(r["completion"] is not None and set(r["reward_parts"]) == {"hash_answer", "length_reward",
+                                                                                  "tiny-rm"} for r in group)
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["loop"]["steps"] == 2
