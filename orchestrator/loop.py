@@ -282,6 +282,8 @@ def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: Sam
     m["time/train"] = t2 - t1
     m["time/sync"] = t3 - t2
     m["time/step"] = t3 - t0
+    for pool, stage in (("rollout", "generate"), ("reward", "reward"), ("scoring", "score"), ("trainer", "train")):
+        m[f"utilization/{pool}"] = m[f"time/{stage}"] / m["time/step"]  # busy share of the step: which pool to grow
     m["tokens_per_s"] = m["tokens/generated"] / m["time/step"]
     m["generate_tokens_per_s"] = m["tokens/generated"] / max(m["time/generate"], 1e-9)
     return m

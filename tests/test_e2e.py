@@ -39,6 +39,7 @@ def test_two_step_run_through_the_cli(tmp_path, tiny_model, tiny_reward_model):
                     "time/generate", "time/reward", "time/score", "time/train", "time/sync", "tokens_per_s"):
             assert key in r, key
         assert r["kl"] >= 0 and r["entropy"] > 0
+        assert all(0 < r[f"utilization/{p}"] <= 1 for p in ("rollout", "reward", "scoring", "trainer"))
         assert r["reward/length_reward"] > 0  # each reward's mean, logged on its own
         assert "reward/tiny-rm" in r and r["reward/tiny-rm/failures"] == 0 and r["reward/hash_answer/failures"] == 0
     assert records[2]["policy_version"] == 2
