@@ -282,6 +282,7 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None, resume: bool 
     from orchestrator.loop import ActorDied, NonFiniteLoss, load_data, reward_failure_totals, summarize, train
     from orchestrator.metrics import read_metrics
     from orchestrator.plots import plot_run
+    from orchestrator.pools import PlacementError
 
     checkpoint = None
     if resume:
@@ -305,7 +306,7 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None, resume: bool 
         started, rewards = connect_ray(cfg, Path(staging))
         try:
             result = train(cfg, run_dir, model_path, rewards, data, resume=checkpoint)
-        except (NonFiniteLoss, ActorDied) as e:
+        except (NonFiniteLoss, ActorDied, PlacementError) as e:
             print(f"raylhf: {e}", file=sys.stderr)
             return 1
         finally:

@@ -272,6 +272,9 @@ class RayConfig(_Section):
         None, description='Ray cluster to join ("auto" or GCS host:port); None: the RAY_ADDRESS environment '
         "variable (set for a `ray job submit` driver), else an embedded Ray.")
     num_cpus: int | None = Field(None, gt=0, description="Logical CPUs for an embedded Ray (default: enough).")
+    startup_timeout_s: float = Field(
+        600.0, gt=0, description="How long the actors may take to be placed and load their models before the job "
+        "stops with an error naming the pools still waiting and the resources they ask for.")
 
 
 class JobConfig(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import ray
@@ -38,6 +39,37 @@ def num_reward_actors(cfg: JobConfig) -> int:
     models = sum(f.model is not None for f in cfg.reward.functions)
     has_functions = models < len(cfg.reward.functions)
     return cfg.reward.num_workers * has_functions + models
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot place (or start) the actors a pool asks for."""
+
+
+def check_placement(pools: list[tuple[str, list, dict[str, float]]], timeout_s: float, fail_fast: bool = True) -> None:
+    """Fail fast (`fail_fast`) when the pools ask for more of a resource than the whole cluster has, and wait
+    at most `timeout_s` for every actor to be placed and constructed; the error names the pools still
+    waiting, what each of their actors asks for, and what the cluster has free."""
+    total = ray.cluster_resources()
+    demand: dict[str, float] = {}
+    for _, actors, need in pools:
+        for key, amount in need.items():
+            demand[key] = demand.get(key, 0.0) + amount * len(actors)
+    short = {k: (v, total.get(k, 0.0)) for k, v in demand.items() if v > total.get(k, 0.0) + 1e-9}
+    if short and fail_fast:
+        asks = "; ".join(f"{name}: {len(actors)} x {need}" for name, actors, need in pools)
+        raise PlacementError("the pools ask for more than the cluster has: " + ", ".join(
+            f"{k} {v:g} of {have:g}" for k, (v, have) in short.items()) + f" ({asks}); shrink the pools' "
+            "num_workers / num_cpus / num_gpus or add nodes")
+    refs = {a.__ray_ready__.remote(): name for name, actors, _ in pools for a in actors}
+    ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    ray.get(ready)  # an actor whose constructor failed raises here, with its traceback
+    if pending:
+        waiting = sorted({refs[r] for r in pending})
+        needs = {name: need for name, _, need in pools}
+        raise PlacementError(
+            f"after {timeout_s:g} s (ray.startup_timeout_s) these pools still wait to be placed or to load: "
+            + "; ".join(f"{n} ({sum(refs[r] == n for r in pending)} actor(s), each {needs[n]})" for n in waiting)
+            + f"; the cluster has free: {ray.available_resources()}")
 
 
 def _alive(actor, timeout_s: float = 60.0) -> bool:
@@ -124,6 +156,13 @@ class Pools:
                     "cuda" if c.num_gpus > 0 else "cpu")
                 for rank in range(c.num_workers)
             ]
+        # An embedded Ray has all it will ever have; a cluster may still be scaling up, so there we only wait.
+        embedded = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+        try:
+            check_placement(self._pool_demands(cfg), cfg.ray.startup_timeout_s, fail_fast=embedded)
+        except BaseException:
+            self.shutdown()  # nothing placed so far keeps holding resources
+            raise
         self.num_params = _join(self.trainers)
         if self.critics:
             _join(self.critics)
@@ -131,6 +170,17 @@ class Pools:
         self._errors_shown: set[str] = set()
         self.version = 0  # the policy version every rollout and scoring worker serves
         self.restarts = {name: 0 for name in self._make}  # workers replaced after they died
+
+    def _pool_demands(self, cfg: JobConfig) -> list[tuple[str, list, dict[str, float]]]:
+        """(pool name, its actors, resources each asks for) of every pool of this job."""
+        r, s, t, c, rw = cfg.rollout, cfg.scoring, cfg.trainer, cfg.critic, cfg.reward
+        return [(name, actors, {k: v for k, v in need.items() if v}) for name, actors, need in (
+            ("rollout", self.rollout, {"CPU": r.num_cpus, "GPU": r.num_gpus}),
+            ("reward", self.reward, {"CPU": rw.num_cpus}),
+            ("reward_model", self.reward_models, {"CPU": rw.num_cpus}),
+            ("scoring", self.scoring, {"CPU": s.num_cpus, "GPU": s.num_gpus}),
+            ("trainer", self.trainers, {"CPU": t.num_cpus, "GPU": t.num_gpus}),
+            ("critic", self.critics, {"CPU": c.num_cpus, "GPU": c.num_gpus})) if actors]
 
     def run_groups(self, requests: list[GroupRequest], sampling: SamplingParams, prompts_per_call: int,
                    score: bool = True, max_rounds: int = 3) -> list[Group]:

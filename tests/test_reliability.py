@@ -167,3 +167,37 @@ def test_bad_rows_are_skipped_and_counted_when_the_config_says_so(tmp_path, tiny
     cfg["data"]["bad_rows"] = "error"
     with pytest.raises(DataError, match="row 1"):
         load_data(JobConfig.model_validate(cfg), tiny_model)
+
+
+@pytest.mark.slow
+def test_pools_the_cluster_cannot_hold_fail_fast_or_after_a_bounded_wait_naming_the_pool(ray_local, tiny_model):
+    from orchestrator.config import JobConfig
+    from orchestrator.pools import PlacementError, Pools
+    from tests.conftest import base_config
+
+    rewards = [("length", f"{TOY}:length_reward", 1.0)]
+    too_big = JobConfig.model_validate(base_config(tiny_model, rollout={"num_cpus": 16}))
+    start = time.monotonic()
+    with pytest.raises(PlacementError, match=r"CPU 18 of 8 \(rollout: 1 x \{'CPU': 16.0\}"):
+        Pools(too_big, tiny_model, rewards)
+    assert time.monotonic() - start < 30
+
+    @ray_local.remote(num_cpus=4)
+    class Hog:
+        def ready(self) -> bool:
+            return True
+
+    hog = Hog.remote()
+    ray_local.get(hog.ready.remote())  # 4 of the 8 CPUs taken: the job's 8 fit the cluster, not what is free
+    try:
+        busy = JobConfig.model_validate(base_config(tiny_model, rollout={"num_cpus": 6}, ray={"startup_timeout_s": 5}))
+        start = time.monotonic()
+        with pytest.raises(PlacementError, match=r"after 5 s .*rollout \(1 actor\(s\), each \{'CPU': 6.0\}\)"):
+            Pools(busy, tiny_model, rewards)
+        assert time.monotonic() - start < 60
+    finally:
+        ray_local.kill(hog)
+    deadline = time.monotonic() + 30  # the failed pools gave back everything they held
+    while ray_local.available_resources().get("CPU", 0) < 8 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_local.available_resources().get("CPU", 0) == 8
