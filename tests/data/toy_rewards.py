@@ -4,3 +4,8 @@
 def length_reward(prompt: str, completion: str, **fields) -> float:
     """Longer completions score higher: gives every group a spread of rewards, hence a gradient."""
     return len(completion) / 10.0
+
+
+def char_hash_reward(prompt: str, completion: str, **fields) -> float:
+    """A deterministic score that differs between completions even of equal length: groups always carry signal."""
+    return (sum(map(ord, completion)) % 7) / 7.0
