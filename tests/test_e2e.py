@@ -98,3 +98,24 @@ def test_rollout_workers_serve_the_trainers_weights_after_every_step(ray_local, 
         assert len(seen) == 2  # the weights really changed between steps
     finally:
         pools.shutdown()
+
+
+def test_one_or_two_rollout_workers_draw_the_same_samples(ray_local, tiny_model):
+    """Scaling the rollout pool changes throughput, not results: seeds follow prompts and policy version."""
+    from actors.engines import SamplingParams
+    from orchestrator.config import JobConfig
+    from orchestrator.data import PromptStream, load_rows
+    from orchestrator.pools import Pools
+
+    drawn = []
+    for workers in (1, 2):
+        cfg = JobConfig.model_validate(base_config(tiny_model, rollout={"num_workers": workers}))
+        requests = PromptStream(load_rows(cfg.data.train), "prompt", seed=0).next(12)
+        pools = Pools(cfg, tiny_model, [("hash_answer", "rewards.final_answer:hash_answer", 1.0)])
+        try:
+            groups = pools.run_groups(requests, SamplingParams(n=4, temperature=1.0, max_new_tokens=8), 2, score=False)
+        finally:
+            pools.shutdown()
+        drawn.append([[(s.response_ids, s.rollout_logp) for s in g.samples] for g in groups])
+    assert drawn[0] == drawn[1]
+    assert len({tuple(ids) for g in drawn[0] for ids, _ in g}) > 12  # real sampling, not one repeated answer
