@@ -59,11 +59,9 @@ class RewardWorker:
                     value, extras = out
                     for key, x in (extras or {}).items():
                         s.reward_extras[f"{spec.label}/{key}"] = x
-                s.reward_parts[spec.label] = value
-                s.reward += spec.weight * value
+                s.add_reward(spec.label, spec.weight, value)
         elapsed = time.perf_counter() - start
-        for g in groups:
-            g.add_time("reward", elapsed / len(groups))
+        Group.spread_time(groups, "reward", elapsed)
         return groups
 
     def _failed(self, label: str, group: Group, kind: str, text: str) -> float:

@@ -80,9 +80,7 @@ class RewardModelWorker:
                 g.note_reward_failure(self.label, "ValueError", f"reward model {self.label} returned {value}",
                                       self._reported)
                 value = self.failure_score
-            s.reward_parts[self.label] = value
-            s.reward += self.weight * value
+            s.add_reward(self.label, self.weight, value)
         elapsed = time.perf_counter() - start
-        for g in groups:
-            g.add_time("reward", elapsed / len(groups))
+        Group.spread_time(groups, "reward", elapsed)
         return groups

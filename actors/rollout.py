@@ -34,8 +34,7 @@ class RolloutWorker:
             samples = [Sample(c.token_ids, c.text, c.logprobs, c.finish_reason) for c in comps]
             groups.append(Group(req.uid, req.prompt, req.row, ids, samples, self.version))
         elapsed = time.perf_counter() - start
-        for g in groups:
-            g.add_time("generate", elapsed / len(groups))
+        Group.spread_time(groups, "generate", elapsed)
         return groups
 
     def load_weights(self, packed: dict, version: int) -> int:

@@ -63,8 +63,7 @@ class ScoringWorker:
             for s, row in zip(samples, self._per_token(lambda mb: response_values(self.critic, mb), batch)):
                 s.values = row
         elapsed = time.perf_counter() - start
-        for g in groups:
-            g.add_time("score", elapsed / len(groups))
+        Group.spread_time(groups, "score", elapsed)
         return groups
 
     def load_weights(self, packed: dict, version: int) -> int:

@@ -30,6 +30,11 @@ class Sample:
     old_logp: list[float] | None = None
     values: list[float] | None = None  # PPO: V(s_t) before each response token, from the critic at rollout time
 
+    def add_reward(self, label: str, weight: float, value: float) -> None:
+        """Record one reward's score under its label and add it, weighted, to the total."""
+        self.reward_parts[label] = value
+        self.reward += weight * value
+
 
 @dataclass
 class Group:
@@ -47,6 +52,12 @@ class Group:
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+    @staticmethod
+    def spread_time(groups: list["Group"], stage: str, seconds: float) -> None:
+        """Charge a batch call's `seconds` to its groups in equal shares (summed back into busy time later)."""
+        for g in groups:
+            g.add_time(stage, seconds / len(groups))
 
     def note_reward_failure(self, label: str, kind: str, text: str, reported: set[str]) -> bool:
         """Count one failed sample of reward `label`; keep `text` (a traceback) for the first failure of each
