@@ -14,26 +14,25 @@ from actors.types import Group
 
 def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad prompts on the left and responses on the right into one `[B, P+T]` batch."""
-    b = len(prompt_ids)
     p = max(len(x) for x in prompt_ids)
     t = max(1, max(len(x) for x in response_ids))
-    input_ids = torch.full((b, p + t), pad_id, dtype=torch.long)  # [B, P+T]
-    attention_mask = torch.zeros((b, p + t), dtype=torch.long)  # [B, P+T]
-    response_mask = torch.zeros((b, t), dtype=torch.float32)  # [B, T]
-    for i, (pr, rs) in enumerate(zip(prompt_ids, response_ids)):
-        input_ids[i, p - len(pr) : p] = torch.tensor(pr, dtype=torch.long)
-        input_ids[i, p : p + len(rs)] = torch.tensor(rs, dtype=torch.long)
-        attention_mask[i, p - len(pr) : p + len(rs)] = 1
-        response_mask[i, : len(rs)] = 1.0
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    # Rows are built as Python lists and converted once: per-row tensor writes cost ~10 us each, which for a
+    # step of 512 samples was most of the orchestrator's overhead.
+    ids, attention, response = [], [], []
+    for pr, rs in zip(prompt_ids, response_ids):
+        lead, tail = p - len(pr), t - len(rs)
+        ids.append([pad_id] * lead + list(pr) + list(rs) + [pad_id] * tail)
+        attention.append([0] * lead + [1] * (len(pr) + len(rs)) + [0] * tail)
+        response.append([1.0] * len(rs) + [0.0] * tail)
+    return {"input_ids": torch.tensor(ids, dtype=torch.long).reshape(-1, p + t),  # [B, P+T]
+            "attention_mask": torch.tensor(attention, dtype=torch.long).reshape(-1, p + t),  # [B, P+T]
+            "response_mask": torch.tensor(response, dtype=torch.float32).reshape(-1, t)}  # [B, T]
 
 
 def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
-    """Right-pad float rows with zeros into `[B, width]`."""
-    out = torch.zeros((len(rows), width), dtype=torch.float32)  # [B, T]
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
-    return out
+    """Right-pad float rows with zeros into `[B, width]` (a row longer than `width` is an error)."""
+    padded = [list(r) + [0.0] * (width - len(r)) for r in rows]
+    return torch.tensor(padded, dtype=torch.float32).reshape(-1, width)  # [B, T]
 
 
 def collate_groups(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:

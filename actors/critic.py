@@ -12,7 +12,6 @@ import torch
 
 from actors.modeling import load_value_model, response_values
 from actors.trainer import DeepSpeedRank
-from actors.weights import pack_state_dict
 from algorithms.losses import value_loss
 
 
@@ -40,7 +39,3 @@ class CriticTrainer(DeepSpeedRank):
                  "value_mae": err.abs().sum() / valid.sum().clamp(min=1)}
         units = float(mask.sum()) if self.agg == "token-mean" else float(mask.shape[0])
         return loss, {f"critic/{k}": v for k, v in stats.items()}, units / global_units, values
-
-    def state_dict(self) -> dict:
-        """The value model's weights, packed for one object-store put (the scoring pool loads them)."""
-        return pack_state_dict(self.engine.module)

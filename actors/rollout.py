@@ -15,10 +15,12 @@ class RolloutWorker:
     """Serves one policy version at a time; `generate` tags every group with that version."""
 
     def __init__(self, engine: str, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 threads: int | None = None, seed: int = 0, device: str = "cpu"):
+                 threads: int | None = None, seed: int = 0, device: str = "cpu", engine_options: dict | None = None):
+        """`engine_options`: the engine's own settings (vllm: `rollout.vllm` of the config)."""
         set_threads(threads)
         self.engine = make_engine(engine, model_path=model_path, dtype=dtype,
-                                  trust_remote_code=trust_remote_code, device=device)
+                                  trust_remote_code=trust_remote_code, device=device, **(engine_options or {}))
+        self.tp = (engine_options or {}).get("tensor_parallel_size", 1)
         self.seed = seed
         self.version = 0
 
@@ -42,6 +44,20 @@ class RolloutWorker:
         self.engine.load_weights(packed)
         self.version = version
         return version
+
+    # -- NCCL weight sync (vllm engine with weight_sync="nccl"); see Pools.sync_weights
+
+    def tensor_parallel_size(self) -> int:
+        """Ranks this worker's engine takes in the weight-update group."""
+        return self.tp
+
+    def init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        self.engine.init_weight_group(master_address, master_port, rank_offset, world_size)
+
+    def receive_weights(self, meta, version: int) -> int:
+        """Take one broadcast from trainer rank 0; the version the engine reports serving after it."""
+        self.version = self.engine.receive_weights(meta, version)
+        return self.version
 
     def pid(self) -> int:
         """This actor's process id (for tests that kill it from outside)."""

@@ -8,6 +8,7 @@ update as one rank with the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -18,7 +19,7 @@ import torch
 from actors.batch import select, trim
 from actors.modeling import load_causal_lm, load_tokenizer, response_logprobs, set_threads
 from actors.weights import pack_state_dict, weights_checksum
-from algorithms.losses import entropy, grpo_loss
+from algorithms.losses import entropy, grpo_loss, tis_weights
 
 
 def free_port() -> int:
@@ -121,7 +122,8 @@ class DeepSpeedRank:
         epochs = self.cfg["epochs"]
         per_epoch: list[dict[str, float]] = [{} for _ in range(epochs)]  # how far each epoch has moved the policy
         for epoch in range(epochs):
-            for mb in minibatches:
+            for i, mb in enumerate(minibatches):
+                self.before_update = epoch == 0 and i == 0  # no optimizer step yet in this train_step
                 n = mb["input_ids"].shape[0]
                 micro = self.cfg["micro_batch_size"]
                 chunks = [trim(select(mb, slice(lo, lo + micro))) for lo in range(0, n, micro)]
@@ -160,8 +162,8 @@ class DeepSpeedRank:
         if ratio_max is not None:
             out["ratio_max"] = ratio_max
         out["lr"] = engine.get_lr()[0]
-        out["time/train_fwd_bwd"] = t_fwd_bwd
-        out["time/optimizer"] = t_opt
+        out["time/train_forward_backward"] = t_fwd_bwd  # forward, loss and backward of every micro-batch
+        out["time/optimizer"] = t_opt  # engine.step(): gradient clipping, the AdamW update, ZeRO's gathers
         return out
 
     def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
@@ -169,6 +171,26 @@ class DeepSpeedRank:
         the loss was computed from)."""
         raise NotImplementedError
 
+
+    def full_parameters(self):
+        """A context holding the full parameters on this rank: ZeRO-3 gathers its shards (a collective, so every
+        rank must enter it together); other stages keep them whole already."""
+        if self.cfg["zero_stage"] == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def state_dict(self, pack: bool = True) -> dict | None:
+        """The weights, packed for one object-store put. Under ZeRO-3 every rank must be called together (see
+        `full_parameters`): the ranks whose result is not needed pass `pack=False` and return None."""
+        with self.full_parameters():
+            return pack_state_dict(self.engine.module) if pack else None
+
+    def weights_checksum(self) -> str:
+        """SHA-256 of this rank's full weights (every rank is called)."""
+        with self.full_parameters():
+            return weights_checksum(self.engine.module)
 
     def pid(self) -> int:
         """This rank's process id (for tests that kill it from outside)."""
@@ -194,6 +216,21 @@ class PolicyTrainer(DeepSpeedRank):
                  device: str = "cpu"):
         super().__init__(rank, world_size, model, trainer, grad_accum, total_steps, seed, device)
         self.alg, self.temperature, self.norm_length = algorithm, temperature, norm_length
+        self._mismatch = [0.0, 0.0, 0.0]  # sum |logp - rollout_logp|, tokens, max over this step's first mini-batch
+
+    def train_step(self, minibatches: list[dict]) -> dict[str, float]:
+        """`DeepSpeedRank.train_step`, plus the rollout/trainer log-prob mismatch of the sampled tokens:
+        `mismatch/logprob_abs_mean` and `_max` of |log π_trainer − log π_rollout| over the response tokens of
+        this rank's first mini-batch, measured in its forward passes before the step's first optimizer step
+        (so at the weights the rollout workers serve in strict on-policy mode; with loop.max_staleness 1 it
+        includes one update of policy lag), and `mismatch/tokens`, the token count, for merging ranks."""
+        self._mismatch = [0.0, 0.0, 0.0]
+        out = super().train_step(minibatches)
+        total, tokens, worst = self._mismatch
+        if minibatches and "rollout_logp" in minibatches[0]:
+            out |= {"mismatch/logprob_abs_mean": total / max(tokens, 1.0), "mismatch/logprob_abs_max": worst,
+                    "mismatch/tokens": tokens}
+        return out
 
     def build_model(self) -> torch.nn.Module:
         m = self.model_cfg
@@ -207,10 +244,20 @@ class PolicyTrainer(DeepSpeedRank):
         mask = chunk["response_mask"]
         beta = float(chunk.get("kl_coef", alg["kl_coef"]))
         logp, logits = response_logprobs(self.engine, chunk, self.temperature)  # [b, t], [b, t, V]
+        if self.before_update and "rollout_logp" in chunk:
+            with torch.no_grad():
+                gap = torch.where(mask.bool(), (logp - chunk["rollout_logp"]).abs(), 0)  # [b, t]
+                self._mismatch[0] += float(gap.sum())
+                self._mismatch[1] += float(mask.sum())
+                self._mismatch[2] = max(self._mismatch[2], float(gap.max()))
+        weights, tis_stats = None, {}
+        if alg.get("tis_cap") is not None:  # truncated importance sampling: pi_old / pi_rollout, capped
+            weights, tis_stats = tis_weights(chunk["old_logp"], chunk["rollout_logp"], mask, alg["tis_cap"])  # [b, t]
         loss, stats = grpo_loss(
             logp, chunk["old_logp"], chunk.get("ref_logp"), chunk["advantages"], mask,
             alg["clip_low"], alg["clip_high"], beta, alg["kl_kind"], alg["agg"],
-            self.norm_length, alg["dual_clip"])
+            self.norm_length, alg["dual_clip"], token_weights=weights)
+        stats |= tis_stats
         with torch.set_grad_enabled(alg["entropy_coef"] > 0):
             ent = entropy(logits / self.temperature, mask, alg["agg"])
         if alg["entropy_coef"] > 0:
@@ -219,15 +266,40 @@ class PolicyTrainer(DeepSpeedRank):
         units = float(mask.sum()) if alg["agg"] == "token-mean" else float(mask.shape[0])
         return loss, stats, units / global_units, logits
 
-    def state_dict(self) -> dict:
-        """The policy weights, packed for one object-store put (rank 0 is asked; ZeRO-2 keeps full params)."""
-        return pack_state_dict(self.engine.module)
+    def save_pretrained(self, path: str) -> str | None:
+        """Write the policy as a Hugging Face checkpoint (safetensors) with its tokenizer, from rank 0 (under
+        ZeRO-3 every rank must be called: the parameters are gathered first)."""
+        with self.full_parameters():
+            if self.rank == 0:
+                self.engine.module.save_pretrained(path, safe_serialization=True)
+                self.tokenizer.save_pretrained(path)
+        return path if self.rank == 0 else None
 
-    def weights_checksum(self) -> str:
-        return weights_checksum(self.engine.module)
+    # -- NCCL weight sync into vLLM (rollout.vllm.weight_sync: nccl; GPU only)
 
-    def save_pretrained(self, path: str) -> str:
-        """Write the policy as a Hugging Face checkpoint (safetensors) with its tokenizer."""
-        self.engine.module.save_pretrained(path, safe_serialization=True)
-        self.tokenizer.save_pretrained(path)
-        return path
+    def init_weight_sender(self, world_size: int) -> tuple[str, int]:
+        """Rank 0: (address, port) of a new weight-update group of `world_size` ranks; join it with
+        `join_weight_group` while the vLLM engines join with `init_weight_group`."""
+        self._weight_group = (socket.gethostbyname(socket.gethostname()), free_port(), world_size)
+        return self._weight_group[:2]
+
+    def join_weight_group(self) -> None:
+        """Rank 0: block until every vLLM worker has joined the group `init_weight_sender` named."""
+        from actors.engines.vllm import NCCLWeightSender
+
+        addr, port, world = self._weight_group
+        self._sender = NCCLWeightSender(addr, port, world)
+
+    def weight_meta(self):
+        """Names, dtypes and shapes of the full parameters, in send order (what the vLLM receivers allocate)."""
+        from actors.engines.vllm import WeightMeta
+
+        with self.full_parameters():
+            return WeightMeta.of(self.engine.module.state_dict().items())
+
+    def send_weights(self) -> None:
+        """Broadcast the full parameters from rank 0 over the weight-update group (under ZeRO-3 every rank is
+        called, to gather them)."""
+        with self.full_parameters():
+            if self.rank == 0:
+                self._sender.send(self.engine.module.state_dict().items())

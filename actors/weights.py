@@ -4,6 +4,7 @@ Ray's object store), and a checksum that proves two actors hold the same weights
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import numpy as np
 import torch
@@ -22,12 +23,16 @@ def pack_state_dict(model: torch.nn.Module) -> dict[str, tuple[np.ndarray, str]]
 
 
 def unpack_state_dict(packed: dict[str, tuple[np.ndarray, str]]) -> dict[str, torch.Tensor]:
-    """Torch tensors viewing the packed arrays (no copy; `load_state_dict` copies into the model)."""
+    """Torch tensors viewing the packed arrays, with no copy, read-only ones included: arrays read from Ray's
+    object store are read-only views of its shared memory, and the tensors here are only read
+    (`load_state_dict` copies them into the model), so each receiver copies the weights exactly once."""
     out = {}
-    for name, (arr, dtype) in packed.items():
-        t = torch.from_numpy(arr) if arr.flags.writeable else torch.from_numpy(arr.copy())
-        want = getattr(torch, dtype)
-        out[name] = t.view(want) if want in _VIEW_AS else t
+    with warnings.catch_warnings():  # torch warns that writing through a read-only array's tensor is undefined
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, (arr, dtype) in packed.items():
+            t = torch.from_numpy(arr)
+            want = getattr(torch, dtype)
+            out[name] = t.view(want) if want in _VIEW_AS else t
     return out
 
 

@@ -23,6 +23,7 @@ from .losses import (
     policy_loss,
     reward_model_loss,
     sft_loss,
+    tis_weights,
     token_entropy,
     value_loss,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "reward_model_loss",
     "rloo",
     "sft_loss",
+    "tis_weights",
     "token_entropy",
     "value_loss",
 ]

@@ -52,6 +52,7 @@ def policy_loss(
     dual_clip: float | None = None,
     ratio_level: str = "token",
     norm_length: int | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped surrogate loss −min(r·A, clip(r, 1−clip_low, 1+clip_high)·A) (survey 2.4.3, 3.9, 3.11, A.10).
 
@@ -62,6 +63,8 @@ def policy_loss(
     with length and exp overflows/underflows on long responses; the length-normalized (geometric-mean)
     ratio keeps every length on the same scale, so one clip range fits all.
     Log-ratios are clamped to ±MAX_LOG_RATIO (20) before exp so float32 never overflows.
+    token_weights [B, T] (e.g. `tis_weights`) multiply each token's loss before aggregation; they are
+    treated as constants (detached).
     stats: clip_frac (valid tokens whose clipped branch was taken, gradient 0), approx_kl (token-mean k3
     estimate of KL[π_old ‖ π], samples from π_old), ratio_mean, ratio_max, dual_clip_frac (if dual_clip).
     """
@@ -84,6 +87,8 @@ def policy_loss(
     ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T]
 
     per_token, clipped, dual_capped = _clipped_surrogate(ratio, advantages, clip_low, clip_high, dual_clip)
+    if token_weights is not None:
+        per_token = per_token * torch.where(valid, token_weights.detach(), 0)  # [B, T]
     loss = aggregate(per_token, valid, agg, norm_length)
 
     with torch.no_grad():
@@ -96,6 +101,26 @@ def policy_loss(
         if dual_clip is not None:
             stats["dual_clip_frac"] = aggregate(dual_capped.to(ratio.dtype), valid, "token-mean")
     return loss, stats
+
+
+def tis_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cap: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance sampling weights min(π_old / π_rollout, C) per token, detached: (weights [B, T], stats).
+
+    The samples come from the rollout engine's π_rollout, while the PPO ratio's π_old is the trainer's
+    numerics of the same weights; the per-token importance ratio of the off-policy gradient (survey 2.13),
+    truncated at C to bound its variance (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"), corrects for the difference. Padding gets weight 0.
+    stats: tis_weight_mean (token mean of the weights) and tis_clip_frac (tokens whose ratio exceeded C).
+    """
+    if cap <= 0:
+        raise ValueError(f"the TIS cap must be > 0, got {cap}")
+    valid = mask.bool()  # [B, T]
+    log_ratio = torch.where(valid, old_logp.detach() - rollout_logp.detach(), 0)  # [B, T]
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T]
+    weights = torch.where(valid, ratio.clamp(max=cap), 0)  # [B, T]
+    stats = {"tis_weight_mean": aggregate(weights, valid, "token-mean"),
+             "tis_clip_frac": aggregate((ratio > cap).to(ratio.dtype), valid, "token-mean")}
+    return weights, stats
 
 
 def grpo_loss(
@@ -112,13 +137,15 @@ def grpo_loss(
     norm_length: int | None = None,
     dual_clip: float | None = None,
     ratio_level: str = "token",
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO loss = policy_loss + β·aggregate(KL[π ‖ π_ref]), the negated objective (survey 3.14, A.10, 3.13).
 
     stats: policy_loss's plus "kl" (the aggregated per-token KL) when ref_logp is given; it may be None if beta == 0.
+    `token_weights` (TIS) weigh the policy term only.
     """
     loss, stats = policy_loss(
-        logp, old_logp, advantages, mask, clip_low, clip_high, agg, dual_clip, ratio_level, norm_length
+        logp, old_logp, advantages, mask, clip_low, clip_high, agg, dual_clip, ratio_level, norm_length, token_weights
     )
     if ref_logp is None:
         if beta != 0:

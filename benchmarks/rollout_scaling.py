@@ -38,7 +38,7 @@ def main() -> None:
     from orchestrator.pools import Pools
 
     model = args.model or prepare("checkpoints/arith-sft")
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              logging_level="ERROR")
     base = {"model": {"path": model}, "data": {"train": {"source": "examples.arith.task:make_rows",
                                                            "kwargs": {"split": "train", "n": 5000}}},

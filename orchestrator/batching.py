@@ -29,14 +29,24 @@ def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: fl
     """One padded batch of every sample with old/ref log-probs and per-token advantages.
 
     `beta` is the KL coefficient of this step: with `kl_placement: reward` it shapes the rewards (3.5.1),
-    with `loss` it travels with the batch as `kl_coef` for the trainer's loss (3.14).
+    with `loss` it travels with the batch as `kl_coef` for the trainer's loss (3.14). `old_logp`, the pi_old
+    of the PPO ratio (2.4.3), is the behaviour policy's: the rollout engine's log-probs of the sampled tokens
+    (`algorithm.old_logprobs: rollout`) or the ScoringWorker's re-scoring at the version that generated each
+    group (`recompute`); `rollout_logp` always travels too (mismatch metric, TIS).
     """
     group_size = len(groups[0].samples)
     samples = [s for g in groups for s in g.samples]
     batch = collate_groups(groups, pad_id)
     mask = batch["response_mask"]  # [B, T]
     width = mask.shape[1]
-    batch["old_logp"] = pad_rows([s.old_logp for s in samples], width)  # [B, T]
+    if alg.old_logprobs == "rollout":
+        batch["old_logp"] = batch["rollout_logp"].clone()  # [B, T]
+    else:
+        missing = sum(s.old_logp is None for s in samples)
+        if missing:
+            raise ValueError(f"algorithm.old_logprobs is recompute but {missing} samples were not scored by the "
+                             "old policy")
+        batch["old_logp"] = pad_rows([s.old_logp for s in samples], width)  # [B, T]
     if samples[0].ref_logp is not None:
         batch["ref_logp"] = pad_rows([s.ref_logp for s in samples], width)  # [B, T]
     scores = torch.tensor([s.reward for s in samples], dtype=torch.float32)  # [B]

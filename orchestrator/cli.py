@@ -240,7 +240,7 @@ def init_ray(cfg: JobConfig, runtime_env: dict | None = None) -> bool:
     embedded Ray bound to 127.0.0.1; False if already connected."""
     import ray
 
-    from orchestrator.pools import logical_cpus_needed
+    from orchestrator.pools import custom_resources_needed, logical_cpus_needed
 
     if ray.is_initialized():
         return False
@@ -250,7 +250,10 @@ def init_ray(cfg: JobConfig, runtime_env: dict | None = None) -> bool:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=cfg.logging.worker_logs)
         return True
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(logical_cpus_needed(cfg)))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+    # One box plays every node type: it offers the custom resources (rollout_node, ...) the pools ask for.
+    # address="local": a new instance even when another Ray runs on this machine (ray.init() would join that one).
+    ray.init(address="local", num_cpus=num_cpus, resources=custom_resources_needed(cfg) or None,
+             include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=cfg.logging.worker_logs, configure_logging=True, logging_level="WARNING")
     return True
 

@@ -25,6 +25,23 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _resources_field(pool: str) -> Any:
+    """`resources`: custom Ray resources each worker of `pool` asks for (its node type)."""
+    return Field(default_factory=dict, description=(
+        f"Custom Ray resources per {pool} worker, e.g. {{{pool}_node: 1}}: the worker is placed only on nodes "
+        f"that offer them (`ray start --resources '{{\"{pool}_node\": 8}}'` makes a node for 8 such workers). "
+        "An embedded Ray offers whatever the pools ask for."))
+
+
+def _check_resources(field: str, resources: dict[str, float]) -> dict[str, float]:
+    for key, amount in resources.items():
+        if key in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{field}: {key!r} is set by num_cpus / num_gpus, not resources")
+        if not amount > 0:
+            raise ValueError(f"{field}: {key} must be > 0, got {amount!r}")
+    return resources
+
+
 class ModelConfig(_Section):
     path: str = Field(description="Hugging Face model directory (config.json + safetensors + tokenizer).")
     prepare: str | None = Field(
@@ -54,11 +71,28 @@ class DataConfig(_Section):
         "max_prompt_tokens: error (exit 2, naming the row) or skip (left out, counted, reported at start).")
 
 
+class VLLMConfig(_Section):
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one vLLM engine shards the model over (each "
+                                      "rollout worker then needs rollout.num_gpus = this).")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="Share of each GPU vLLM takes for weights and KV cache; leave room for "
+        "actors sharing the GPU.")
+    enable_sleep_mode: bool = Field(False, description="Let vLLM free its GPU memory between rollouts (for a "
+                                    "trainer colocated on the same GPU).")
+    enforce_eager: bool = Field(False, description="Skip CUDA-graph capture (faster start, slower decode).")
+    max_model_len: int | None = Field(None, gt=0, description="Context length vLLM reserves KV cache for "
+                                      "(default: the model's).")
+    weight_sync: Literal["object_store", "nccl"] = Field(
+        "object_store", description="How new policy weights reach vLLM: object_store (one put, a file reload on "
+        "each worker; any setup) or nccl (a broadcast from trainer rank 0 over a NCCL group; GPU trainers).")
+
+
 class RolloutConfig(_Section):
     engine: Literal["hf", "vllm"] = Field("hf", description="Generation engine: hf (CPU/GPU) or vllm (GPU).")
     num_workers: int = Field(1, gt=0, description="Number of RolloutWorker actors.")
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved per rollout worker.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per rollout worker.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per rollout worker (vllm: >= vllm.tensor_parallel_size).")
+    resources: dict[str, float] = _resources_field("rollout")
     threads: int = Field(1, gt=0, description="torch intra-op threads per worker (more oversubscribes small CPUs).")
     group_size: int = Field(8, gt=0, description="G: completions sampled per prompt.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trained policy is logits/T).")
@@ -66,6 +100,7 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(32, gt=0, description="Longest completion, in tokens.")
     stop: list[str] = Field(default_factory=list, description="Stop strings (the stop string is kept).")
     prompts_per_call: int = Field(4, gt=0, description="Prompts per generate call: the streaming granularity.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="rollout.engine: vllm only.")
 
 
 _LABEL = re.compile(r"[\w.:-]+")
@@ -128,6 +163,7 @@ class RewardConfig(_Section):
     num_cpus: float = Field(
         0.5, ge=0, description="Logical CPUs per reward worker and reward-model worker (a RewardWorker's "
         "num_processes subprocesses use real cores: reserve them on a shared cluster).")
+    resources: dict[str, float] = _resources_field("reward")
     num_processes: int = Field(
         2, gt=0, description="Subprocesses per RewardWorker running reward calls in parallel; a call past "
         "timeout_s has its process killed and replaced.")
@@ -159,6 +195,7 @@ class ScoringConfig(_Section):
     num_workers: int = Field(1, gt=0, description="Number of ScoringWorker actors (reference / old policy).")
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs per scoring worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per scoring worker.")
+    resources: dict[str, float] = _resources_field("scoring")
     threads: int = Field(1, gt=0, description="torch intra-op threads per worker (more oversubscribes small CPUs).")
     micro_batch_size: int = Field(64, gt=0, description="Sequences per scoring forward pass.")
 
@@ -195,13 +232,31 @@ class AlgorithmConfig(_Section):
     max_sampling_rounds: int = Field(
         4, gt=0, description="dynamic_sampling: generation rounds per step at most; a batch still short after them "
         "trains on the groups it has.")
+    old_logprobs: Literal["rollout", "recompute"] = Field(
+        "rollout", description="Where pi_old of the PPO ratio (2.4.3) comes from: rollout (the engine's log-probs "
+        "of the sampled tokens, exactly the behaviour policy; no old-policy scoring pass) or recompute (a "
+        "ScoringWorker re-scores with the policy copy; needed when the engine's numerics differ from the "
+        "trainer's, e.g. vLLM in bf16). mismatch/logprob_abs_* in the metrics shows how far they are apart.")
+    tis_cap: float | None = Field(
+        None, gt=0, description="Truncated importance sampling: weight each token's loss by min(pi_old / "
+        "pi_rollout, tis_cap) (detached), correcting for the rollout engine's numerics; needs old_logprobs: "
+        "recompute (set by default when tis_cap is given). None: off.")
 
     @model_validator(mode="before")
     @classmethod
     def _dr_grpo_norm(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("estimator") == "dr_grpo" and "agg" not in data:
             data = {**data, "agg": "seq-mean-token-sum-norm"}  # Dr.GRPO: no 1/|o| length bias either
+        if isinstance(data, dict) and data.get("tis_cap") is not None and "old_logprobs" not in data:
+            data = {**data, "old_logprobs": "recompute"}  # TIS compares the trainer's pi_old with the rollout's
         return data
+
+    @model_validator(mode="after")
+    def _tis_needs_recompute(self) -> "AlgorithmConfig":
+        if self.tis_cap is not None and self.old_logprobs == "rollout":
+            raise ValueError("algorithm.tis_cap: truncated importance sampling weighs pi_old / pi_rollout, which is 1 "
+                             "when pi_old is the rollout's own log-probs; set algorithm.old_logprobs: recompute")
+        return self
 
 
 class CriticConfig(_Section):
@@ -211,6 +266,7 @@ class CriticConfig(_Section):
     num_workers: int = Field(1, gt=0, description="Data-parallel CriticTrainer ranks.")
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs per critic rank.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per critic rank.")
+    resources: dict[str, float] = _resources_field("critic")
     lr: float = Field(1e-5, gt=0, description="Critic peak learning rate (the rest of the schedule follows trainer).")
     value_clip: float | None = Field(0.2, gt=0, description="Clip of the value update around the old values (2.18).")
     warmup_steps: int = Field(0, ge=0, description="Steps at the start that train only the critic (the policy waits).")
@@ -219,9 +275,12 @@ class CriticConfig(_Section):
 class TrainerConfig(_Section):
     num_workers: int = Field(1, gt=0, description="Data-parallel PolicyTrainer ranks.")
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs per trainer rank.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per trainer rank (0: CPU with gloo).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per trainer rank (0: CPU with gloo; > 0: CUDA with NCCL).")
+    resources: dict[str, float] = _resources_field("trainer")
     threads: int = Field(1, gt=0, description="torch intra-op threads per rank (more oversubscribes small CPUs).")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients; 3 also the parameters "
+        "(gathered on every rank for each weight sync and save).")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
@@ -239,7 +298,10 @@ class TrainerConfig(_Section):
 class LoopConfig(_Section):
     steps: int = Field(20, gt=0, description="Training steps (one batch of prompt groups each).")
     prompts_per_step: int = Field(16, gt=0, description="Prompt groups per step; batch = this x group_size.")
-    max_staleness: Literal[0] = Field(0, description="0: strict on-policy (generation waits for new weights).")
+    max_staleness: Literal[0, 1] = Field(
+        0, description="0: strict on-policy (generation waits for the new weights); 1: the next step's prompts are "
+        "generated by the current weights while this step trains (one step off-policy; the PPO ratio uses the "
+        "behaviour policy's log-probs, and `staleness` in the metrics is the mean version lag).")
     seed: int = Field(0, description="Seeds data order, sampling and init.")
     eval_every: int = Field(0, ge=0, description="Held-out evaluation every N steps (0: before and after only).")
     eval_size: int = Field(200, gt=0, description="Held-out prompts per evaluation.")
@@ -277,6 +339,31 @@ class RayConfig(_Section):
         "stops with an error naming the pools still waiting and the resources they ask for.")
 
 
+POOL_NAMES = ("rollout", "reward", "reward_model", "scoring", "trainer", "critic")
+
+
+class PlacementConfig(_Section):
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for each pool's bundles (one bundle per worker): PACK "
+        "fills few nodes, SPREAD spreads them; STRICT_ forms insist.")
+    colocate: list[list[str]] = Field(
+        default_factory=list, description="Sets of pools sharing bundles, e.g. [[rollout, scoring]]: worker i of "
+        "each pool in a set goes on bundle i of one placement group (the same node), whose size is the sum of "
+        f"their asks. Pools: {', '.join(POOL_NAMES)}.")
+
+    @model_validator(mode="after")
+    def _known_pools(self) -> "PlacementConfig":
+        seen: set[str] = set()
+        for group in self.colocate:
+            for name in group:
+                if name not in POOL_NAMES:
+                    raise ValueError(f"colocate: unknown pool {name!r}; pools are {', '.join(POOL_NAMES)}")
+                if name in seen:
+                    raise ValueError(f"colocate: pool {name!r} is named twice (a pool shares bundles with one set)")
+                seen.add(name)
+        return self
+
+
 class JobConfig(_Section):
     model: ModelConfig
     data: DataConfig
@@ -290,6 +377,24 @@ class JobConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     ray: RayConfig = RayConfig()
+    placement: PlacementConfig = PlacementConfig()
+
+    @model_validator(mode="after")
+    def _placement(self) -> "JobConfig":
+        r, v = self.rollout, self.rollout.vllm
+        for pool in ("rollout", "reward", "scoring", "trainer", "critic"):
+            _check_resources(f"{pool}.resources", getattr(self, pool).resources)
+        if r.engine == "vllm":
+            if r.num_gpus <= 0:
+                raise ValueError("rollout.num_gpus: the vllm engine runs on GPUs; give each rollout worker "
+                                 "num_gpus > 0 (a fraction shares a GPU), or use rollout.engine: hf")
+            if v.tensor_parallel_size > 1 and r.num_gpus != v.tensor_parallel_size:
+                raise ValueError(f"rollout.num_gpus: {r.num_gpus:g}, but rollout.vllm.tensor_parallel_size is "
+                                 f"{v.tensor_parallel_size}: a tensor-parallel engine needs one whole GPU per shard")
+        if v.weight_sync == "nccl" and (r.engine != "vllm" or self.trainer.num_gpus <= 0):
+            raise ValueError("rollout.vllm.weight_sync: nccl broadcasts from a GPU trainer into vLLM; it needs "
+                             "rollout.engine: vllm and trainer.num_gpus > 0")
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "JobConfig":

@@ -70,14 +70,19 @@ def value_metrics(batch: dict) -> dict[str, float]:
 
 
 def merge_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Trainer stats averaged over ranks (ratio_max is a max, skipped NaN micro-batches a sum); times are rank 0's."""
+    """Trainer stats averaged over ranks (ratio_max and mismatch/logprob_abs_max are maxima, skipped NaN
+    micro-batches and mismatch/tokens sums, mismatch/logprob_abs_mean a token-weighted mean); times are rank 0's
+    (the ranks meet in every all-reduce, so rank 0's compute time is the pool's)."""
     out = {}
     for key in per_rank[0]:
         values = [r[key] for r in per_rank]
-        if key == "ratio_max":
+        if key in ("ratio_max", "mismatch/logprob_abs_max"):
             out[key] = max(values)
-        elif key == "nonfinite_microbatches":
+        elif key in ("nonfinite_microbatches", "mismatch/tokens"):
             out[key] = sum(values)
+        elif key == "mismatch/logprob_abs_mean":
+            tokens = [r["mismatch/tokens"] for r in per_rank]
+            out[key] = sum(v * n for v, n in zip(values, tokens)) / max(sum(tokens), 1.0)
         else:
             out[key] = values[0] if key.startswith("time/") else statistics.fmean(values)
     return out

@@ -39,7 +39,7 @@ def plot_run(records: list[dict], out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax = axes[1][1]
-    for stage in ("generate", "reward", "score", "train", "sync"):
+    for stage in ("rollout", "generate", "reward", "score", "train", "sync", "overhead"):
         key = f"time/{stage}"
         if train and key in train[0]:
             ax.plot([r["step"] for r in train], [r[key] for r in train], label=stage)

@@ -9,7 +9,10 @@
 # job's metrics. Prints PASS or FAIL with every number it checked; exit code 0 only on PASS.
 #
 # Needs: one CUDA GPU, and vllm / deepspeed / torch installed as in deploy/Dockerfile.
-# Environment knobs: STEPS (default 3), RUN_DIR (default runs/gpu-smoke-<time>), PYTHON (default python).
+# Environment knobs: STEPS (default 3), RUN_DIR (default runs/gpu-smoke-<time>), PYTHON (default python),
+# ZERO_STAGE (default 2; 3 shards the parameters), WEIGHT_SYNC (default object_store; nccl needs the trainer and
+# vLLM on different GPUs, since NCCL refuses two ranks on one device: run it on a machine with 2+ GPUs and
+# set the num_gpus fractions so they land apart).
 #
 # One GPU is shared by fractions of it (Ray's accounting, not memory limits): rollout 0.4 (vLLM takes
 # gpu_memory_utilization = 0.5 of the memory), scoring 0.1, trainer 0.5. A trainer asking for a whole GPU
@@ -20,6 +23,8 @@ MODEL="${1:-}"
 STEPS="${STEPS:-3}"
 RUN_DIR="${RUN_DIR:-runs/gpu-smoke-$(date +%Y%m%d-%H%M%S)}"
 PYTHON="${PYTHON:-python}"
+ZERO_STAGE="${ZERO_STAGE:-2}"
+WEIGHT_SYNC="${WEIGHT_SYNC:-object_store}"
 cd "$(dirname "$0")/.."
 
 fail() { echo "FAIL: $*" >&2; exit 1; }
@@ -40,9 +45,10 @@ echo "== vLLM engine on the GPU (log-probs vs teacher forcing, weight update)"
 
 echo "== GRPO, $STEPS steps, rollout.engine=vllm, DeepSpeed on NCCL -> $RUN_DIR"
 SETS=(
-  --set rollout.engine=vllm --set rollout.num_gpus=0.4
-  --set scoring.num_gpus=0.1
-  --set trainer.num_gpus=0.5 --set trainer.num_workers=1 --set trainer.zero_stage=2
+  --set rollout.engine=vllm --set rollout.num_gpus=0.4 --set rollout.vllm.gpu_memory_utilization=0.5
+  --set rollout.vllm.weight_sync="$WEIGHT_SYNC"
+  --set scoring.num_gpus=0.1 --set algorithm.kl_coef=0.001
+  --set trainer.num_gpus=0.5 --set trainer.num_workers=1 --set trainer.zero_stage="$ZERO_STAGE"
   --set model.dtype=bfloat16
   --set loop.steps="$STEPS" --set loop.prompts_per_step=16 --set loop.eval_every=0 --set loop.eval_size=64
   --set logging.progress=false

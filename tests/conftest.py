@@ -46,7 +46,7 @@ def ray_local():
     """A local Ray on 127.0.0.1 with enough logical CPUs for the pools the tests start."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -14,6 +14,7 @@ from algorithms import (
     policy_loss,
     reward_model_loss,
     sft_loss,
+    tis_weights,
     token_entropy,
     value_loss,
 )
@@ -312,3 +313,39 @@ def test_kwise_reward_model_loss_is_mean_over_pairs():
     assert kwise_reward_model_loss(two).item() == pytest.approx(reward_model_loss(two[:, 0], two[:, 1]).item())
     with pytest.raises(ValueError, match="K >= 2"):
         kwise_reward_model_loss(scores[:, :1])
+
+
+# ---- truncated importance sampling -------------------------------------------------------------------
+
+
+def test_tis_weights_hand_worked_and_capped():
+    """w = min(π_old / π_rollout, C) per token, 0 on padding; stats over valid tokens only."""
+    rollout = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -9.0, -9.0]], dtype=F64)
+    ratios = [[0.5, 3.0, 100.0], [1.5, 100.0, 100.0]]  # the 100s sit on padding
+    old = rollout + torch.tensor(ratios, dtype=F64).log()
+    w, stats = tis_weights(old, rollout, MASK_2x3, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([[0.5, 2.0, 0.0], [1.5, 0.0, 0.0]], dtype=F64))
+    assert stats["tis_weight_mean"].item() == pytest.approx((0.5 + 2.0 + 1.5) / 3)
+    assert stats["tis_clip_frac"].item() == pytest.approx(1 / 3)
+    assert w.dtype == F64 and not w.requires_grad
+
+
+def test_policy_loss_with_tis_weights_scales_each_token_and_carries_no_gradient_through_them():
+    """Token-mean loss = Σ w_t·(−A_t·r_t) / #valid inside the clip range; the weights are constants."""
+    logp, old = _ratios_to_logps([[1.1, 1.0, 1.0], [0.9, 1.0, 1.0]])
+    logp.requires_grad_(True)
+    adv = torch.tensor([[1.0, 2.0, 5.0], [-1.0, 5.0, 5.0]], dtype=F64)
+    rollout = old - torch.tensor([[0.1, 0.7, 0.0], [0.2, 0.0, 0.0]], dtype=F64)  # π_old/π_rollout = e^0.1, ...
+    w, _ = tis_weights(old.requires_grad_(False), rollout, MASK_2x3, cap=1.5)
+    want_w = [math.exp(0.1), 1.5, math.exp(0.2)]  # e^0.7 ≈ 2.01 is capped at 1.5
+    assert [w[0, 0].item(), w[0, 1].item(), w[1, 0].item()] == pytest.approx(want_w)
+    loss, _ = policy_loss(logp, old, adv, MASK_2x3, 0.2, 0.2, "token-mean", token_weights=w.requires_grad_(True))
+    want = (want_w[0] * -1.1 + want_w[1] * -2.0 + want_w[2] * 0.9) / 3
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    loss.backward()
+    # d/dlogp of −w·A·exp(logp − old) at each valid token is −w·A·r / 3
+    grad = [[-want_w[0] * 1.1 / 3, -want_w[1] * 2.0 / 3, 0.0], [want_w[2] * 0.9 / 3, 0.0, 0.0]]
+    torch.testing.assert_close(logp.grad, torch.tensor(grad, dtype=F64), rtol=1e-9, atol=1e-12)
+    unweighted, _ = policy_loss(logp, old, adv, MASK_2x3, 0.2, 0.2, "token-mean",
+                                token_weights=torch.ones_like(adv))
+    assert unweighted.item() == pytest.approx(policy_loss(logp, old, adv, MASK_2x3, 0.2, 0.2, "token-mean")[0].item())

@@ -39,7 +39,18 @@ BAD = [
     ("top_p above 1", ["rollout.top_p=1.5"], "rollout.top_p"),
     ("data file missing", ["data.train={source: nothere.jsonl}"], "data.train.source"),
     ("missing reward section", ["reward=null"], "reward"),
+    ("TIS with the rollout's own log-probs", ["algorithm.tis_cap=2", "algorithm.old_logprobs=rollout"],
+     "algorithm.tis_cap"),
+    ("staleness beyond one step", ["loop.max_staleness=2"], "loop.max_staleness"),
 ]
+
+
+def test_tis_cap_alone_recomputes_old_logprobs_and_staleness_one_is_valid():
+    from orchestrator.config import AlgorithmConfig, LoopConfig
+
+    assert AlgorithmConfig().old_logprobs == "rollout" and AlgorithmConfig().tis_cap is None
+    assert AlgorithmConfig(tis_cap=2.0).old_logprobs == "recompute"
+    assert LoopConfig(max_staleness=1).max_staleness == 1
 
 
 @pytest.mark.parametrize("desc,overrides,field", BAD, ids=[b[0] for b in BAD])

@@ -40,6 +40,11 @@ def test_two_step_run_through_the_cli(tmp_path, tiny_model, tiny_reward_model):
             assert key in r, key
         assert r["kl"] >= 0 and r["entropy"] > 0
         assert all(0 < r[f"utilization/{p}"] <= 1 for p in ("rollout", "reward", "scoring", "trainer"))
+        critical = r["time/rollout"] + r["time/train_forward_backward"] + r["time/optimizer"] + r["time/sync"]
+        assert r["time/overhead"] == pytest.approx(r["time/step"] - critical) and r["time/overhead"] >= 0
+        assert r["time/train_forward_backward"] > 0 and r["time/optimizer"] > 0 and r["staleness"] == 0
+        # pi_old is the rollout's log-probs (no old-policy scoring): the trainer's first forward pass agrees
+        assert r["mismatch/tokens"] > 0 and r["mismatch/logprob_abs_max"] < 1e-4
         assert r["reward/length_reward"] > 0  # each reward's mean, logged on its own
         assert "reward/tiny-rm" in r and r["reward/tiny-rm/failures"] == 0 and r["reward/hash_answer/failures"] == 0
     assert records[2]["policy_version"] == 2

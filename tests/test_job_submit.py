@@ -229,15 +229,15 @@ def test_the_cluster_files_are_valid_and_expose_rollout_and_trainer_nodes():
     cluster = yaml.safe_load((DEPLOY / "cluster.yaml").read_text())
     validate_config(fillout_defaults(cluster))  # Ray's own schema for `ray up`
     types = cluster["available_node_types"]
-    assert types["rollout_gpu"]["resources"] == {"rollout_node": 1}
-    assert types["trainer_gpu"]["resources"] == {"trainer_node": 1}
+    assert types["rollout_gpu"]["resources"] == {"rollout_node": 8}  # one per GPU of a p5 node
+    assert types["trainer_gpu"]["resources"] == {"trainer_node": 8}
     assert "-e RAY_AUTH_MODE=token" in cluster["docker"]["run_options"]
 
     spec = yaml.safe_load((DEPLOY / "rayjob.yaml").read_text())["spec"]
     assert spec["entrypoint"].startswith("raylhf train ") and spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     groups = {g["groupName"]: json.loads(json.loads(g["rayStartParams"]["resources"]))  # KubeRay's quoted JSON
               for g in spec["rayClusterSpec"]["workerGroupSpecs"]}
-    assert groups == {"rollout": {"rollout_node": 1}, "trainer": {"trainer_node": 1}}
+    assert groups == {"rollout": {"rollout_node": 8}, "trainer": {"trainer_node": 8}}
 
 
 @pytest.mark.parametrize("script", ["deploy/submit.sh", "scripts/gpu_smoke.sh"])

@@ -29,12 +29,13 @@ def synthetic_batch(n: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor
 MICRO = 6  # 1 rank: micro-batches of 6, 6, 4 per mini-batch; 2 ranks: 6, 2 — different partitions
 
 
-def run_ranks(world: int, batch: dict, model_path: str, agg: str) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def run_ranks(world: int, batch: dict, model_path: str, agg: str, zero_stage: int = 2
+              ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """One train step on `world` ranks: rank 0's weights after it, and every rank's stats."""
     import ray
 
     trainer = TrainerConfig(num_workers=world, lr=1e-2, micro_batch_size=MICRO, epochs=2, num_minibatches=2,
-                            grad_clip=1e9).model_dump()
+                            grad_clip=1e9, zero_stage=zero_stage).model_dump()
     alg = AlgorithmConfig(agg=agg, clip_low=0.2, clip_high=0.28).model_dump()
     model = ModelConfig(path=model_path).model_dump()
     per_rank = batch["input_ids"].shape[0] // (2 * world)
@@ -44,7 +45,8 @@ def run_ranks(world: int, batch: dict, model_path: str, agg: str) -> tuple[dict[
     ray.get([r.setup.remote(addr, port) for r in ranks])
     stats = ray.get([r.train_step.remote(s) for r, s in zip(ranks, shard(batch, 2, world, agg))])
     assert all(s["grad_norm"] > 0 for s in stats)
-    states = [unpack_state_dict(ray.get(r.state_dict.remote())) for r in ranks]
+    # all ranks at once: under ZeRO-3 reading the weights gathers every rank's shard
+    states = [unpack_state_dict(x) for x in ray.get([r.state_dict.remote() for r in ranks])]
     for other in states[1:]:  # every rank holds identical weights after the step
         for k in states[0]:
             torch.testing.assert_close(other[k], states[0][k], rtol=0, atol=0)
@@ -53,14 +55,15 @@ def run_ranks(world: int, batch: dict, model_path: str, agg: str) -> tuple[dict[
     return states[0], stats
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_two_ranks_match_one_rank(ray_local, tiny_model, agg):
+@pytest.mark.parametrize("agg, zero_stage", [("token-mean", 2), ("seq-mean-token-mean", 2), ("token-mean", 3)])
+def test_two_ranks_match_one_rank(ray_local, tiny_model, agg, zero_stage):
+    """ZeRO-3 (parameters sharded over the 2 ranks, gathered to read them) must give the same update too."""
     from transformers import AutoModelForCausalLM
 
     initial = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     batch = synthetic_batch(32, vocab=initial["model.embed_tokens.weight"].shape[0])
     one, stats_one = run_ranks(1, batch, tiny_model, agg)
-    two, stats_two = run_ranks(2, batch, tiny_model, agg)
+    two, stats_two = run_ranks(2, batch, tiny_model, agg, zero_stage)
     norm_one, norm_two = stats_one[0]["grad_norm"], stats_two[0]["grad_norm"]
     assert norm_two == pytest.approx(norm_one, rel=1e-4)  # the same global gradient, not a scaled one
     delta_one = torch.cat([(one[k] - initial[k]).flatten() for k in one])
