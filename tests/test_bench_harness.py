@@ -1,0 +1,180 @@
+"""The pure parts of benchmarks/grpo_vs_trl.py (settings mapping, ratios, thresholds), so the harness cannot
+rot silently. Nothing here trains; the TRL checks are skipped when TRL is not installed."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = str(REPO / "examples" / "arith_grpo.yaml")
+
+
+def _load_harness():
+    spec = importlib.util.spec_from_file_location("bench_grpo_vs_trl", REPO / "benchmarks" / "grpo_vs_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_harness()
+
+
+def settings(*overrides: str):
+    return bench.settings_from_config(load_config(CONFIG, list(overrides)))
+
+
+def harness_args(*argv: str):
+    return bench.build_parser().parse_args(list(argv))
+
+
+def test_settings_come_from_the_config_and_the_harness_flags():
+    args = harness_args("--steps", "7", "--prompts-per-step", "16", "--group-size", "4", "--eval-every", "3",
+                        "--eval-size", "50", "--set", "trainer.lr=1e-3")
+    s = bench.settings_from_config(load_config(CONFIG, bench.config_overrides(args)))
+    assert (s.steps, s.prompts_per_step, s.group_size, s.eval_every, s.eval_size) == (7, 16, 4, 3, 50)
+    assert s.lr == 1e-3
+    assert s.max_new_tokens == 10 and s.temperature == 1.0 and s.kl_coef == 0.0 and s.agg == "token-mean"
+    assert s.model_path.endswith("checkpoints/arith-sft")
+
+
+def test_raylhf_overrides_keep_the_shared_ones_and_silence_logging():
+    shared = bench.config_overrides(harness_args("--steps", "5"))
+    out = bench.raylhf_overrides(shared)
+    assert out[: len(shared)] == shared and "loop.steps=5" in out
+    assert "logging.progress=false" in out and "checkpoint.every=0" in out
+    load_config(CONFIG, out)  # every override names a real field
+
+
+def test_trl_config_runs_the_same_grpo():
+    s = settings("loop.prompts_per_step=32", "rollout.group_size=8", "trainer.micro_batch_size=64",
+                 "algorithm.clip_high=0.28")
+    kw = bench.trl_config_kwargs(s, "out")
+    assert kw["per_device_train_batch_size"] * kw["gradient_accumulation_steps"] == 32 * 8
+    assert kw["generation_batch_size"] == 32 * 8 and kw["num_generations"] == 8
+    assert kw["max_steps"] == s.steps and kw["num_iterations"] == s.epochs == 1
+    assert kw["beta"] == 0.0  # kl_coef 0: no reference model either side
+    assert (kw["epsilon"], kw["epsilon_high"]) == (0.2, 0.28)
+    assert kw["loss_type"] == "dapo" and kw["scale_rewards"] == "group"  # token-mean, std-normalised groups
+    assert kw["max_completion_length"] == s.max_new_tokens and kw["temperature"] == s.temperature
+    assert kw["learning_rate"] == s.lr and (kw["adam_beta1"], kw["adam_beta2"]) == s.betas
+    assert kw["max_grad_norm"] == s.grad_clip and kw["warmup_steps"] == s.warmup_steps
+    assert kw["bf16"] is False and kw["gradient_checkpointing"] is False and kw["top_k"] == 0
+
+
+@pytest.mark.parametrize("overrides, loss, scale", [
+    (["algorithm.agg=seq-mean-token-mean"], "grpo", "group"),
+    (["algorithm.estimator=dr_grpo"], "dr_grpo", "none"),
+    (["algorithm.std_normalize=false"], "dapo", "none"),
+])
+def test_aggregation_and_normalisation_map_to_trl_names(overrides, loss, scale):
+    kw = bench.trl_config_kwargs(settings(*overrides), "out")
+    assert (kw["loss_type"], kw["scale_rewards"]) == (loss, scale)
+
+
+def test_epochs_and_minibatches_map_to_trl_iterations_and_steps():
+    s = settings("trainer.epochs=2", "trainer.num_minibatches=2", "loop.steps=10", "loop.prompts_per_step=16",
+                 "rollout.group_size=8", "trainer.micro_batch_size=48")
+    kw = bench.trl_config_kwargs(s, "out")
+    assert kw["num_iterations"] == 2 and kw["max_steps"] == 10 * 2 * 2
+    micro, accum = bench.trl_batching(s)
+    assert micro * accum == 16 * 8 // 2 and (16 * 8 // 2) % micro == 0 and micro <= 48
+
+
+@pytest.mark.parametrize("override", ["algorithm.estimator=rloo", "algorithm.dual_clip=3",
+                                      "algorithm.entropy_coef=0.01", "model.dtype=bfloat16"])
+def test_settings_trl_cannot_match_are_refused(override):
+    with pytest.raises(ValueError, match="cannot run identically in TRL"):
+        settings(override)
+
+
+def test_differences_name_every_gap_with_a_reason():
+    diffs = bench.differences(settings(), trl_threads=2)
+    assert len(diffs) >= 5
+    for d in diffs:
+        assert set(d) == {"what", "raylhf", "trl", "why"} and all(d.values())
+
+
+def test_first_step_reaching_threshold():
+    evals = [(10, 0.55), (0, 0.40), (5, 0.61), (15, 0.70)]
+    assert bench.first_step_reaching(evals, 0.6) == 5  # in step order, not list order
+    assert bench.first_step_reaching(evals, 0.70) == 15  # >= counts
+    assert bench.first_step_reaching(evals, 0.9) is None
+    assert bench.first_step_reaching([], 0.5) is None
+
+
+def test_summarize_uses_step_time_tokens_and_evals():
+    records = [{"step": 0, "eval/accuracy": 0.4},
+               {"step": 1, "time/step": 2.0, "tokens/generated": 100.0},
+               {"step": 2, "time/step": 1.0, "tokens/generated": 100.0, "eval/accuracy": 0.5},
+               {"step": 3, "time/step": 3.0, "tokens/generated": 100.0, "eval/accuracy": 0.7}]
+    out = bench.summarize(records, threshold=0.6)
+    assert out["steps"] == 3 and out["generated_tokens"] == 300
+    assert out["tokens_per_s"] == pytest.approx(300 / 6.0)
+    assert out["step_seconds_median"] == 2.0
+    assert out["steps_to_threshold"] == 3
+    assert (out["eval_accuracy_start"], out["eval_accuracy_end"]) == (0.4, 0.7)
+
+
+def test_ratios_and_goals():
+    ours = {"tokens_per_s": 300.0, "step_seconds_median": 0.5, "steps_to_threshold": 20, "peak_rss_mb": 2000.0,
+            "peak_pss_mb": 1000.0}
+    theirs = {"tokens_per_s": 100.0, "step_seconds_median": 1.0, "steps_to_threshold": 25, "peak_rss_mb": 500.0,
+              "peak_pss_mb": None}
+    r = bench.ratios(ours, theirs)
+    assert r["tokens_per_s"] == 3.0 and r["step_seconds_median"] == 0.5 and r["steps_to_threshold"] == 0.8
+    assert r["peak_rss_mb"] == 4.0 and r["peak_pss_mb"] is None
+    assert bench.goals(ours, theirs) == {"throughput_2x": True, "steps_to_threshold_not_more": True}
+    assert bench.goals({**ours, "tokens_per_s": 150.0, "steps_to_threshold": None}, theirs) == {
+        "throughput_2x": False, "steps_to_threshold_not_more": False}
+    assert bench.goals(ours, {**theirs, "steps_to_threshold": None})["steps_to_threshold_not_more"]
+
+
+def test_repeats_alternate_and_combine_to_medians():
+    assert bench.run_order(["raylhf", "trl"], 3) == [("raylhf", 0), ("trl", 0), ("trl", 1), ("raylhf", 1),
+                                                     ("raylhf", 2), ("trl", 2)]
+    runs = [{"tokens_per_s": t, "step_seconds_median": 1.0, "peak_rss_mb": 1.0, "peak_pss_mb": 1.0, "wall_s": 1.0,
+             "eval_accuracy_start": 0.4, "eval_accuracy_end": 0.6, "steps_to_threshold": n}
+            for t, n in ((100.0, 10), (300.0, None), (200.0, 30))]
+    out = bench.combine(runs)
+    assert out["tokens_per_s"] == 200.0 and out["steps_to_threshold"] == 30 and out["repeats"] == 3
+    assert bench.combine(runs[1:2])["steps_to_threshold"] is None
+
+
+def test_trl_reward_wraps_the_configs_function_and_counts_tokens():
+    from rewards.final_answer import hash_answer
+
+    counter = [0]
+    fn = bench.trl_reward(hash_answer, "hash_answer", ["answer"], counter)
+    scores = fn(prompts=["1+2=", "1+2="], completions=["#### 3", "#### 4"], completion_ids=[[1, 2, 3], [4, 5]],
+                answer=["3", "3"], trainer_state=None)
+    assert scores == [1.0, 0.0] and counter == [5] and fn.__name__ == "hash_answer"
+
+
+def test_readme_command_parses():
+    readme = (REPO / "benchmarks" / "README.md").read_text()
+    commands = re.findall(r"^(?:\$ )?python benchmarks/grpo_vs_trl\.py(.*)$", readme, flags=re.M)
+    assert commands, "benchmarks/README.md shows no grpo_vs_trl.py command"
+    for line in commands:
+        bench.build_parser().parse_args(shlex.split(line))
+
+
+def test_the_mapping_builds_a_real_grpo_config(tmp_path):
+    trl = pytest.importorskip("trl")
+    s = settings("loop.prompts_per_step=16", "rollout.group_size=4", "trainer.micro_batch_size=32")
+    kw = bench.trl_config_kwargs(s, str(tmp_path))
+    fields = {f.name for f in dataclasses.fields(trl.GRPOConfig)}
+    assert set(kw) <= fields, f"fields TRL no longer has: {set(kw) - fields}"
+    cfg = trl.GRPOConfig(**kw)
+    assert cfg.generation_batch_size == 16 * 4
+    assert cfg.steps_per_generation == cfg.gradient_accumulation_steps  # one generation per optimizer step
+    assert cfg.beta == 0.0 and cfg.loss_type == "dapo" and cfg.scale_rewards == "group"
