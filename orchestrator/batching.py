@@ -87,8 +87,17 @@ def sequence_kl(batch: dict[str, torch.Tensor]) -> float:
     return float(torch.where(mask, per_token, 0).sum(-1).mean())
 
 
+def by_length(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rows sorted by response length, then prompt length: consecutive micro-batches then hold sequences of
+    similar length, and `actors.batch.trim` cuts away most of their padding (the losses are sums over rows,
+    so the order changes no gradient)."""
+    key = part["response_mask"].sum(1) * (part["attention_mask"].shape[1] + 1) + part["attention_mask"].sum(1)
+    return select(part, torch.argsort(key, stable=True))
+
+
 def shard(batch: dict[str, torch.Tensor], num_minibatches: int, world_size: int, agg: str) -> list[list[dict]]:
-    """Per rank, its contiguous slice of each mini-batch, tagged with the mini-batch's aggregation units."""
+    """Per rank, its contiguous slice of each mini-batch (sorted `by_length`), tagged with the mini-batch's
+    aggregation units."""
     n = batch["input_ids"].shape[0]
     mb_size = n // num_minibatches
     per_rank = mb_size // world_size
@@ -97,7 +106,7 @@ def shard(batch: dict[str, torch.Tensor], num_minibatches: int, world_size: int,
         mb = select(batch, slice(m * mb_size, (m + 1) * mb_size))
         units = float(mb["response_mask"].sum()) if agg == "token-mean" else float(mb_size)
         for r in range(world_size):
-            part = select(mb, slice(r * per_rank, (r + 1) * per_rank))
+            part = by_length(select(mb, slice(r * per_rank, (r + 1) * per_rank)))
             part["global_units"] = max(units, 1.0)
             out[r].append(part)
     return out
