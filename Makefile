@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo arith-ppo test install clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,14 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(VENV)/bin/raylhf train examples/arith_grpo.yaml
+
+# PPO rewarded only by a learned reward model (examples/arith_ppo.yaml); the reward model is trained first
+# (raylhf train-rm examples/arith_rm.yaml) when checkpoints/arith-rm is missing.
+arith-ppo: checkpoints/arith-rm/config.json
+	$(VENV)/bin/raylhf train examples/arith_ppo.yaml
+
+checkpoints/arith-rm/config.json: | install
+	$(VENV)/bin/raylhf train-rm examples/arith_rm.yaml
 
 test: install
 	$(PY) -m pytest -q

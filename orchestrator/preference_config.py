@@ -57,6 +57,10 @@ class RewardModelConfig(_Section):
         0, ge=0, description="Fresh transformer layers stacked on the starting model under the score head, identity "
         "at init (Llama-style layers): the score is read at the last token, and these layers give it depth to gather "
         "what the LM computed at earlier positions (e.g. its next-token predictions).")
+    lm_coef: float = Field(
+        0.0, ge=0, description="Weight of an auxiliary next-token loss on each row's preferred response (chosen, or "
+        "the best of a ranking) through the starting model's LM head, added to the preference loss: the backbone "
+        "keeps modelling the answers the preferences favour (Yang et al. 2024's SFT regulariser). 0: off.")
     trainer: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=1e-4))
     normalize: bool = Field(True, description="After training, shift scores to mean 0 over the training responses "
                             "(survey 3.2.2, 3.3.1), stored as config.reward_offset.")

@@ -90,9 +90,9 @@ def row_problem(row: Any, form: Form) -> str | None:
     if not isinstance(row["prompt"], str) or not row["prompt"]:
         return f"'prompt' must be a non-empty string, got {row['prompt']!r}"
     if form == "pairs":
-        for key in ("chosen", "rejected"):
-            if not isinstance(row[key], str) or not row[key]:
-                return f"{key!r} must be a non-empty string, got {row[key]!r}"
+        for key in ("chosen", "rejected"):  # an empty response is a response: the policy stopped at once
+            if not isinstance(row[key], str):
+                return f"{key!r} must be a string, got {row[key]!r}"
         if row["chosen"] == row["rejected"]:
             return "'chosen' and 'rejected' are the same text: the pair says nothing"
         return None
@@ -102,8 +102,8 @@ def row_problem(row: Any, form: Form) -> str | None:
     if len(responses) < 2:
         return f"'responses' needs at least 2 responses to rank, got {len(responses)}"
     for j, text in enumerate(responses):
-        if not isinstance(text, str) or not text:
-            return f"'responses'[{j}] must be a non-empty string, got {text!r}"
+        if not isinstance(text, str):
+            return f"'responses'[{j}] must be a string, got {text!r}"
     if len(set(responses)) < len(responses):
         return "'responses' repeats a text: a ranking needs distinct responses"
     return None

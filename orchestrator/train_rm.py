@@ -9,6 +9,13 @@ After training, the scores are shifted to mean 0 over the training responses (su
 "normalize ... to a mean score of 0"); Llama's score head has no bias, so the shift is stored as
 `reward_offset` in the saved config and subtracted by RewardModelWorker. Optional `head_layers` stack fresh
 decoder layers (identity at init) under the score head; the checkpoint stays one sequence classifier.
+
+Optional `lm_coef` > 0 adds an auxiliary next-token loss on each row's preferred response (the chosen one, or
+the best of a ranking), through the starting model's LM head on the same final hidden states the score head
+reads: the backbone keeps modelling, and gets better at, the answers the preferences favour (the SFT
+regulariser of Yang et al. 2024, "Regularizing Hidden States Enables Learning Generalizable Reward Models"; in
+the spirit of InstructGPT's pretraining-mix term, survey 3.3.2). The LM head is used in training only; the
+saved checkpoint is the same one-output sequence classifier.
 """
 
 from __future__ import annotations
@@ -89,6 +96,45 @@ def _added_layers(model, start: int, count: int) -> list[tuple[str, torch.nn.Mod
     return [(f"{model.base_model_prefix}.layers.{i}", layers[i]) for i in range(start, start + count)]
 
 
+class LMHead(torch.nn.Module):
+    """Next-token logits from the reward model's final hidden states, for the auxiliary loss of `lm_coef`.
+
+    With tied word embeddings the head is the reward model's own input embedding matrix (so the loss trains
+    the weights that are saved); otherwise the starting causal LM's output projection is loaded beside the
+    reward model, trained with it and dropped at save time."""
+
+    def __init__(self, model, path: str, trust_remote_code: bool = False):
+        super().__init__()
+        self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        if self.tied:
+            self.embed = [model.get_input_embeddings()]  # a list: not registered twice as a submodule
+            self.proj = None
+        else:
+            from transformers import AutoModelForCausalLM
+
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+            out = lm.get_output_embeddings()
+            if out is None:
+                raise ValueError(f"lm_coef: {path!r} has no LM head to train the auxiliary next-token loss with")
+            self.proj = out
+            del lm
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, L, H] -> logits [N, L, V]."""
+        if self.tied:
+            return hidden @ self.embed[0].weight.T
+        return self.proj(hidden)
+
+
+def response_nll(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over response tokens of −log p(token | prefix): logits [N, L, V] at each position predict the next
+    token; response_mask [N, L] marks the tokens to predict (never position 0)."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [N, L-1, V]
+    token_logp = logp.gather(-1, input_ids[:, 1:, None])[..., 0]  # [N, L-1]
+    mask = response_mask[:, 1:].float()  # [N, L-1]
+    return -(token_logp * mask).sum() / mask.sum().clamp(min=1)
+
+
 def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and attention mask, both [N, L]."""
     width = max(len(s) for s in seqs)
@@ -107,6 +153,31 @@ class TextScorer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def response_lengths(self, pairs: list[tuple[str, str]], ids: list[list[int]]) -> list[int]:
+        """Tokens of each (prompt, response) text that belong to the response: the whole text's token count
+        minus the prompt's, at most the (left-truncated) encoded length less one. A BPE merge across the
+        boundary may move it by a token; that only matters to the auxiliary LM loss."""
+        full = self.tokenizer([p + r for p, r in pairs])["input_ids"]
+        prompt = self.tokenizer([p for p, _ in pairs])["input_ids"]
+        return [max(0, min(len(f) - len(q), len(i) - 1)) for f, q, i in zip(full, prompt, ids)]
+
+    def forward_with_lm(self, model, lm_head: LMHead, ids: list[list[int]], response_len: list[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [N], next-token NLL of the texts' last `response_len` tokens, averaged over those tokens).
+
+        The score is the score head at the last real token, as the sequence classifier pools it with right
+        padding; the logits come from the same final hidden states."""
+        input_ids, mask = _pad(ids, self.tokenizer.pad_token_id)  # [N, L]
+        hidden = model.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [N, L, H]
+        last = mask.sum(1) - 1  # [N] index of the last real token
+        scores = model.score(hidden[torch.arange(len(ids)), last])[:, 0]  # [N]
+        positions = torch.arange(input_ids.shape[1])[None, :]  # [1, L]
+        starts = (last + 1 - torch.tensor(response_len))[:, None]  # [N, 1] first response token
+        response = (positions >= starts) & mask.bool()  # [N, L]
+        keep = torch.tensor(response_len) > 0  # rows with a response to predict
+        nll = response_nll(lm_head(hidden[keep]), input_ids[keep], response[keep])
+        return scores, nll
 
     def forward(self, model, ids: list[list[int]]) -> torch.Tensor:
         """Scores [N] of token-id lists (gradients flow when enabled)."""
@@ -185,31 +256,49 @@ def train_reward_model(cfg: RewardModelConfig, train_rows: list[dict], eval_rows
         _say(f"held-out pairwise accuracy before training: {summary['eval_accuracy_before']:.1%} "
              f"({len(eval_rows)} rows)")
 
-    texts = [p + r for p, r in response_texts(train_rows, form)]
+    pairs = response_texts(train_rows, form)
+    texts = [p + r for p, r in pairs]
     ids = scorer.encode(texts)
     sizes = row_groups(train_rows, form)
     starts = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
     steps = batch_indices(len(train_rows), cfg.trainer)
-    opt, schedule = make_optimizer(model.parameters(), cfg.trainer, len(steps))
+    lm_head = LMHead(model, path, cfg.model.trust_remote_code) if cfg.lm_coef else None
+    if lm_head is not None:  # response tokens of each row's preferred response (listed first)
+        best_len = scorer.response_lengths([pairs[j] for j in starts], [ids[j] for j in starts])
+    params = list(model.parameters()) + (list(lm_head.parameters()) if lm_head is not None else [])
+    opt, schedule = make_optimizer(params, cfg.trainer, len(steps))
     progress = StepProgress(len(steps), "train-rm", cfg.logging)
     model.train()
-    running_loss = running_acc = None
+    running_loss = running_acc = running_lm = None
     for step, rows in enumerate(steps, 1):
         batch_ids = [ids[starts[i] + j] for i in rows for j in range(sizes[i])]
         batch_sizes = [sizes[i] for i in rows]
-        scores = scorer.forward(model, batch_ids)  # [sum K]
-        loss = preference_loss(scores, batch_sizes)
+        numbers = {}
+        if lm_head is None:
+            scores = scorer.forward(model, batch_ids)  # [sum K]
+            loss = ranking_loss = preference_loss(scores, batch_sizes)
+        else:  # one forward gives both losses; the LM loss reads each row's first (preferred) response
+            lengths = [best_len[i] if j == 0 else 0 for i in rows for j in range(sizes[i])]
+            scores, nll = scorer.forward_with_lm(model, lm_head, batch_ids, lengths)  # [sum K], []
+            ranking_loss = preference_loss(scores, batch_sizes)
+            loss = ranking_loss + cfg.lm_coef * nll
+            running_lm = nll.item() if running_lm is None else 0.95 * running_lm + 0.05 * nll.item()
+            summary.setdefault("lm_nll_first", nll.item())
+            numbers["lm_nll"] = running_lm
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, cfg.trainer.grad_clip)
         opt.step()
         schedule.step()
         acc = ranking_accuracy(scores.detach(), batch_sizes)
-        running_loss = loss.item() if running_loss is None else 0.95 * running_loss + 0.05 * loss.item()
+        value = ranking_loss.item()
+        running_loss = value if running_loss is None else 0.95 * running_loss + 0.05 * value
         running_acc = acc if running_acc is None else 0.95 * running_acc + 0.05 * acc
-        progress.step(step, {"loss": running_loss, "acc": running_acc, "lr": schedule.get_last_lr()[0]})
+        progress.step(step, {"loss": running_loss, "acc": running_acc, **numbers, "lr": schedule.get_last_lr()[0]})
     progress.close()
     summary.update(steps=len(steps), train_loss=running_loss, train_accuracy=running_acc)
+    if running_lm is not None:
+        summary["lm_nll"] = running_lm  # smoothed, last step; lm_nll_first is the first step's
     if eval_rows:
         summary["eval_accuracy_after"] = heldout_accuracy(model, scorer, eval_rows, form, bs)
 

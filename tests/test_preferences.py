@@ -29,6 +29,25 @@ def test_correct_answers_beat_wrong_ones_and_rankings_go_best_first():
     assert ranked[0]["responses"] == ["#### 3", "#### 4", "#### 13", "oops"]
 
 
+def test_synthetic_pairs_follow_the_quality_order_and_cover_the_answers_a_policy_can_hack_with():
+    """Every synthetic pair is ordered as `quality` orders it, checked here by the verifier and a parse of the
+    answer; stopping at once (an empty completion) appears among the rejected; prompts stay in their split."""
+    from examples.arith.task import _split_of
+
+    rows = arith_prefs.synthetic_pairs(3000, seed=5)
+    assert rows == arith_prefs.synthetic_pairs(3000, seed=5)  # seeded
+    for r in rows:
+        good, bad = (verify(r[k], r["answer"]) for k in ("chosen", "rejected"))
+        marked = [r[k].startswith("#### ") and r[k][5:].isdigit() for k in ("chosen", "rejected")]
+        assert good > bad or (good == bad == 0 and marked == [True, False]), r  # right > wrong > no answer
+        a, b = r["prompt"][:-1].split("+")
+        assert _split_of(int(a), int(b)) == "train"
+    rejected = {r["rejected"] for r in rows}
+    assert {"", "####", "#### "} <= rejected
+    assert sum(verify(r["chosen"], r["answer"]) == 0 for r in rows) / len(rows) == pytest.approx(0.05, abs=0.02)
+    assert not {r["prompt"] for r in rows} & {r["prompt"] for r in arith_prefs.synthetic_pairs(3000, split="eval")}
+
+
 def test_generated_splits_are_disjoint_seeded_and_cached(tmp_path, monkeypatch, tiny_model):
     calls = []
 
@@ -38,7 +57,8 @@ def test_generated_splits_are_disjoint_seeded_and_cached(tmp_path, monkeypatch, 
         return [[f"#### {a}", f"#### {int(a) + 1}", f"#### {int(a) + 10}", "no"][:n] for a in answers]
 
     monkeypatch.setattr(arith_prefs, "sample_completions", fake_samples)
-    kw = dict(n_prompts=30, samples_per_prompt=4, policy=tiny_model, cache_dir=str(tmp_path))
+    # policy_prepare=None: the default would rebuild tiny_model as a warm start (minutes, and a changed fixture)
+    kw = dict(n_prompts=30, samples_per_prompt=4, policy=tiny_model, policy_prepare=None, cache_dir=str(tmp_path))
     train = arith_prefs.pairs(split="train", **kw)
     held_out = arith_prefs.ranked(split="eval", **kw)
     assert len(train) == 30 * 3 and len(held_out) == 30
@@ -69,8 +89,8 @@ GOOD = {"prompt": "1+2=", "chosen": "#### 3", "rejected": "#### 4"}
 
 @pytest.mark.parametrize("bad, message", [
     ({"prompt": "1+2=", "chosen": "#### 3"}, "missing key 'rejected'"),
-    ({**GOOD, "chosen": ""}, "'chosen' must be a non-empty string"),
-    ({**GOOD, "rejected": 4}, "'rejected' must be a non-empty string, got 4"),
+    ({**GOOD, "chosen": None}, "'chosen' must be a string, got None"),
+    ({**GOOD, "rejected": 4}, "'rejected' must be a string, got 4"),
     ({**GOOD, "prompt": None}, "'prompt' must be a non-empty string"),
     ({**GOOD, "rejected": "#### 3"}, "the same text"),
     (["not", "an", "object"], "expected a JSON object"),
@@ -82,10 +102,18 @@ def test_a_bad_pair_row_names_the_file_and_line(tmp_path, bad, message):
         load_preferences(path, form="pairs")
 
 
+def test_an_empty_response_is_a_response(tmp_path):
+    """A policy may stop at once; preferences may say that any answer beats that."""
+    pairs = _write(tmp_path / "p.jsonl", [{**GOOD, "rejected": ""}])
+    ranked = _write(tmp_path / "r.jsonl", [{"prompt": "1+2=", "responses": ["#### 3", "#### 4", ""]}])
+    assert load_preferences(pairs, form="pairs")[0]["rejected"] == ""
+    assert load_preferences(ranked, form="ranked")[0]["responses"][-1] == ""
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"prompt": "1+2=", "responses": ["#### 3"]}, "at least 2 responses"),
     ({"prompt": "1+2=", "responses": "#### 3"}, "must be a list"),
-    ({"prompt": "1+2=", "responses": ["#### 3", ""]}, r"'responses'\[1\] must be a non-empty string"),
+    ({"prompt": "1+2=", "responses": ["#### 3", 7]}, r"'responses'\[1\] must be a string"),
     ({"prompt": "1+2=", "responses": ["#### 3", "#### 3"]}, "repeats a text"),
     ({"prompt": "1+2=", "chosen": "a", "rejected": "b"}, "missing key 'responses'"),
 ])
@@ -121,13 +149,13 @@ def test_response_tokens_are_masked_after_the_prompt_and_end_in_eos():
 def test_cli_exits_2_on_a_bad_row_before_loading_any_model(tmp_path, capsys):
     from orchestrator.cli import main
 
-    train = _write(tmp_path / "train.jsonl", [GOOD, GOOD, {"prompt": "1+2=", "chosen": "#### 3", "rejected": ""}])
+    train = _write(tmp_path / "train.jsonl", [GOOD, GOOD, {"prompt": "1+2=", "chosen": "#### 3", "rejected": None}])
     for command in ("train-rm", "train-dpo"):
         cfg = tmp_path / f"{command}.yaml"
         cfg.write_text(json.dumps({"model": {"path": str(tmp_path / "no-model-needed"), "prepare": "json:loads"},
                                    "data": {"train": {"source": train}}, "output_dir": str(tmp_path / "out")}))
         assert main([command, str(cfg)]) == 2
-        assert f"train.jsonl:3: 'rejected' must be a non-empty string" in capsys.readouterr().err
+        assert "train.jsonl:3: 'rejected' must be a string, got None" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

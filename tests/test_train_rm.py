@@ -144,3 +144,53 @@ def test_reward_model_worker_subtracts_the_stored_offset(tmp_path, tiny_reward_m
     AutoTokenizer.from_pretrained(tiny_reward_model).save_pretrained(tmp_path / "shifted")
     shifted = RewardModelWorker("rm", str(tmp_path / "shifted")).score_texts(texts)
     assert shifted == pytest.approx([s - 1.25 for s in plain], abs=1e-6)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lm_loss_is_the_causal_lms_next_token_loss_on_the_response_and_scores_are_the_classifiers(tmp_path, tied):
+    """`forward_with_lm` against Hugging Face's own causal-LM loss (labels on the response tokens only) and the
+    sequence classifier's pooled score; with untied embeddings the LM head comes from the causal LM."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from examples.arith.model import tiny_config
+    from examples.arith.tokenizer import build_tokenizer
+    from orchestrator.train_rm import LMHead, TextScorer, _pad
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    path = str(tmp_path / "lm")
+    LlamaForCausalLM(tiny_config(tok, tie_word_embeddings=tied, initializer_range=0.2)).save_pretrained(path)
+    tok.save_pretrained(path)
+    rm = load_reward_model(path, seed=0)
+    scorer = TextScorer(tok, 64)
+    pairs = [("1+2=", "#### 3"), ("37+485=", "#### 522"), ("5+5=", "#### 10")]
+    ids = scorer.encode([p + r for p, r in pairs])
+    lengths = scorer.response_lengths(pairs, ids)
+    assert lengths == [6, 8, 7]  # one token per character; <bos> belongs to the prompt
+    scores, nll = scorer.forward_with_lm(rm, LMHead(rm, path), ids, lengths)
+    with torch.no_grad():
+        assert torch.allclose(scores, scorer.forward(rm, ids), atol=1e-5)
+        input_ids, mask = _pad(ids, tok.pad_token_id)  # [3, L]
+        labels = input_ids.masked_fill(mask == 0, -100)
+        for i, n in enumerate(lengths):
+            labels[i, : int(mask[i].sum()) - n] = -100  # the prompt is not predicted
+        want = AutoModelForCausalLM.from_pretrained(path)(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    assert nll.item() == pytest.approx(want.item(), rel=1e-5)
+    # a row with no response tokens adds nothing
+    _, only_first = scorer.forward_with_lm(rm, LMHead(rm, path), ids, [lengths[0], 0, 0])
+    _, alone = scorer.forward_with_lm(rm, LMHead(rm, path), ids[:1], lengths[:1])
+    assert only_first.item() == pytest.approx(alone.item(), rel=1e-5)
+
+
+def test_train_rm_with_the_lm_loss_still_learns_the_preferences(tmp_path, tiny_model):
+    from orchestrator.preference_config import RewardModelConfig, load_preference_config
+    from orchestrator.preferences import load_preferences
+    from orchestrator.train_rm import train_reward_model
+
+    train = _write_jsonl(tmp_path / "train.jsonl", _easy_rows(96, seed=0))
+    held_out = _write_jsonl(tmp_path / "eval.jsonl", _easy_rows(64, seed=1))
+    cfg = load_preference_config(RewardModelConfig, _config(tmp_path, tiny_model, train, held_out, lm_coef=0.5,
+                                                            head_layers=1))
+    summary = train_reward_model(cfg, load_preferences(train), load_preferences(held_out))
+    assert summary["eval_accuracy_after"] >= 0.95 and summary["train_loss"] < 0.5
+    assert summary["lm_nll"] < summary["lm_nll_first"]  # the preferred responses became likelier

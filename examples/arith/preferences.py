@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -34,6 +35,7 @@ from rewards.final_answer import extract_final_answer
 POLICY = "checkpoints/arith-sft"
 POLICY_PREPARE = "examples.arith.warmstart:prepare"
 CACHE_DIR = "checkpoints/arith-prefs"
+SYNTHETIC_SEED = 7_919  # offsets the problem seed of synthetic pairs from the sampled ones
 FORMAT_VERSION = 1  # bump when the rows this module writes change for the same arguments
 
 
@@ -141,14 +143,63 @@ def generate(split: str = "train", n_prompts: int = 4000, samples_per_prompt: in
     return paths
 
 
-def pairs(**kwargs) -> list[dict]:
-    """Pair rows {"prompt", "chosen", "rejected", "answer"}: a config data source (arguments of `generate`)."""
-    return _read_jsonl(generate(**kwargs)["pairs"])
+def near_miss(answer: str, rng: random.Random) -> str:
+    """A wrong answer of the kind the warm-started policy writes: one digit changed, or off by a carry
+    (±1, ±10, ±100, ±11, ±110), never negative and never the answer itself."""
+    if rng.random() < 0.5:
+        digits = list(answer)
+        i = rng.randrange(len(digits))
+        digits[i] = rng.choice([d for d in "0123456789" if d != digits[i] and (i or d != "0" or len(digits) == 1)])
+        return "".join(digits)
+    wrong = int(answer) + rng.choice([-1, 1, -10, 10, -100, 100, -11, 11, -110, 110])
+    return str(wrong) if wrong >= 0 else str(int(answer) + 1)
 
 
-def ranked(**kwargs) -> list[dict]:
-    """Ranked rows {"prompt", "responses": [best, ..., worst], "answer"}: a config data source (see `generate`)."""
-    return _read_jsonl(generate(**kwargs)["ranked"])
+def no_answer(answer: str, rng: random.Random) -> str:
+    """A completion without a `#### N` answer: empty (the policy stopped at once), a cut-off marker, or the bare
+    number without the marker."""
+    return rng.choice(["", "#", "##", "###", "####", "#### ", answer])
+
+
+def synthetic_pairs(n: int, split: str = "train", seed: int = 0) -> list[dict]:
+    """`n` pair rows on fresh problems of `split`, ordered as `quality` orders them: mostly the true `#### N`
+    against a near miss (`near_miss`, 80%), then the true answer against a completion with no answer
+    (`no_answer`, 15%), then a near miss against one with no answer (5%: a wrong number still beats no answer).
+    Without the last two, PPO found that stopping at once scored above a wrong answer and collapsed to empty
+    completions; the last share stays small because its preferred answers are wrong and `lm_coef` trains on
+    preferred answers.
+    Unlimited and free; prompts differ from `generate`'s for the same seed."""
+    rng = random.Random(f"near-miss-{split}-{seed}")
+    rows = []
+    for r in make_rows(split, n, seed=seed + SYNTHETIC_SEED):
+        truth, kind = r["answer"], rng.random()
+        if kind < 0.8:
+            chosen, rejected = f"#### {truth}", f"#### {near_miss(truth, rng)}"
+        elif kind < 0.95:
+            chosen, rejected = f"#### {truth}", no_answer(truth, rng)
+        else:
+            chosen, rejected = f"#### {near_miss(truth, rng)}", no_answer(truth, rng)
+        assert quality(chosen, truth) < quality(rejected, truth), (chosen, rejected, truth)
+        rows.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected, "answer": truth})
+    return rows
+
+
+def pairs(synthetic: int = 0, **kwargs) -> list[dict]:
+    """Pair rows {"prompt", "chosen", "rejected", "answer"}: a config data source (arguments of `generate`),
+    then `synthetic` near-miss pairs on other problems of the same split (`synthetic_pairs`)."""
+    rows = _read_jsonl(generate(**kwargs)["pairs"])
+    if synthetic:
+        rows += synthetic_pairs(synthetic, kwargs.get("split", "train"), kwargs.get("seed", 0))
+    return rows
+
+
+def ranked(synthetic: int = 0, **kwargs) -> list[dict]:
+    """Ranked rows {"prompt", "responses": [best, ..., worst], "answer"}: a config data source (see `generate`),
+    then `synthetic` pairs (`synthetic_pairs`) as rankings of two."""
+    rows = _read_jsonl(generate(**kwargs)["ranked"])
+    extra = synthetic_pairs(synthetic, kwargs.get("split", "train"), kwargs.get("seed", 0)) if synthetic else []
+    return rows + [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]], "answer": r["answer"]}
+                   for r in extra]
 
 
 def main(argv: list[str] | None = None) -> None:
