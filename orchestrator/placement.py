@@ -35,10 +35,17 @@ class PoolDemand:
     def count(self) -> int:
         return len(self.needs)
 
+    @property
+    def alike(self) -> bool:
+        return all(n == self.needs[0] for n in self.needs)
+
+    def each(self) -> str:
+        """What one worker asks for when all ask alike, else the list of asks."""
+        return str(self.needs[0]) if self.alike else str(self.needs)
+
     def describe(self) -> str:
         """'N x {...}' when every worker asks alike, else the list of asks."""
-        kinds = {tuple(sorted(n.items())) for n in self.needs}
-        return f"{self.count} x {self.needs[0]}" if len(kinds) == 1 else str(self.needs)
+        return f"{self.count} x {self.needs[0]}" if self.alike else str(self.needs)
 
 
 def _add(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -89,15 +96,14 @@ class Placement:
             raise PlacementError("the pools ask for more than the cluster has: " + ", ".join(
                 f"{k} {v:g} of {have:g}" for k, (v, have) in short.items()) + f" ({asks}); shrink the pools' "
                 "num_workers / num_cpus / num_gpus / resources, or add nodes")
-        self.groups: dict[str, tuple[PlacementGroup, int]] = {}  # pool -> (its group, index of the set)
+        self.groups: dict[str, PlacementGroup] = {}  # pool -> its (possibly shared) group
         self._pgs: list[tuple[list[str], PlacementGroup]] = []
         for names, bundles in plan_groups(pools, colocate):
             pg = placement_group(bundles, strategy=strategy, name=f"{name}-{'+'.join(names)}")
             self._pgs.append((names, pg))
             for n in names:
-                self.groups[n] = (pg, len(self._pgs) - 1)
+                self.groups[n] = pg
         self.deadline = time.monotonic() + timeout_s
-        self.timeout_s = timeout_s
         refs = {pg.ready(): names for names, pg in self._pgs}
         _, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
         if pending:
@@ -105,19 +111,14 @@ class Placement:
             self.remove()
             raise PlacementError(
                 f"after {timeout_s:g} s (ray.startup_timeout_s) these pools still wait to be placed: "
-                + "; ".join(f"{n} ({self.pools[n].count} actor(s), each {self._each(n)})" for n in waiting)
+                + "; ".join(f"{n} ({self.pools[n].count} actor(s), each {self.pools[n].each()})" for n in waiting)
                 + f" (strategy {strategy}); the cluster has free: {ray.available_resources()}. Add nodes that offer "
                 "these resources, or shrink the pools")
 
-    def _each(self, pool: str) -> str:
-        needs = self.pools[pool].needs
-        return str(needs[0]) if all(n == needs[0] for n in needs) else str(needs)
-
     def options(self, pool: str, index: int) -> dict:
         """Ray actor options placing worker `index` of `pool` in its bundle (its own resources still asked)."""
-        pg, _ = self.groups[pool]
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=index, placement_group_capture_child_tasks=True)}
+            placement_group=self.groups[pool], placement_group_bundle_index=index, placement_group_capture_child_tasks=True)}
 
     def remaining_s(self) -> float:
         """Seconds left of the start-up budget (actors must be constructed within it too)."""
@@ -133,15 +134,15 @@ class Placement:
         self._pgs = []
 
 
-def wait_constructed(pools: list[tuple[str, list]], timeout_s: float, needs: dict[str, str]) -> None:
-    """Wait at most `timeout_s` for every actor's constructor (model loading); one that failed raises with its
-    traceback, and PlacementError names the pools still loading."""
-    refs = {a.__ray_ready__.remote(): name for name, actors in pools for a in actors}
+def wait_constructed(pools: list[tuple[PoolDemand, list]], timeout_s: float) -> None:
+    """Wait at most `timeout_s` for every actor's constructor (model loading) of each (pool, its actors); one
+    that failed raises with its traceback, and PlacementError names the pools still loading."""
+    refs = {a.__ray_ready__.remote(): d for d, actors in pools for a in actors}
     ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
     ray.get(ready)
     if pending:
-        waiting = sorted({refs[r] for r in pending})
+        waiting = sorted({refs[r].name: refs[r] for r in pending}.items())
         raise PlacementError(
             "after the ray.startup_timeout_s budget these pools still wait to be placed or to load: "
-            + "; ".join(f"{n} ({sum(refs[r] == n for r in pending)} actor(s), each {needs[n]})" for n in waiting)
+            + "; ".join(f"{n} ({sum(refs[r] is d for r in pending)} actor(s), each {d.each()})" for n, d in waiting)
             + f"; the cluster has free: {ray.available_resources()}")

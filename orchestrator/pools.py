@@ -191,8 +191,7 @@ class Pools:
                         "cuda" if c.num_gpus > 0 else "cpu")
                     for rank in range(c.num_workers)
                 ]
-            wait_constructed([(d.name, self._workers(d.name)) for d in self.demands], self.placement.remaining_s(),
-                             {d.name: d.describe() for d in self.demands})
+            wait_constructed([(d, self._workers(d.name)) for d in self.demands], self.placement.remaining_s())
             self.num_params = _join(self.trainers)
             if self.critics:
                 _join(self.critics)

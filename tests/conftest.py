@@ -69,3 +69,21 @@ def base_config(model_path: str, **sections) -> dict:
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value}
     return cfg
+
+
+class RecordingActor:
+    """A stand-in actor for wiring tests: `x.method.remote(*args)` appends (name, method, args) to `calls` and
+    answers "name.method" as its 'object ref'."""
+
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls = name, calls
+
+    def __getattr__(self, method):
+        actor = self
+
+        class _Method:
+            def remote(self, *args, **kwargs):
+                actor.calls.append((actor.name, method, args))
+                return f"{actor.name}.{method}"
+
+        return _Method()

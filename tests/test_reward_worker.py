@@ -20,6 +20,7 @@ from actors.reward import RewardWorker
 from actors.reward_pool import RewardLoadFailed
 from actors.types import Group, RewardSpec, Sample
 from orchestrator.metrics import reward_part_metrics
+from tests.conftest import RecordingActor
 
 REWARDS = Path(__file__).resolve().parent / "data" / "worker_rewards.py"
 
@@ -294,39 +295,22 @@ def test_no_reward_process_outlives_a_killed_actor(ray_local, tmp_path):
 # ----------------------------------------------------------------------------- wiring
 
 
-class _FakeActor:
-    """Records `.method.remote(...)` calls; returns the name of the call as its 'object ref'."""
-
-    def __init__(self, name: str, calls: list):
-        self.name, self.calls = name, calls
-
-    def __getattr__(self, method):
-        actor = self
-
-        class _Method:
-            def remote(self, *args):
-                actor.calls.append((actor.name, method))
-                return f"{actor.name}.{method}"
-
-        return _Method()
-
-
 def test_pools_spread_chunks_over_reward_workers_and_chain_reward_models():
     """Consecutive chunks of prompts go to the next RewardWorker; every chunk passes each reward model."""
     from orchestrator.pools import Pools
 
     calls: list = []
     pools = Pools.__new__(Pools)
-    pools.rollout = [_FakeActor("rollout", calls)]
-    pools.reward = [_FakeActor("reward0", calls), _FakeActor("reward1", calls)]
-    pools.reward_models = [_FakeActor("rm", calls)]
-    pools.scoring = [_FakeActor("scoring", calls)]
+    pools.rollout = [RecordingActor("rollout", calls)]
+    pools.reward = [RecordingActor("reward0", calls), RecordingActor("reward1", calls)]
+    pools.reward_models = [RecordingActor("rm", calls)]
+    pools.scoring = [RecordingActor("scoring", calls)]
     pools._cycle = {name: __import__("itertools").count() for name in ("rollout", "reward", "scoring")}
     pools.submit_groups(list(range(8)), sampling=None, prompts_per_call=2)
-    rewarders = [name for name, method in calls if name.startswith("reward")]
+    rewarders = [name for name, _, _ in calls if name.startswith("reward")]
     assert rewarders == ["reward0", "reward1", "reward0", "reward1"]
-    assert [name for name, _ in calls[:4]] == ["rollout", "reward0", "rm", "scoring"]
-    assert sum(name == "rm" for name, _ in calls) == 4
+    assert [name for name, _, _ in calls[:4]] == ["rollout", "reward0", "rm", "scoring"]
+    assert sum(name == "rm" for name, _, _ in calls) == 4
 
 
 def test_each_reward_error_kind_is_shown_once_per_job():

@@ -11,7 +11,7 @@ from actors.types import Group, Sample
 from orchestrator.batching import build_batch
 from orchestrator.config import AlgorithmConfig, JobConfig
 from orchestrator.metrics import merge_rank_stats
-from tests.conftest import base_config
+from tests.conftest import RecordingActor, base_config
 
 
 def _group(uid: str, version: int, rollout: list[list[float]], old: list[list[float]] | None = None) -> Group:
@@ -181,23 +181,6 @@ def test_weights_from_the_object_store_are_read_without_a_copy(ray_local, tiny_m
     assert weights_checksum(other) == weights_checksum(model)
 
 
-class _Recorder:
-    """A stand-in actor: `x.method.remote(*args)` is recorded and answers a token naming the call."""
-
-    def __init__(self, name: str, calls: list):
-        self.name, self.calls = name, calls
-
-    def __getattr__(self, method):
-        actor = self
-
-        class _Method:
-            def remote(self, *args, **kwargs):
-                actor.calls.append((actor.name, method, args))
-                return f"{actor.name}.{method}"
-
-        return _Method()
-
-
 @pytest.mark.parametrize("recompute", [False, True])
 def test_a_weight_sync_puts_the_policy_once_and_every_receiver_loads_that_object(monkeypatch, recompute):
     import orchestrator.pools as pools_module
@@ -205,9 +188,9 @@ def test_a_weight_sync_puts_the_policy_once_and_every_receiver_loads_that_object
 
     calls: list = []
     pools = Pools.__new__(Pools)
-    pools.rollout = [_Recorder("rollout0", calls), _Recorder("rollout1", calls)]
-    pools.scoring, pools.critics = [_Recorder("scoring0", calls)], []
-    pools.trainers = [_Recorder("trainer0", calls), _Recorder("trainer1", calls)]
+    pools.rollout = [RecordingActor("rollout0", calls), RecordingActor("rollout1", calls)]
+    pools.scoring, pools.critics = [RecordingActor("scoring0", calls)], []
+    pools.trainers = [RecordingActor("trainer0", calls), RecordingActor("trainer1", calls)]
     pools.zero3, pools.weight_sync, pools.scoring_holds_policy = False, "object_store", recompute
     monkeypatch.setattr(pools_module.ray, "get", lambda refs: [7] * len(refs))
     assert pools.sync_weights(7) == [7] * (3 if recompute else 2)
