@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -41,8 +42,35 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
 
 
+def cache_argument(model) -> str:
+    """The name of the KV cache in the model's forward arguments and outputs: `cache` in transformers 5,
+    `past_key_values` in 4.x (and in older remote code). A DeepSpeed engine is looked through."""
+    return "cache" if "cache" in inspect.signature(getattr(model, "module", model).forward).parameters else "past_key_values"
+
+
+def cached_forward(model, cache=None, **inputs) -> tuple[torch.Tensor, object]:
+    """(logits, KV cache) of a forward that continues `cache` (None: from scratch)."""
+    name = cache_argument(model)
+    out = model(**inputs, use_cache=True, **({name: cache} if cache is not None else {}))
+    return out.logits, out[name]
+
+
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
-    """Logits that predict each response token: `[B, T, V]` (position P-1+t predicts token P+t)."""
+    """Logits that predict each response token: `[B, T, V]` (position P-1+t predicts token P+t).
+
+    When the rows repeat prompts (G samples of one prompt), each distinct prompt runs once and its KV cache
+    is copied to the rows that continue it: the same logits, and gradients reach the prompt through the copies."""
+    p = input_ids.shape[1] - response_len
+    prompts, rows = torch.unique(torch.cat([input_ids[:, :p], attention_mask[:, :p]], 1), dim=0,
+                                 return_inverse=True)  # [U, 2P], [B]
+    if 2 * prompts.shape[0] <= input_ids.shape[0]:
+        u_ids, u_mask = prompts[:, :p], prompts[:, p:]
+        logits, cache = cached_forward(model, input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids(u_mask))
+        if hasattr(cache, "batch_select_indices"):
+            cache.batch_select_indices(rows)  # [U, ...] -> [B, ...]
+            rest, _ = cached_forward(model, cache, input_ids=input_ids[:, p:], attention_mask=attention_mask,
+                                     position_ids=position_ids(attention_mask)[:, p:])  # [B, T, V]
+            return torch.cat([logits[rows, -1:], rest[:, :-1]], 1)  # [B, T, V]
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
     return out.logits[:, -response_len - 1 : -1, :]  # [B, T, V]
 

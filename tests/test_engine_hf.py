@@ -1,5 +1,6 @@
-"""The hf engine: G samples per prompt, seeded, EOS and stop strings, and log-probs that match a
-separate teacher-forced forward pass (what the trainer and scoring workers compute)."""
+"""The hf engine: G samples per prompt, seeded, EOS and stop strings, log-probs that match a separate
+teacher-forced forward pass (what the trainer and scoring workers compute), and our sampling loop against
+Hugging Face `generate` and the model's own distribution."""
 
 from __future__ import annotations
 
@@ -17,7 +18,13 @@ def engine(tiny_model):
     return HFEngine(tiny_model)
 
 
+@pytest.fixture(scope="module")
+def hf_engine(tiny_model):
+    return HFEngine(tiny_model, sampler="generate")
+
+
 PROMPTS = ["12+34=", "5+678="]
+MIXED = ["1+2=", "12+345=", "9999+99999=", "7="]  # different lengths: left padding
 
 
 def test_n_samples_per_prompt_seeded(engine):
@@ -31,11 +38,12 @@ def test_n_samples_per_prompt_seeded(engine):
     assert [[x.token_ids for x in g] for g in a] != [[x.token_ids for x in g] for g in c]
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_rollout_logprobs_match_teacher_forcing(engine, temperature):
-    sp = SamplingParams(n=4, temperature=temperature, max_new_tokens=8)
-    groups = engine.generate(PROMPTS, sp, seed=3)
-    prompt_ids = engine.encode(PROMPTS)
+@pytest.mark.parametrize("prompts", [PROMPTS, MIXED])
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
+def test_rollout_logprobs_match_teacher_forcing(engine, temperature, top_p, prompts):
+    sp = SamplingParams(n=4, temperature=temperature, top_p=top_p, max_new_tokens=8)
+    groups = engine.generate(prompts, sp, seed=3)
+    prompt_ids = engine.encode(prompts)
     comps = [c for g in groups for c in g]
     batch = collate([prompt_ids[i] for i, g in enumerate(groups) for _ in g], [c.token_ids for c in comps],
                     engine.tokenizer.pad_token_id)
@@ -75,3 +83,60 @@ def test_stop_strings_cut_after_the_first_stop(engine):
         assert c.finish_reason == "stop"
         assert c.text[-1] in stops and not any(s in c.text[:-1] for s in stops)
         assert len(c.logprobs) == len(c.token_ids)
+
+
+@pytest.mark.parametrize("stop", [(), ("3", "7")])
+def test_loop_greedy_matches_hf_generate(engine, hf_engine, stop):
+    sp = SamplingParams(n=2, temperature=0.0, max_new_tokens=10, stop=stop)
+    ours, theirs = engine.generate(MIXED, sp, seed=1), hf_engine.generate(MIXED, sp, seed=1)
+    assert [[(c.token_ids, c.text, c.finish_reason) for c in g] for g in ours] == \
+        [[(c.token_ids, c.text, c.finish_reason) for c in g] for g in theirs]
+    for a, b in zip([c for g in ours for c in g], [c for g in theirs for c in g]):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (1.0, 0.8)])
+def test_first_token_frequencies_match_the_model(engine, temperature, top_p):
+    """Monte Carlo: the first token of N samples is distributed as top-p filtered softmax(logits / T)."""
+    n = 2000
+    comps = engine.generate(["12+34="], SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=1),
+                            seed=7)[0]
+    with torch.no_grad():
+        logits = engine.model(torch.tensor(engine.encode(["12+34="]))).logits[0, -1]
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    order = p.argsort(descending=True)
+    outside = (p[order].cumsum(0) - p[order]) >= top_p  # mass of the more likely tokens already reaches top_p
+    q = p.clone()
+    q[order[outside]] = 0.0
+    q /= q.sum()
+    freq = torch.bincount(torch.tensor([c.token_ids[0] for c in comps]), minlength=len(p)).double() / n
+    assert freq[q == 0].sum() == 0, "a token outside the nucleus was sampled"
+    tol = 4.5 * (q * (1 - q) / n).sqrt() + 1e-3
+    assert ((freq - q).abs() <= tol).all(), (freq - q).abs().max()
+    if top_p < 1:
+        assert (q == 0).any(), "top_p should drop some tokens of this model, or the check is vacuous"
+    assert all(c.logprobs[0] == pytest.approx(p[c.token_ids[0]].log().item(), abs=1e-4) for c in comps[:50])
+
+
+def test_finished_rows_are_dropped_from_the_batch(engine):
+    """Each prompt is prefilled once; each later forward sees only the rows that have not finished."""
+    seen: list[int] = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        sp = SamplingParams(n=8, temperature=1.0, max_new_tokens=10, stop=tuple("0123456789"))
+        comps = [c for g in engine.generate(PROMPTS, sp, seed=5) for c in g]
+    finally:
+        hook.remove()
+    live = [sum(len(c.token_ids) > k for c in comps) for k in range(1, sp.max_new_tokens)]
+    assert seen == [len(PROMPTS)] + [r for r in live if r > 0]
+    assert seen[1] < len(comps), "some rows should stop at their first token"
+
+
+def test_falls_back_to_generate_without_cache_reshaping(engine, hf_engine, monkeypatch):
+    from transformers.cache_utils import Cache
+
+    monkeypatch.delattr(Cache, "batch_select_indices")  # as on a remote-code model's own cache class
+    sp = SamplingParams(n=3, temperature=1.0, max_new_tokens=6)
+    a, b = engine.generate(PROMPTS, sp, seed=2), hf_engine.generate(PROMPTS, sp, seed=2)
+    assert [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]

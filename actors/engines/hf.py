@@ -1,24 +1,38 @@
-"""Hugging Face `generate` engine: batched sampling with KV cache, G samples per prompt, EOS and
-stop strings, returning each sampled token's log-prob under logits / temperature."""
+"""Hugging Face engine: batched sampling of G completions per prompt with a KV cache (each prompt
+prefilled once, finished rows dropped), EOS and stop strings, and each sampled token's log-prob
+under logits / temperature."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import torch.nn.functional as F
 from transformers import StoppingCriteria
 
 from actors.engines import Completion, SamplingParams
-from actors.modeling import load_causal_lm, load_tokenizer, token_logprobs
+from actors.modeling import cache_argument, load_causal_lm, load_tokenizer, position_ids, token_logprobs
 from actors.weights import load_packed, weights_checksum
+
+SAMPLERS = ("loop", "generate")
 
 
 class HFEngine:
-    """Holds one model and its tokenizer; `generate` takes prompt strings and returns completions."""
+    """Holds one model and its tokenizer; `generate` takes prompt strings and returns completions.
+    `sampler`: "loop" (our cache loop, falls back to "generate" for caches it cannot reshape) or
+    "generate" (Hugging Face `model.generate`)."""
 
-    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu"):
+    def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu",
+                 sampler: str = "loop"):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.tokenizer.padding_side = "left"
         self.model = load_causal_lm(model_path, dtype, trust_remote_code, device).eval()
-        self.device = device
+        self.device, self.sampler = device, sampler
+        # Prefill needs only the last position's logits; not every remote-code model takes the argument.
+        self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._cache_kw = cache_argument(self.model)
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each prompt as the engine feeds them to the model."""
@@ -27,6 +41,58 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: list[str], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt, deterministic for a given seed and batch."""
+        if self.sampler == "generate":
+            return self._generate_hf(prompts, sampling, seed)
+        return self._generate_loop(prompts, sampling, seed)
+
+    def _generate_loop(self, prompts: list[str], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+        """Prefill each prompt once, repeat its cache n times, then decode only the rows still live. Samples
+        softmax(logits / T) with top-p only: a checkpoint's other generation defaults (repetition penalty, ...)
+        are not applied, as in the vLLM engine's SamplingParams."""
+        tok, n = self.tokenizer, sampling.n
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+        mask = enc["attention_mask"].to(self.device)  # [B, P]
+        pos = position_ids(mask)  # [B, P]
+        extra = {"logits_to_keep": 1} if self._keep_last else {}
+        out = self.model(input_ids=enc["input_ids"].to(self.device), attention_mask=mask, position_ids=pos,
+                         use_cache=True, **extra)
+        cache = getattr(out, self._cache_kw, None)
+        if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
+            return self._generate_hf(prompts, sampling, seed)
+        cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # [R, V], R = B*n
+        mask, pos = mask.repeat_interleave(n, dim=0), pos[:, -1].repeat_interleave(n, dim=0)  # [R, P], [R]
+        rows = logits.shape[0]
+        tokens = torch.full((rows, sampling.max_new_tokens), tok.pad_token_id, dtype=torch.long, device=self.device)
+        logps = torch.zeros(rows, sampling.max_new_tokens, device=self.device)
+        lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+        live = torch.arange(rows, device=self.device)  # row index of each row still in the batch
+        stop = StopOnStrings(tok, sampling.stop, 0) if sampling.stop else None
+        eos = -1 if tok.eos_token_id is None else tok.eos_token_id  # -1: no EOS, never sampled
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        for t in range(sampling.max_new_tokens):
+            new, logp = _sample(logits, sampling.temperature, sampling.top_p, gen)  # [r], [r]
+            tokens[live, t], logps[live, t], lengths[live] = new, logp, t + 1
+            done = new == eos
+            if stop is not None:
+                done |= stop(tokens[live, : t + 1], None)
+            if t + 1 == sampling.max_new_tokens or bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                live, new, mask, pos = live[keep], new[keep], mask[keep], pos[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            pos = pos + 1
+            out = self.model(input_ids=new[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                             **{self._cache_kw: cache})
+            logits = out.logits[:, -1]
+        tokens, logps, lengths = tokens.cpu(), logps.cpu(), lengths.tolist()
+        flat = [self._completion(tokens[i, : lengths[i]], logps[i, : lengths[i]], sampling.stop) for i in range(rows)]
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_hf(self, prompts: list[str], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+        """The same sampling through Hugging Face `model.generate` on prompts repeated n times."""
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
         input_ids = enc["input_ids"].repeat_interleave(sampling.n, dim=0).to(self.device)  # [B*n, P]
@@ -60,7 +126,7 @@ class HFEngine:
         end, reason = len(ids_list), "length"
         if tok.eos_token_id in ids_list:
             end, reason = ids_list.index(tok.eos_token_id) + 1, "stop"
-        # Rows finished by a stop string are padded by `generate`; the cut below drops that tail.
+        # `generate` pads rows finished by a stop string; the cut below drops that tail.
         # A pad token sampled mid-row is an ordinary token: its log-prob is part of the policy.
         if stop:
             end, reason = _cut_at_stop(tok, ids_list, end, reason, stop)
@@ -73,6 +139,28 @@ class HFEngine:
 
     def checksum(self) -> str:
         return weights_checksum(self.model)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token `[r]`, its log-prob `[r]`): greedy at T = 0, else a draw from softmax(logits / T) after
+    top-p filtering; the log-prob is of the full distribution at T (1 for greedy), in float32."""
+    greedy = temperature == 0
+    logp = F.log_softmax(logits.float() / (1.0 if greedy else temperature), dim=-1)  # [r, V]
+    if greedy:
+        new = logp.argmax(dim=-1)
+    else:
+        kept = _top_p(logp, top_p) if top_p < 1.0 else logp
+        new = torch.multinomial(kept.softmax(dim=-1), 1, generator=gen).squeeze(1)
+    return new, logp.gather(-1, new[:, None]).squeeze(1)
+
+
+def _top_p(logp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) all but the smallest set of most likely tokens whose mass reaches `top_p`, at least
+    one (Hugging Face's TopPLogitsWarper)."""
+    sorted_logp, order = logp.sort(dim=-1)  # ascending
+    drop = sorted_logp.exp().cumsum(dim=-1) <= 1 - top_p
+    drop[:, -1] = False
+    return logp.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
 def _cut_at_stop(tok, ids: list[int], end: int, reason: str, stop: tuple[str, ...]) -> tuple[int, str]:
