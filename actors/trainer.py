@@ -61,6 +61,14 @@ def ds_config(micro: int, grad_accum: int, world: int, zero_stage: int, grad_cli
 EPOCH_STATS = ("approx_kl", "clip_frac")  # also reported per epoch when K > 1: they grow as the policy moves
 
 
+def micro_slices(n: int, grad_accum: int) -> list[slice]:
+    """`grad_accum` contiguous slices of `n` rows, as equal as can be: DeepSpeed counts one backward per
+    micro-batch to find the optimizer step, so a rank's share always makes exactly that many."""
+    if n < grad_accum:
+        raise ValueError(f"{n} rows cannot make {grad_accum} micro-batches; shard gives each rank at least that many")
+    return [slice(i * n // grad_accum, (i + 1) * n // grad_accum) for i in range(grad_accum)]
+
+
 def zero_loss(output: torch.Tensor) -> torch.Tensor:
     """A loss with exactly zero gradient, through the same graph as the real loss (the model's `output`):
     a NaN/inf micro-batch still takes its backward pass, so ZeRO's gradient hooks fire in the same order
@@ -124,10 +132,7 @@ class DeepSpeedRank:
         for epoch in range(epochs):
             for i, mb in enumerate(minibatches):
                 self.before_update = epoch == 0 and i == 0  # no optimizer step yet in this train_step
-                n = mb["input_ids"].shape[0]
-                micro = self.cfg["micro_batch_size"]
-                chunks = [trim(select(mb, slice(lo, lo + micro))) for lo in range(0, n, micro)]
-                assert len(chunks) == self.grad_accum, (len(chunks), self.grad_accum)
+                chunks = [trim(select(mb, rows)) for rows in micro_slices(mb["input_ids"].shape[0], self.grad_accum)]
                 for chunk in chunks:
                     t0 = time.perf_counter()
                     loss, stats, weight, output = self._micro_loss(chunk, mb["global_units"])

@@ -87,17 +87,37 @@ def sequence_kl(batch: dict[str, torch.Tensor]) -> float:
     return float(torch.where(mask, per_token, 0).sum(-1).mean())
 
 
-def by_length(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The rows sorted by response length, then prompt length: consecutive micro-batches then hold sequences of
-    similar length, and `actors.batch.trim` cuts away most of their padding (the losses are sums over rows,
-    so the order changes no gradient)."""
-    key = part["response_mask"].sum(1) * (part["attention_mask"].shape[1] + 1) + part["attention_mask"].sum(1)
-    return select(part, torch.argsort(key, stable=True))
+def training_order(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rows reordered for micro-batching: rows of one prompt next to each other (a micro-batch runs each
+    distinct prompt once, `actors.modeling.response_logits`), prompts by their longest response, then prompt
+    length, so that `actors.batch.trim` cuts away most padding (the losses are sums over rows, so the order
+    changes no gradient)."""
+    am, rm = part["attention_mask"], part["response_mask"]
+    p = am.shape[1] - rm.shape[1]
+    response = rm.sum(1)  # [B]
+    _, prompt = torch.unique(torch.cat([part["input_ids"][:, :p], am[:, :p]], 1), dim=0, return_inverse=True)  # [B]
+    longest = torch.zeros(int(prompt.max()) + 1).scatter_reduce(0, prompt, response, "amax")  # [U]
+    order = torch.argsort(response, stable=True)
+    for key in (prompt, am[:, :p].sum(1), longest[prompt]):  # least significant first
+        order = order[torch.argsort(key[order], stable=True)]
+    return select(part, order)
 
 
-def shard(batch: dict[str, torch.Tensor], num_minibatches: int, world_size: int, agg: str) -> list[list[dict]]:
-    """Per rank, its contiguous slice of each mini-batch (sorted `by_length`), tagged with the mini-batch's
-    aggregation units."""
+def inert_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Rows whose advantage is 0 at every response token, `[B]` bool: with no KL or entropy term in the loss
+    their loss and gradient are exactly 0 (3.14 is a sum of A_t times a ratio term), e.g. every sample of a
+    GRPO group whose rewards are all equal (3.12)."""
+    return ((batch["advantages"] * batch["response_mask"]) == 0).all(1)  # [B]
+
+
+def shard(batch: dict[str, torch.Tensor], num_minibatches: int, world_size: int, agg: str,
+          skip_inert: bool = False, min_rows: int = 1) -> list[list[dict]]:
+    """Per rank, its slice of each mini-batch (in `training_order`), tagged with the mini-batch's aggregation units.
+
+    `skip_inert` leaves out `inert_rows` (no forward or backward is spent on a zero gradient); the units still
+    count them, so the loss and gradient are the same as with them. The rows that carry signal are split evenly
+    over the ranks, and a rank gets inert rows as filler up to `min_rows` (its micro-batches per optimizer step:
+    DeepSpeed counts one backward per micro-batch)."""
     n = batch["input_ids"].shape[0]
     mb_size = n // num_minibatches
     per_rank = mb_size // world_size
@@ -105,8 +125,15 @@ def shard(batch: dict[str, torch.Tensor], num_minibatches: int, world_size: int,
     for m in range(num_minibatches):
         mb = select(batch, slice(m * mb_size, (m + 1) * mb_size))
         units = float(mb["response_mask"].sum()) if agg == "token-mean" else float(mb_size)
+        if skip_inert:
+            inert = inert_rows(mb)
+            filler = inert.nonzero().squeeze(1).tolist()
+            rows = [idx.tolist() for idx in (~inert).nonzero().squeeze(1).tensor_split(world_size)]
+            rows = [r + [filler.pop() for _ in range(max(0, min_rows - len(r)))] for r in rows]
+        else:
+            rows = [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(world_size)]
         for r in range(world_size):
-            part = by_length(select(mb, slice(r * per_rank, (r + 1) * per_rank)))
+            part = training_order(select(mb, torch.tensor(rows[r], dtype=torch.long)))
             part["global_units"] = max(units, 1.0)
             out[r].append(part)
     return out

@@ -226,6 +226,11 @@ class AlgorithmConfig(_Section):
         "token-mean", description="How per-token losses are averaged."
     )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient (2.18).")
+    skip_zero_advantage: bool = Field(
+        True, description="Rows whose advantage is 0 at every token (e.g. GRPO groups whose rewards are all equal) "
+        "skip the trainer's forward/backward when the loss has no KL or entropy term: their gradient is exactly 0, "
+        "and the token-mean still counts them, so the update is the same. The trainer's stats (entropy, "
+        "clip_frac, mismatch) then cover the trained rows; train/skipped_rows_frac says how many were left out.")
     dynamic_sampling: bool = Field(
         False, description="DAPO dynamic sampling: drop groups whose rewards are all equal (no signal) and sample "
         "more prompts until the batch is full.")

@@ -311,7 +311,8 @@ def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: Sam
     if samples_out is not None:
         samples_out += sample_records(groups, batch, cfg.logging.sample_groups)
     t, agg = cfg.trainer, cfg.algorithm.agg
-    policy_shards = shard(batch, t.num_minibatches, t.num_workers, agg) if train_policy else None
+    skip = cfg.algorithm.skip_zero_advantage and batch["kl_coef"] == 0 and cfg.algorithm.entropy_coef == 0
+    policy_shards = shard(batch, t.num_minibatches, t.num_workers, agg, skip, pools.grad_accum) if train_policy else None
     critic_shards = shard(batch, t.num_minibatches, len(pools.critics), agg) if pools.critics else None
     trained_version = pools.version  # the weights the trainer holds before this update
     t_train = time.perf_counter()
@@ -335,6 +336,9 @@ def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: Sam
     if cfg.algorithm.dynamic_sampling:
         m["sampling/dropped_frac"] = 1.0 - sum(len({s.reward for s in g.samples}) > 1 for g in generated) / len(generated)
         m["sampling/rounds"] = float(rounds)
+    if policy_shards:
+        trained = sum(part["input_ids"].shape[0] for parts in policy_shards for part in parts)
+        m["train/skipped_rows_frac"] = 1.0 - trained / batch["input_ids"].shape[0]
     m["advantage/abs_mean"] = float(batch["advantages"].abs().sum() / batch["response_mask"].sum())
     m["policy_version"] = float(version)
     m["staleness"] = statistics.fmean(trained_version - g.policy_version for g in groups)

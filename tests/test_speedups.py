@@ -97,6 +97,7 @@ class _AsyncPools:
 
     rollout, reward, reward_models, scoring, critics = [0], [0], [], [], []
     restarts: dict = {}
+    grad_accum = 1  # micro-batches per optimizer step of each trainer rank
 
     def __init__(self):
         self.version, self.trained = 0, []
@@ -264,3 +265,37 @@ def test_shards_sort_rows_by_length_so_micro_batches_carry_less_padding_and_the_
     slots_plain, loss_plain = slots_and_loss(plain_parts)
     assert slots_sorted < 0.95 * slots_plain, (slots_sorted, slots_plain)  # here 804 vs 888
     assert loss_sorted == pytest.approx(loss_plain, rel=1e-5)
+
+
+def test_shards_leave_out_zero_advantage_rows_but_keep_their_units_and_fill_each_rank_to_its_micro_batches():
+    """`skip_inert`: every row with a nonzero advantage is trained exactly once, spread evenly over the ranks;
+    rows with A = 0 everywhere only fill a rank up to `min_rows`; the token-mean units are the full mini-batch's."""
+    from actors.batch import collate
+    from orchestrator.batching import inert_rows, shard
+
+    g = torch.Generator().manual_seed(1)
+    n = 64
+    prompts = [[5] * int(torch.randint(2, 6, (1,), generator=g)) for _ in range(n)]
+    responses = [[7] * int(torch.randint(1, 9, (1,), generator=g)) for _ in range(n)]
+    batch = collate(prompts, responses, pad_id=0)
+    mask = batch["response_mask"]
+    signal = torch.zeros(n, dtype=torch.bool)
+    signal[torch.randperm(n, generator=g)[:21]] = True  # 21 rows with signal: 2 mini-batches x 2 ranks, uneven
+    batch["advantages"] = torch.where(signal[:, None], torch.randn((n, 1), generator=g), 0.0).expand_as(mask) * mask
+    batch["row_id"] = torch.arange(n)
+    assert inert_rows(batch).tolist() == (~signal).tolist()
+
+    plain = shard(batch, 2, 2, "token-mean")
+    for min_rows in (1, 3, 9):
+        parts = shard(batch, 2, 2, "token-mean", skip_inert=True, min_rows=min_rows)
+        for m in range(2):
+            mb_rows = set(range(m * 32, (m + 1) * 32))
+            mb_signal = {i for i in mb_rows if signal[i]}
+            got = [parts[r][m]["row_id"].tolist() for r in range(2)]
+            assert set(got[0]).isdisjoint(got[1]) and set(got[0]) | set(got[1]) <= mb_rows
+            assert mb_signal <= set(got[0]) | set(got[1])
+            trained_signal = [len(mb_signal & set(x)) for x in got]
+            assert abs(trained_signal[0] - trained_signal[1]) <= 1  # balanced over the ranks
+            for r in range(2):
+                assert len(got[r]) == max(min_rows, trained_signal[r])  # filler only up to min_rows
+                assert parts[r][m]["global_units"] == plain[r][m]["global_units"] == float(mask[m * 32 : (m + 1) * 32].sum())

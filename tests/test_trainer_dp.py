@@ -26,10 +26,10 @@ def synthetic_batch(n: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor
     return batch
 
 
-MICRO = 6  # 1 rank: micro-batches of 6, 6, 4 per mini-batch; 2 ranks: 6, 2 — different partitions
+MICRO = 6  # 1 rank: micro-batches of 5, 5, 6 rows per mini-batch; 2 ranks: 4, 4 — different partitions
 
 
-def run_ranks(world: int, batch: dict, model_path: str, agg: str, zero_stage: int = 2
+def run_ranks(world: int, batch: dict, model_path: str, agg: str, zero_stage: int = 2, skip_inert: bool = False
               ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """One train step on `world` ranks: rank 0's weights after it, and every rank's stats."""
     import ray
@@ -39,11 +39,12 @@ def run_ranks(world: int, batch: dict, model_path: str, agg: str, zero_stage: in
     alg = AlgorithmConfig(agg=agg, clip_low=0.2, clip_high=0.28).model_dump()
     model = ModelConfig(path=model_path).model_dump()
     per_rank = batch["input_ids"].shape[0] // (2 * world)
+    grad_accum = -(-per_rank // MICRO)
     ranks = [ray.remote(PolicyTrainer).options(num_cpus=1, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}).remote(
-        r, world, model, trainer, alg, 1.0, 8, -(-per_rank // MICRO), 1, 0) for r in range(world)]
+        r, world, model, trainer, alg, 1.0, 8, grad_accum, 1, 0) for r in range(world)]
     addr, port = ray.get(ranks[0].rendezvous.remote())
     ray.get([r.setup.remote(addr, port) for r in ranks])
-    stats = ray.get([r.train_step.remote(s) for r, s in zip(ranks, shard(batch, 2, world, agg))])
+    stats = ray.get([r.train_step.remote(s) for r, s in zip(ranks, shard(batch, 2, world, agg, skip_inert, grad_accum))])
     assert all(s["grad_norm"] > 0 for s in stats)
     # all ranks at once: under ZeRO-3 reading the weights gathers every rank's shard
     states = [unpack_state_dict(x) for x in ray.get([r.state_dict.remote() for r in ranks])]
@@ -55,7 +56,7 @@ def run_ranks(world: int, batch: dict, model_path: str, agg: str, zero_stage: in
     return states[0], stats
 
 
-_ONE_RANK: dict[tuple[str, str], tuple[dict[str, torch.Tensor], list[dict]]] = {}
+_ONE_RANK: dict[tuple, tuple[dict[str, torch.Tensor], list[dict]]] = {}
 
 
 @pytest.mark.parametrize("agg, zero_stage", [("token-mean", 2), ("seq-mean-token-mean", 2), ("token-mean", 3)])
@@ -78,4 +79,26 @@ def test_two_ranks_match_one_rank(ray_local, tiny_model, agg, zero_stage):
     # elements, so compare the whole update (measured: ~1e-5 when right).
     rel = float((delta_two - delta_one).norm() / delta_one.norm())
     print(f"relative update difference 2 ranks vs 1: {rel:.2e}")
+    assert rel < 1e-3
+
+
+def test_leaving_out_zero_advantage_rows_gives_the_same_update(ray_local, tiny_model):
+    """Half the rows have A = 0 (as in GRPO groups with all-equal rewards): 2 ranks that never run them (two
+    mini-batches, two epochs, so the second pass is off-policy) must update the weights as 1 rank that runs all."""
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    batch = synthetic_batch(32, vocab=initial["model.embed_tokens.weight"].shape[0], seed=3)
+    inert = torch.arange(32) % 4 < 2  # 16 rows, spread over both mini-batches
+    batch["advantages"] = torch.where(inert[:, None], 0.0, batch["advantages"])
+    if ("token-mean", tiny_model, 3) not in _ONE_RANK:
+        _ONE_RANK["token-mean", tiny_model, 3] = run_ranks(1, batch, tiny_model, "token-mean")
+    one, stats_one = _ONE_RANK["token-mean", tiny_model, 3]
+    two, stats_two = run_ranks(2, batch, tiny_model, "token-mean", skip_inert=True)
+    assert stats_two[0]["grad_norm"] == pytest.approx(stats_one[0]["grad_norm"], rel=1e-4)
+    delta_one = torch.cat([(one[k] - initial[k]).flatten() for k in one])
+    delta_two = torch.cat([(two[k] - initial[k]).flatten() for k in one])
+    assert delta_one.abs().max() > 1e-3
+    rel = float((delta_two - delta_one).norm() / delta_one.norm())
+    print(f"relative update difference, zero-advantage rows left out vs run: {rel:.2e}")
     assert rel < 1e-3
