@@ -9,6 +9,7 @@ update as one rank with the same global batch.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import socket
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from actors.batch import select, trim
+from actors.batch import expand, select, trim
 from actors.modeling import load_causal_lm, load_tokenizer, response_logprobs, set_threads
 from actors.weights import pack_state_dict, weights_checksum
 from algorithms.losses import entropy, grpo_loss, tis_weights
@@ -117,12 +118,14 @@ class DeepSpeedRank:
                            c["grad_clip"], m["dtype"])
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=config)
+        gc.freeze()  # the modules and libraries live on: Python's collector stops re-walking them every step
         return sum(p.numel() for p in model.parameters())
 
     def train_step(self, minibatches: list[dict]) -> dict[str, float]:
         """K epochs over this rank's slices of the step's mini-batches; one optimizer step per mini-batch."""
         engine = self.engine
         engine.train()
+        minibatches = [expand(mb) for mb in minibatches]  # as `Pools.train` compacted them for the trip
         sums: dict[str, float] = {}
         ratio_max: float | None = None  # policy only
         weight_total, skipped = 0.0, 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import sys
@@ -130,6 +131,7 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
                               f"({len(eval_rows)} prompts)")
             writer.write(0, m)
         progress.skip_to(state.step)
+        gc.freeze()  # the dataset and start-up objects live on: Python's collector stops re-walking them every step
         for step in range(state.step + 1, loop.steps + 1):
             moves = step > cfg.critic.warmup_steps or not pools.critics  # critic warm-up: the policy waits
             state.version += moves
@@ -308,27 +310,17 @@ def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: Sam
                                              cfg.rollout.prompts_per_call)
     beta = kl.value if kl is not None else cfg.algorithm.kl_coef
     batch = build_batch(groups, cfg.algorithm, pad_id, beta)
-    if samples_out is not None:
-        samples_out += sample_records(groups, batch, cfg.logging.sample_groups)
     t, agg = cfg.trainer, cfg.algorithm.agg
     skip = cfg.algorithm.skip_zero_advantage and batch["kl_coef"] == 0 and cfg.algorithm.entropy_coef == 0
     policy_shards = shard(batch, t.num_minibatches, t.num_workers, agg, skip, pools.grad_accum) if train_policy else None
     critic_shards = shard(batch, t.num_minibatches, len(pools.critics), agg) if pools.critics else None
     trained_version = pools.version  # the weights the trainer holds before this update
     t_train = time.perf_counter()
-    policy_stats, critic_stats = pools.train(policy_shards, critic_shards)
-    t2 = time.perf_counter()
-    if next_flight is not None:
-        next_flight.wait_generated()  # workers load the new weights only after these chunks
-        ahead.flight = next_flight
-    t_sync = time.perf_counter()
-    versions = pools.sync_weights(version, policy=train_policy)
-    assert set(versions) == {version}, versions
-    t3 = time.perf_counter()
+    training = pools.start_train(policy_shards, critic_shards)
+    # What needs only the batch is worked out while the trainers run.
+    if samples_out is not None:
+        samples_out += sample_records(groups, batch, cfg.logging.sample_groups)
     m = rollout_metrics(generated, cfg.reward.accuracy_threshold, cfg.reward.accuracy_label)
-    m |= merge_rank_stats(policy_stats) if policy_stats else {}
-    m |= {k if k.startswith("critic/") else f"critic/{k}": v
-          for k, v in (merge_rank_stats(critic_stats) if critic_stats else {}).items()}
     m |= value_metrics(batch) if "returns" in batch else {}
     m["kl/sequence"], m["kl/beta"] = sequence_kl(batch), beta
     if kl is not None:
@@ -340,6 +332,18 @@ def train_step(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling: Sam
         trained = sum(part["input_ids"].shape[0] for parts in policy_shards for part in parts)
         m["train/skipped_rows_frac"] = 1.0 - trained / batch["input_ids"].shape[0]
     m["advantage/abs_mean"] = float(batch["advantages"].abs().sum() / batch["response_mask"].sum())
+    policy_stats, critic_stats = pools.finish_train(training)
+    t2 = time.perf_counter()
+    if next_flight is not None:
+        next_flight.wait_generated()  # workers load the new weights only after these chunks
+        ahead.flight = next_flight
+    t_sync = time.perf_counter()
+    versions = pools.sync_weights(version, policy=train_policy)
+    assert set(versions) == {version}, versions
+    t3 = time.perf_counter()
+    m |= merge_rank_stats(policy_stats) if policy_stats else {}
+    m |= {k if k.startswith("critic/") else f"critic/{k}": v
+          for k, v in (merge_rank_stats(critic_stats) if critic_stats else {}).items()}
     m["policy_version"] = float(version)
     m["staleness"] = statistics.fmean(trained_version - g.policy_version for g in groups)
     m |= {f"restarts/{name}": float(n) for name, n in pools.restarts.items()}

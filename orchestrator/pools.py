@@ -9,6 +9,7 @@ from pathlib import Path
 
 import ray
 
+from actors.batch import compact
 from actors.critic import CriticTrainer
 from actors.engines import SamplingParams
 from actors.reward import RewardWorker
@@ -311,13 +312,18 @@ class Pools:
                                + text.rstrip())
         return out
 
-    def train(self, shards: list[list[dict]] | None, critic_shards: list[list[dict]] | None = None
-              ) -> tuple[list[dict], list[dict]]:
-        """One training step on every policy rank and (PPO) every critic rank, side by side; their per-rank
-        stats. `shards` None leaves the policy as it is (critic warm-up)."""
-        policy = [tr.train_step.remote(sh) for tr, sh in zip(self.trainers, shards)] if shards is not None else []
-        critic = [cr.train_step.remote(sh) for cr, sh in zip(self.critics, critic_shards or [])]
-        return ray.get(policy), ray.get(critic)
+    def start_train(self, shards: list[list[dict]] | None, critic_shards: list[list[dict]] | None = None
+                    ) -> tuple[list, list]:
+        """Start one training step on every policy rank and (PPO) every critic rank, side by side (`finish_train`
+        waits for it). `shards` None leaves the policy as it is (critic warm-up)."""
+        policy = [tr.train_step.remote([compact(mb) for mb in sh]) for tr, sh in zip(self.trainers, shards or [])]
+        critic = [cr.train_step.remote([compact(mb) for mb in sh]) for cr, sh in zip(self.critics, critic_shards or [])]
+        return policy, critic
+
+    @staticmethod
+    def finish_train(started: tuple[list, list]) -> tuple[list[dict], list[dict]]:
+        """The per-rank stats of the policy and critic ranks of a `start_train`."""
+        return ray.get(started[0]), ray.get(started[1])
 
     def sync_weights(self, version: int, policy: bool = True) -> list[int]:
         """Trainer rank 0's weights, put once into the object store (one ObjectRef passed to every receiver, which
