@@ -26,6 +26,8 @@ SETTINGS = {
     "async": ["loop.max_staleness=1"],  # the next step generates while this one trains
     "async_1thread": ["loop.max_staleness=1", "rollout.threads=1"],
     "on_policy_1thread": ["rollout.threads=1"],
+    "no_skip": ["algorithm.skip_zero_advantage=false"],  # all-equal groups run through the trainer too
+    "small_calls": ["rollout.prompts_per_call=8", "trainer.micro_batch_size=64"],  # the example's earlier batching
 }
 KEYS = ["time/step", "time/rollout", "time/generate", "time/reward", "time/score", "time/train_forward_backward",
         "time/optimizer", "time/sync", "time/overhead"]
