@@ -55,15 +55,17 @@ def cached_forward(model, cache=None, **inputs) -> tuple[torch.Tensor, object]:
     return out.logits, out[name]
 
 
-def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int) -> torch.Tensor:
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                    share_prompts: bool = True) -> torch.Tensor:
     """Logits that predict each response token: `[B, T, V]` (position P-1+t predicts token P+t).
 
-    When the rows repeat prompts (G samples of one prompt), each distinct prompt runs once and its KV cache
-    is copied to the rows that continue it: the same logits, and gradients reach the prompt through the copies."""
+    When the rows repeat prompts (G samples of one prompt) and `share_prompts`, each distinct prompt runs once
+    and its KV cache is copied to the rows that continue it: the same logits, and gradients reach the prompt
+    through the copies."""
     p = input_ids.shape[1] - response_len
     prompts, rows = torch.unique(torch.cat([input_ids[:, :p], attention_mask[:, :p]], 1), dim=0,
                                  return_inverse=True)  # [U, 2P], [B]
-    if 2 * prompts.shape[0] <= input_ids.shape[0]:
+    if share_prompts and 2 * prompts.shape[0] <= input_ids.shape[0]:
         u_ids, u_mask = prompts[:, :p], prompts[:, p:]
         logits, cache = cached_forward(model, input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids(u_mask))
         if hasattr(cache, "batch_select_indices"):
@@ -81,10 +83,11 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.gather(F.log_softmax(logits, dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, T]
 
 
-def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, share_prompts: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs `[B, T]`, logits `[B, T, V]`) of the response tokens of a collated batch."""
     t = batch["response_mask"].shape[1]
-    logits = response_logits(model, batch["input_ids"], batch["attention_mask"], t)
+    logits = response_logits(model, batch["input_ids"], batch["attention_mask"], t, share_prompts)
     return token_logprobs(logits, batch["input_ids"][:, -t:], temperature), logits
 
 

@@ -34,15 +34,16 @@ class ScoringWorker:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  with_reference: bool = True, temperature: float = 1.0, micro_batch_size: int = 64,
                  threads: int | None = None, device: str = "cpu", value_model: str | None = None,
-                 with_policy: bool = True):
+                 with_policy: bool = True, share_prompts: bool = True):
         """`value_model`: where the critic starts (PPO); None scores no values. `with_policy` False: no
-        old-policy scoring (pi_old comes from the rollout's log-probs)."""
+        old-policy scoring (pi_old comes from the rollout's log-probs). `share_prompts`: see
+        `actors.modeling.response_logits`."""
         set_threads(threads)
         self.pad_id = load_tokenizer(model_path, trust_remote_code).pad_token_id
         self.policy = load_causal_lm(model_path, dtype, trust_remote_code, device).eval() if with_policy else None
         self.reference = load_causal_lm(model_path, dtype, trust_remote_code, device).eval() if with_reference else None
         self.critic = load_value_model(value_model, dtype, trust_remote_code, device).eval() if value_model else None
-        self.temperature = temperature
+        self.temperature, self.share_prompts = temperature, share_prompts
         self.micro_batch_size = micro_batch_size
         self.version = 0
 
@@ -59,7 +60,7 @@ class ScoringWorker:
         return rows
 
     def _logprobs(self, model, batch: dict[str, torch.Tensor]) -> list[list[float]]:
-        return self._per_token(lambda mb: response_logprobs(model, mb, self.temperature)[0], batch)
+        return self._per_token(lambda mb: response_logprobs(model, mb, self.temperature, self.share_prompts)[0], batch)
 
     def score(self, groups: list[Group]) -> list[Group]:
         """Fill `old_logp` of every sample when a policy copy is held, `ref_logp` when a reference is and

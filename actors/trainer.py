@@ -251,7 +251,8 @@ class PolicyTrainer(DeepSpeedRank):
         alg = self.alg
         mask = chunk["response_mask"]
         beta = float(chunk.get("kl_coef", alg["kl_coef"]))
-        logp, logits = response_logprobs(self.engine, chunk, self.temperature)  # [b, t], [b, t, V]
+        logp, logits = response_logprobs(self.engine, chunk, self.temperature,
+                                         self.model_cfg["share_prompt_forward"])  # [b, t], [b, t, V]
         if self.before_update and "rollout_logp" in chunk:
             with torch.no_grad():
                 gap = torch.where(mask.bool(), (logp - chunk["rollout_logp"]).abs(), 0)  # [b, t]

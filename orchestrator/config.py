@@ -51,6 +51,10 @@ class ModelConfig(_Section):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the checkpoint.")
+    share_prompt_forward: bool = Field(
+        True, description="Trainer and scoring passes run each distinct prompt of a micro-batch once and continue "
+        "its G samples from copies of its KV cache (the same logits and gradients, less compute); false: one full "
+        "forward per row, for a model whose cache cannot be copied row-wise.")
 
 
 class DataSource(_Section):

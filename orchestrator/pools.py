@@ -163,7 +163,7 @@ class Pools:
                     with_reference=cfg.algorithm.kl_coef > 0, temperature=r.temperature,
                     micro_batch_size=s.micro_batch_size, threads=s.threads, device="cuda" if s.num_gpus > 0 else "cpu",
                     value_model=self.critic_path(cfg, model_path),
-                    with_policy=self.scoring_holds_policy, **common),
+                    with_policy=self.scoring_holds_policy, share_prompts=m.share_prompt_forward, **common),
             }
             self.rollout = [self._make["rollout"](i) for i in range(r.num_workers)]
             self.reward = [self._make["reward"](i) for i in range(rw.num_workers if functions else 0)]

@@ -65,10 +65,11 @@ def test_rows_sharing_a_prompt_match_each_row_run_alone(tiny_model):
     assert max(float(g.abs().max()) for g in alone_grads) > 1e-3  # a real gradient, so agreement means something
 
 
-def test_rows_with_distinct_prompts_take_one_plain_forward(tiny_model):
+def test_rows_with_distinct_prompts_or_sharing_off_take_one_plain_forward(tiny_model):
     model = load_causal_lm(tiny_model)
-    batch, _, _ = _batch(group_size=1)
-    seen, handle = _rows_seen(model)
-    response_logits(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"].shape[1])
-    handle.remove()
-    assert seen == [3]
+    for group_size, share in ((1, True), (4, False)):
+        batch, _, _ = _batch(group_size=group_size)
+        seen, handle = _rows_seen(model)
+        response_logits(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"].shape[1], share)
+        handle.remove()
+        assert seen == [3 * group_size]
