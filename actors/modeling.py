@@ -62,17 +62,19 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     When the rows repeat prompts (G samples of one prompt) and `share_prompts`, each distinct prompt runs once
     and its KV cache is copied to the rows that continue it: the same logits, and gradients reach the prompt
     through the copies."""
-    p = input_ids.shape[1] - response_len
-    prompts, rows = torch.unique(torch.cat([input_ids[:, :p], attention_mask[:, :p]], 1), dim=0,
-                                 return_inverse=True)  # [U, 2P], [B]
-    if share_prompts and 2 * prompts.shape[0] <= input_ids.shape[0]:
-        u_ids, u_mask = prompts[:, :p], prompts[:, p:]
-        logits, cache = cached_forward(model, input_ids=u_ids, attention_mask=u_mask, position_ids=position_ids(u_mask))
-        if hasattr(cache, "batch_select_indices"):
-            cache.batch_select_indices(rows)  # [U, ...] -> [B, ...]
-            rest, _ = cached_forward(model, cache, input_ids=input_ids[:, p:], attention_mask=attention_mask,
-                                     position_ids=position_ids(attention_mask)[:, p:])  # [B, T, V]
-            return torch.cat([logits[rows, -1:], rest[:, :-1]], 1)  # [B, T, V]
+    if share_prompts:
+        p = input_ids.shape[1] - response_len
+        prompts, rows = torch.unique(torch.cat([input_ids[:, :p], attention_mask[:, :p]], 1), dim=0,
+                                     return_inverse=True)  # [U, 2P], [B]
+        if 2 * prompts.shape[0] <= input_ids.shape[0]:
+            u_ids, u_mask = prompts[:, :p], prompts[:, p:]
+            logits, cache = cached_forward(model, input_ids=u_ids, attention_mask=u_mask,
+                                           position_ids=position_ids(u_mask))
+            if hasattr(cache, "batch_select_indices"):
+                cache.batch_select_indices(rows)  # [U, ...] -> [B, ...]
+                rest, _ = cached_forward(model, cache, input_ids=input_ids[:, p:], attention_mask=attention_mask,
+                                         position_ids=position_ids(attention_mask)[:, p:])  # [B, T, V]
+                return torch.cat([logits[rows, -1:], rest[:, :-1]], 1)  # [B, T, V]
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
     return out.logits[:, -response_len - 1 : -1, :]  # [B, T, V]
 

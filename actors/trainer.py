@@ -125,7 +125,7 @@ class DeepSpeedRank:
         """K epochs over this rank's slices of the step's mini-batches; one optimizer step per mini-batch."""
         engine = self.engine
         engine.train()
-        minibatches = [expand(mb) for mb in minibatches]  # as `Pools.train` compacted them for the trip
+        minibatches = [expand(mb) for mb in minibatches]  # as `Pools.start_train` compacted them for the trip
         sums: dict[str, float] = {}
         ratio_max: float | None = None  # policy only
         weight_total, skipped = 0.0, 0
@@ -178,7 +178,6 @@ class DeepSpeedRank:
         """(loss, detached stats, the chunk's share of the mini-batch's aggregation units, the model output
         the loss was computed from)."""
         raise NotImplementedError
-
 
     def full_parameters(self):
         """A context holding the full parameters on this rank: ZeRO-3 gathers its shards (a collective, so every
