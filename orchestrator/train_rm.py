@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from actors.modeling import load_tokenizer, set_threads
+from actors.modeling import load_tokenizer, set_threads, token_logprobs
 from algorithms.losses import kwise_reward_model_loss, reward_model_loss
 from orchestrator.offline import (StepProgress, batch_indices, chunks, load_job, make_optimizer, prepare_model,
                                   save_atomically)
@@ -129,8 +129,7 @@ class LMHead(torch.nn.Module):
 def response_nll(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Mean over response tokens of −log p(token | prefix): logits [N, L, V] at each position predict the next
     token; response_mask [N, L] marks the tokens to predict (never position 0)."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [N, L-1, V]
-    token_logp = logp.gather(-1, input_ids[:, 1:, None])[..., 0]  # [N, L-1]
+    token_logp = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # [N, L-1]
     mask = response_mask[:, 1:].float()  # [N, L-1]
     return -(token_logp * mask).sum() / mask.sum().clamp(min=1)
 
