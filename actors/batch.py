@@ -7,6 +7,9 @@ that predict response token t sit at position P-1+t.
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 
 from actors.types import Group
@@ -14,34 +17,39 @@ from actors.types import Group
 
 def collate(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad prompts on the left and responses on the right into one `[B, P+T]` batch."""
-    p = max(len(x) for x in prompt_ids)
-    t = max(1, max(len(x) for x in response_ids))
-    prompt_len = torch.tensor([len(x) for x in prompt_ids])  # [B]
-    prompt_mask = torch.arange(p) >= p - prompt_len[:, None]  # [B, P]
-    response_mask = _right_mask([len(x) for x in response_ids], t)  # [B, T]
-    ids = torch.full((len(prompt_ids), p + t), pad_id, dtype=torch.long)  # [B, P+T]
-    # One flat tensor per side, written through a mask (row-major, so in row order): converting row by row
-    # cost ~10 us a row, most of the orchestrator's overhead for a step of 512 samples.
-    ids[:, :p][prompt_mask] = torch.tensor([i for x in prompt_ids for i in x], dtype=torch.long)
-    ids[:, p:][response_mask] = torch.tensor([i for x in response_ids for i in x], dtype=torch.long)
-    return {"input_ids": ids,
-            "attention_mask": torch.cat([prompt_mask, response_mask], 1).long(),  # [B, P+T]
-            "response_mask": response_mask.float()}  # [B, T]
+    prompt_len, response_len = _lengths(prompt_ids), _lengths(response_ids)  # [B] each
+    p, t = int(prompt_len.max()), max(1, int(response_len.max()))
+    prompt_mask = np.arange(p) >= p - prompt_len[:, None]  # [B, P]
+    response_mask = np.arange(t) < response_len[:, None]  # [B, T]
+    ids = np.full((len(prompt_ids), p + t), pad_id, dtype=np.int64)  # [B, P+T]
+    # One flat array per side, written through a mask (row-major, so in row order), built in numpy: row by row
+    # cost ~10 us a row, most of the orchestrator's overhead for a step of 512 samples, and torch's masked
+    # writes and list conversions took ~2x numpy's time.
+    ids[:, :p][prompt_mask] = _flat(prompt_ids, np.int64)
+    ids[:, p:][response_mask] = _flat(response_ids, np.int64)
+    return {"input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(np.concatenate([prompt_mask, response_mask], 1).astype(np.int64)),
+            "response_mask": torch.from_numpy(response_mask.astype(np.float32))}  # [B, T]
 
 
-def _right_mask(lengths: list[int], width: int) -> torch.Tensor:
-    """`[B, width]` bool: the first `lengths[b]` columns of row b."""
-    return torch.arange(width) < torch.tensor(lengths, dtype=torch.long)[:, None]
+def _lengths(rows: list[list]) -> np.ndarray:
+    """`[B]` int64: each row's length."""
+    return np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+
+
+def _flat(rows: list[list], dtype: type) -> np.ndarray:
+    """Every row's values end to end, one 1-D array (~3x faster than `torch.tensor` of the joined list)."""
+    return np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype)
 
 
 def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     """Right-pad float rows with zeros into `[B, width]` (a row longer than `width` is an error)."""
-    lengths = [len(r) for r in rows]
-    if lengths and max(lengths) > width:
-        raise ValueError(f"a row of {max(lengths)} values does not fit in width {width}")
-    out = torch.zeros(len(rows), width, dtype=torch.float32)  # [B, width]
-    out[_right_mask(lengths, width)] = torch.tensor([v for r in rows for v in r], dtype=torch.float32)
-    return out
+    lengths = _lengths(rows)  # [B]
+    if len(rows) and int(lengths.max()) > width:
+        raise ValueError(f"a row of {int(lengths.max())} values does not fit in width {width}")
+    out = np.zeros((len(rows), width), dtype=np.float32)  # [B, width]
+    out[np.arange(width) < lengths[:, None]] = _flat(rows, np.float32)
+    return torch.from_numpy(out)
 
 
 def collate_groups(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
@@ -52,6 +60,24 @@ def collate_groups(groups: list[Group], pad_id: int) -> dict[str, torch.Tensor]:
     width = batch["response_mask"].shape[1]
     batch["rollout_logp"] = pad_rows([s.rollout_logp for g in groups for s in g.samples], width)
     return batch
+
+
+def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`[U]` the row where each distinct row of `x [B, W]` first occurs, `[B]` which distinct row each row is),
+    numbered in order of first occurrence: the grouping of `torch.unique(dim=0)`, which sorts the rows and took
+    0.45 ms for 320 prompt rows here; a dict over each row's bytes takes 0.06 ms."""
+    a = np.ascontiguousarray(x.detach().cpu().numpy())  # [B, W]
+    keys = a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel().tolist() if a.shape[1] else [b""] * len(a)
+    seen: dict[bytes, int] = {}
+    first: list[int] = []
+    inverse = []
+    for i, key in enumerate(keys):
+        j = seen.setdefault(key, len(first))
+        if j == len(first):
+            first.append(i)
+        inverse.append(j)
+    return (torch.tensor(first, dtype=torch.long, device=x.device),
+            torch.tensor(inverse, dtype=torch.long, device=x.device))
 
 
 def select(batch: dict[str, torch.Tensor], index: slice | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,7 +115,9 @@ def compact(batch: dict[str, torch.Tensor]) -> dict:
     """The batch in fewer bytes for the trip to a trainer (`expand` undoes it exactly): token ids as int32,
     masks as bool, and `old_logp` left out when it is `rollout_logp` itself (algorithm.old_logprobs: rollout).
     About 180 instead of 450 bytes a row here, so a step's shard fits under Ray's 100 KB limit for passing
-    arguments inline, which saved ~3 ms a step over a trip through the object store."""
+    arguments inline, which saved ~3 ms a step over a trip through the object store. Tensors travel as numpy
+    arrays, which Ray serialises as raw buffers: a shard took 0.04 instead of 0.26 ms to serialise, and a call
+    carrying one 1.0 instead of 1.7 ms for its round trip."""
     out = dict(batch)
     out["input_ids"] = batch["input_ids"].to(torch.int32)
     for k in _MASKS:
@@ -97,15 +125,15 @@ def compact(batch: dict[str, torch.Tensor]) -> dict:
     if "old_logp" in batch and "rollout_logp" in batch and torch.equal(batch["old_logp"], batch["rollout_logp"]):
         del out["old_logp"]
         out["old_logp_is_rollout"] = True
-    return out
+    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
 def expand(batch: dict) -> dict[str, torch.Tensor]:
-    """The batch `compact` was given."""
-    out = dict(batch)
-    out["input_ids"] = batch["input_ids"].long()
-    out["attention_mask"] = batch["attention_mask"].long()
-    out["response_mask"] = batch["response_mask"].float()
+    """The batch `compact` was given (its arrays copied: Ray hands an argument's arrays over read-only)."""
+    out = {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    out["input_ids"] = out["input_ids"].long()
+    out["attention_mask"] = out["attention_mask"].long()
+    out["response_mask"] = out["response_mask"].float()
     if out.pop("old_logp_is_rollout", False):
         out["old_logp"] = out["rollout_logp"]
     return out

@@ -47,3 +47,46 @@ def test_compact_then_expand_gives_the_batch_back_in_fewer_bytes():
         assert torch.equal(back[k], v) and back[k].dtype == v.dtype if isinstance(v, torch.Tensor) else back[k] == v
     b["old_logp"][1, 0] = -0.9  # recomputed pi_old differs from the rollout's: it travels
     assert torch.equal(expand(compact(b))["old_logp"], b["old_logp"])
+
+
+def test_expand_takes_read_only_arrays_as_ray_hands_an_argument_over():
+    import warnings
+
+    import numpy as np
+
+    from actors.batch import compact, expand
+
+    b = collate([[5, 6]], [[9, 10]], pad_id=0)
+    b["rollout_logp"] = torch.tensor([[-0.5, -0.25]])
+    small = compact(b)
+    for v in small.values():
+        if isinstance(v, np.ndarray):
+            v.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it wraps a read-only array
+        back = expand(small)
+    back["rollout_logp"][0, 0] = 1.0  # the trainer owns its copy
+    assert small["rollout_logp"][0, 0] == -0.5
+
+
+def test_distinct_rows_numbers_rows_by_first_occurrence():
+    from actors.batch import distinct_rows
+
+    first, inverse = distinct_rows(torch.tensor([[1, 2], [3, 4], [1, 2], [5, 6], [3, 4]]))
+    assert first.tolist() == [0, 1, 3] and inverse.tolist() == [0, 1, 0, 2, 1]
+    first, inverse = distinct_rows(torch.zeros(3, 0, dtype=torch.long))  # no columns: one row, repeated
+    assert first.tolist() == [0] and inverse.tolist() == [0, 0, 0]
+
+
+def test_distinct_rows_groups_as_torch_unique_does():
+    from actors.batch import distinct_rows
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        pool = torch.randint(0, 4, (int(torch.randint(1, 6, (1,), generator=g)), 3), generator=g)
+        x = pool[torch.randint(0, len(pool), (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)]
+        first, inverse = distinct_rows(x)
+        _, expected = torch.unique(x, dim=0, return_inverse=True)
+        assert torch.equal(x[first][inverse], x)  # each row maps to a row equal to it
+        assert len(first) == len(set(expected.tolist()))  # and equal rows share one number
+        assert all(inverse[i] == len(set(inverse[:i].tolist())) for i in first.tolist())  # in order of first sight
