@@ -8,6 +8,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from actors.batch import distinct_rows
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,10 +66,9 @@ def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     through the copies."""
     if share_prompts:
         p = input_ids.shape[1] - response_len
-        prompts, rows = torch.unique(torch.cat([input_ids[:, :p], attention_mask[:, :p]], 1), dim=0,
-                                     return_inverse=True)  # [U, 2P], [B]
-        if 2 * prompts.shape[0] <= input_ids.shape[0]:
-            u_ids, u_mask = prompts[:, :p], prompts[:, p:]
+        first, rows = distinct_rows(torch.cat([input_ids[:, :p], attention_mask[:, :p]], 1))  # [U], [B]
+        if 2 * first.shape[0] <= input_ids.shape[0]:
+            u_ids, u_mask = input_ids[first, :p], attention_mask[first, :p]  # [U, P] each
             logits, cache = cached_forward(model, input_ids=u_ids, attention_mask=u_mask,
                                            position_ids=position_ids(u_mask))
             if hasattr(cache, "batch_select_indices"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.batch import collate_groups, pad_rows, select
+from actors.batch import collate_groups, distinct_rows, pad_rows, select
 from actors.types import Group
 from algorithms.advantages import broadcast_to_tokens, gae, group_normalized, kl_shaped_token_rewards, reinforce_pp, rloo
 from algorithms.kl import kl_estimate
@@ -95,7 +95,7 @@ def training_order(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     am, rm = part["attention_mask"], part["response_mask"]
     p = am.shape[1] - rm.shape[1]
     response = rm.sum(1)  # [B]
-    _, prompt = torch.unique(torch.cat([part["input_ids"][:, :p], am[:, :p]], 1), dim=0, return_inverse=True)  # [B]
+    _, prompt = distinct_rows(torch.cat([part["input_ids"][:, :p], am[:, :p]], 1))  # [B]
     longest = torch.zeros(int(prompt.max()) + 1).scatter_reduce(0, prompt, response, "amax")  # [U]
     order = torch.argsort(response, stable=True)
     for key in (prompt, am[:, :p].sum(1), longest[prompt]):  # least significant first
