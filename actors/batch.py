@@ -70,7 +70,7 @@ def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     keys = a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel().tolist() if a.shape[1] else [b""] * len(a)
     seen: dict[bytes, int] = {}
     first: list[int] = []
-    inverse = []
+    inverse: list[int] = []
     for i, key in enumerate(keys):
         j = seen.setdefault(key, len(first))
         if j == len(first):
