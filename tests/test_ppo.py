@@ -288,14 +288,20 @@ def test_dr_grpo_defaults_to_the_constant_length_norm():
 
 
 @pytest.mark.slow
-def test_ppo_with_a_critic_trains_end_to_end(ray_local, tiny_model, tmp_path):
+def test_ppo_with_a_critic_trains_end_to_end(ray_local, tiny_model, tmp_path, monkeypatch):
     """The real loop with estimator gae: one critic warm-up step, KL in the reward, an adaptive beta; and
-    asynchronous (max_staleness 1), with old-policy log-probs recomputed by the scoring worker and TIS."""
+    asynchronous (max_staleness 1), with old-policy log-probs recomputed by the scoring worker and TIS.
+    The driver's steps run on one torch thread, and the caller's setting is given back."""
     import json
 
+    from orchestrator import loop
     from orchestrator.cli import reward_specs
     from orchestrator.config import JobConfig
     from orchestrator.loop import load_data, train
+
+    threads, real_step = [], loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: threads.append(torch.get_num_threads()) or real_step(*a, **k))
+    torch.set_num_threads(2)
 
     from tests.conftest import base_config
 
@@ -306,6 +312,7 @@ def test_ppo_with_a_critic_trains_end_to_end(ray_local, tiny_model, tmp_path):
         loop={"steps": 3, "prompts_per_step": 4, "eval_size": 4, "eval_every": 2, "max_staleness": 1},
         critic={"warmup_steps": 1, "lr": 1e-3}))
     train(cfg, tmp_path, tiny_model, reward_specs(cfg), load_data(cfg, tiny_model))
+    assert threads == [1, 1, 1] and torch.get_num_threads() == 2
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward/mean" in r]
     assert all(math.isfinite(r["advantage/abs_mean"]) and r["advantage/abs_mean"] > 0 for r in steps)
