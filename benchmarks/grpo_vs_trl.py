@@ -262,7 +262,8 @@ def summarize(records: list[dict], threshold: float) -> dict:
     tokens = sum(float(r["tokens/generated"]) for r in steps)
     evals = sorted((int(r["step"]), float(r["eval/accuracy"])) for r in records if "eval/accuracy" in r)
     stages = {k for r in steps for k in r if k.startswith("time/") and k not in ("time/step", "time/eval")}
-    overhead = [float(r["time/overhead"]) for r in steps if "time/overhead" in r]  # raylhf's breakdown only
+    with_overhead = [r for r in steps if "time/overhead" in r]  # raylhf's breakdown only
+    overhead = [float(r["time/overhead"]) for r in with_overhead]
     return {
         "steps": len(steps),
         "generated_tokens": tokens,
@@ -274,8 +275,9 @@ def summarize(records: list[dict], threshold: float) -> dict:
         "eval_accuracy_start": evals[0][1] if evals else None,
         "eval_accuracy_end": evals[-1][1] if evals else None,
         # the rest of the step outside its measured stages (issue 8: at most 3%): per step, and summed over the run
-        "overhead_frac_median": median([o / t for o, t in zip(overhead, times)]) if overhead else None,
-        "overhead_share": sum(overhead) / sum(times) if overhead else None,
+        "overhead_frac_median": median([o / float(r["time/step"]) for o, r in zip(overhead, with_overhead)])
+        if overhead else None,
+        "overhead_share": sum(overhead) / sum(float(r["time/step"]) for r in with_overhead) if overhead else None,
         "stage_seconds_mean": {k: statistics.fmean(float(r[k]) for r in steps if k in r) for k in sorted(stages)},
         "eval": evals,
         "step_seconds": times,

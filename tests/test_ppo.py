@@ -300,7 +300,9 @@ def test_ppo_with_a_critic_trains_end_to_end(ray_local, tiny_model, tmp_path, mo
     from orchestrator.loop import load_data, train
 
     threads, real_step = [], loop.train_step
-    monkeypatch.setattr(loop, "train_step", lambda *a, **k: threads.append(torch.get_num_threads()) or real_step(*a, **k))
+    monkeypatch.setattr(loop, "train_step",
+                        lambda *a, **k: threads.append(torch.get_num_threads()) or real_step(*a, **k))
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
 
     from tests.conftest import base_config
@@ -311,8 +313,11 @@ def test_ppo_with_a_critic_trains_end_to_end(ray_local, tiny_model, tmp_path, mo
         tiny_model, algorithm=alg, reward={"functions": [{"name": f"{TOY}:length_reward"}]},
         loop={"steps": 3, "prompts_per_step": 4, "eval_size": 4, "eval_every": 2, "max_staleness": 1},
         critic={"warmup_steps": 1, "lr": 1e-3}))
-    train(cfg, tmp_path, tiny_model, reward_specs(cfg), load_data(cfg, tiny_model))
-    assert threads == [1, 1, 1] and torch.get_num_threads() == 2
+    try:
+        train(cfg, tmp_path, tiny_model, reward_specs(cfg), load_data(cfg, tiny_model))
+        assert threads == [1, 1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "reward/mean" in r]
     assert all(math.isfinite(r["advantage/abs_mean"]) and r["advantage/abs_mean"] > 0 for r in steps)
