@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -47,7 +48,14 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 def cache_argument(model) -> str:
     """The name of the KV cache in the model's forward arguments and outputs: `cache` in transformers 5,
     `past_key_values` in 4.x (and in older remote code). A DeepSpeed engine is looked through."""
-    return "cache" if "cache" in inspect.signature(getattr(model, "module", model).forward).parameters else "past_key_values"
+    forward = getattr(model, "module", model).forward
+    return _cache_argument(getattr(forward, "__func__", forward))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(forward) -> str:
+    """`cache_argument` of one forward function: its signature is read once, not on every forward pass."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def cached_forward(model, cache=None, **inputs) -> tuple[torch.Tensor, object]:
