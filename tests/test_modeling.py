@@ -28,11 +28,6 @@ def _batch(group_size: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], lis
     return collate(prompt_ids, response_ids, pad_id=0), prompt_ids, response_ids
 
 
-def _weighted_logp_sum(logp: torch.Tensor, mask: torch.Tensor, seed: int = 1) -> torch.Tensor:
-    w = torch.randn(mask.shape, generator=torch.Generator().manual_seed(seed))
-    return (logp * w * mask).sum()
-
-
 def test_rows_sharing_a_prompt_match_each_row_run_alone(tiny_model):
     torch.manual_seed(0)
     model = load_causal_lm(tiny_model)
@@ -46,11 +41,10 @@ def test_rows_sharing_a_prompt_match_each_row_run_alone(tiny_model):
     handle.remove()
     assert seen == [3, 12]  # 3 distinct prompts once, then the 12 responses on their copied caches
     logp = token_logprobs(logits, batch["input_ids"][:, -t:])
-    loss = _weighted_logp_sum(logp, batch["response_mask"])
-    shared_grads = torch.autograd.grad(loss, list(model.parameters()))
+    w = torch.randn(batch["response_mask"].shape, generator=torch.Generator().manual_seed(1))  # [B, T] loss weights
+    shared_grads = torch.autograd.grad((logp * w * batch["response_mask"]).sum(), list(model.parameters()))
 
     alone, total = [], torch.zeros(())
-    w = torch.randn(batch["response_mask"].shape, generator=torch.Generator().manual_seed(1))
     for i, (pr, rs) in enumerate(zip(prompt_ids, response_ids)):
         ids = torch.tensor([pr + rs])
         row_logits = model(input_ids=ids).logits[0, len(pr) - 1 : -1]  # [len(rs), V]
