@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from actors.modeling import load_value_model, response_values
+from actors.records import TrainBatch
 from actors.trainer import DeepSpeedRank
 from algorithms.losses import value_loss
 
@@ -29,12 +30,12 @@ class CriticTrainer(DeepSpeedRank):
         m = self.model_cfg
         return load_value_model(m["path"], m["dtype"], m["trust_remote_code"], self.device)
 
-    def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
-        mask = chunk["response_mask"]  # [b, t]
-        values = response_values(self.engine, chunk)  # [b, t]
-        loss, stats = value_loss(values, chunk["old_values"], chunk["returns"], mask, self.value_clip, self.agg)
+    def _micro_loss(self, micro: TrainBatch, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
+        mask = micro.response_mask  # [b, t]
+        values = response_values(self.engine, micro)  # [b, t]
+        loss, stats = value_loss(values, micro.old_values, micro.returns, mask, self.value_clip, self.agg)
         valid = mask.bool()
-        err = torch.where(valid, values.detach() - chunk["returns"], 0)  # [b, t]
+        err = torch.where(valid, values.detach() - micro.returns, 0)  # [b, t]
         stats = {"value_loss": loss.detach(), **stats,
                  "value_mae": err.abs().sum() / valid.sum().clamp(min=1)}
         units = float(mask.sum()) if self.agg == "token-mean" else float(mask.shape[0])

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.batch import distinct_rows
+from actors.records import TrainBatch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,6 +39,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
             raise ValueError(f"tokenizer at {path!r} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     return tok
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt as the engines feed them to the model (special tokens added). The driver
+    tokenizes each prompt once, with this, and the ids travel with the request."""
+    return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -94,12 +101,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return torch.gather(F.log_softmax(logits, dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)  # [B, T]
 
 
-def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float, share_prompts: bool = True
+def response_logprobs(model, batch: TrainBatch, temperature: float, share_prompts: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs `[B, T]`, logits `[B, T, V]`) of the response tokens of a collated batch."""
-    t = batch["response_mask"].shape[1]
-    logits = response_logits(model, batch["input_ids"], batch["attention_mask"], t, share_prompts)
-    return token_logprobs(logits, batch["input_ids"][:, -t:], temperature), logits
+    t = batch.response_mask.shape[1]
+    logits = response_logits(model, batch.input_ids, batch.attention_mask, t, share_prompts)
+    return token_logprobs(logits, batch.input_ids[:, -t:], temperature), logits
 
 
 def load_value_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu"):
@@ -127,10 +134,10 @@ def load_value_model(path: str, dtype: str = "float32", trust_remote_code: bool 
     return model.to(device)
 
 
-def response_values(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def response_values(model, batch: TrainBatch) -> torch.Tensor:
     """V(s_t) for every response token t: `[B, T]`, read at position P-1+t, the state before token t is
     chosen (the same position whose logits give token t's log-prob; survey 2.14's V(s_t))."""
-    t = batch["response_mask"].shape[1]
-    am = batch["attention_mask"]
-    out = model(input_ids=batch["input_ids"], attention_mask=am, position_ids=position_ids(am), use_cache=False)
+    t = batch.response_mask.shape[1]
+    am = batch.attention_mask
+    out = model(input_ids=batch.input_ids, attention_mask=am, position_ids=position_ids(am), use_cache=False)
     return out.logits[:, -t - 1 : -1, 0].float()  # [B, T]

@@ -19,7 +19,7 @@ import os
 import time
 
 from actors.reward_pool import Job, RewardProcessPool
-from actors.types import Group, RewardSpec
+from actors.records import Group, RewardSpec
 
 
 def sample_fields(group: Group, sample) -> dict:
@@ -44,7 +44,7 @@ class RewardWorker:
         self.pool = RewardProcessPool({s.label: s.name for s in self.specs}, num_processes, timeout_s)
         self._reported: set[str] = set()
 
-    def score(self, groups: list[Group]) -> list[Group]:
+    def reward(self, groups: list[Group]) -> list[Group]:
         """Add every function's weighted score to each sample's `reward`; fill parts, extras and failures."""
         start = time.perf_counter()
         pairs = [(g, s) for g in groups for s in g.samples]

@@ -16,7 +16,7 @@ import time
 import torch
 
 from actors.modeling import load_tokenizer, set_threads
-from actors.types import Group
+from actors.records import Group
 
 
 class RewardModelError(ValueError):
@@ -70,7 +70,7 @@ class RewardModelWorker:
                 scores[i] = v
         return scores
 
-    def score(self, groups: list[Group]) -> list[Group]:
+    def reward(self, groups: list[Group]) -> list[Group]:
         """Score prompt + completion of every sample; a non-finite score counts as a failure."""
         start = time.perf_counter()
         pairs = [(g, s) for g in groups for s in g.samples]

@@ -8,7 +8,7 @@ import zlib
 
 from actors.engines import SamplingParams, make_engine
 from actors.modeling import set_threads
-from actors.types import Group, GroupRequest, Sample
+from actors.records import Group, PromptRequest, Sample
 
 
 class RolloutWorker:
@@ -24,17 +24,16 @@ class RolloutWorker:
         self.seed = seed
         self.version = 0
 
-    def generate(self, requests: list[GroupRequest], sampling: SamplingParams) -> list[Group]:
+    def generate(self, requests: list[PromptRequest], sampling: SamplingParams) -> list[Group]:
         """Sample `sampling.n` completions per request; the seed depends on the requests and version."""
         start = time.perf_counter()
         key = f"{self.seed}:{self.version}:" + ",".join(r.uid for r in requests)
         seed = zlib.crc32(key.encode())
-        completions = self.engine.generate([r.prompt for r in requests], sampling, seed)
-        prompt_ids = self.engine.encode([r.prompt for r in requests])
+        completions = self.engine.generate([r.prompt_ids for r in requests], sampling, seed)
         groups = []
-        for req, ids, comps in zip(requests, prompt_ids, completions):
+        for req, comps in zip(requests, completions):
             samples = [Sample(c.token_ids, c.text, c.logprobs, c.finish_reason) for c in comps]
-            groups.append(Group(req.uid, req.prompt, req.row, ids, samples, self.version))
+            groups.append(Group(req.uid, req.prompt, req.row, req.prompt_ids, samples, self.version))
         elapsed = time.perf_counter() - start
         Group.spread_time(groups, "generate", elapsed)
         return groups

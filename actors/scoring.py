@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from actors.batch import collate_groups, select, trim
+from actors.batch import collate_groups
 from actors.modeling import load_causal_lm, load_tokenizer, load_value_model, response_logprobs, response_values, set_threads
-from actors.types import Group
+from actors.records import Group, TrainBatch
 from actors.weights import load_packed, weights_checksum
 
 
@@ -48,18 +48,17 @@ class ScoringWorker:
         self.version = 0
 
     @torch.no_grad()
-    def _per_token(self, fn, batch: dict[str, torch.Tensor]) -> list[list[float]]:
+    def _per_token(self, fn, batch: TrainBatch) -> list[list[float]]:
         """`fn(micro_batch) -> [b, t]` over the batch in micro-batches, cut to each response's length."""
         rows: list[list[float]] = []
-        n = batch["input_ids"].shape[0]
-        for lo in range(0, n, self.micro_batch_size):
-            mb = trim(select(batch, slice(lo, lo + self.micro_batch_size)))
+        for lo in range(0, batch.rows, self.micro_batch_size):
+            mb = batch.select(slice(lo, lo + self.micro_batch_size)).trim()
             out = fn(mb)  # [b, t]
-            lengths = mb["response_mask"].sum(-1).long().tolist()
+            lengths = mb.response_mask.sum(-1).long().tolist()
             rows.extend(out[i, :k].tolist() for i, k in enumerate(lengths))
         return rows
 
-    def _logprobs(self, model, batch: dict[str, torch.Tensor]) -> list[list[float]]:
+    def _logprobs(self, model, batch: TrainBatch) -> list[list[float]]:
         return self._per_token(lambda mb: response_logprobs(model, mb, self.temperature, self.share_prompts)[0], batch)
 
     def score(self, groups: list[Group]) -> list[Group]:

@@ -17,10 +17,11 @@ import time
 
 import torch
 
-from actors.batch import expand, select, trim
+from actors.batch import expand
 from actors.modeling import load_causal_lm, load_tokenizer, response_logprobs, set_threads
+from actors.records import TrainBatch
 from actors.weights import pack_state_dict, weights_checksum
-from algorithms.losses import entropy, grpo_loss, tis_weights
+from algorithms.losses import policy_loss_with_kl, entropy, tis_weights
 
 
 def free_port() -> int:
@@ -121,11 +122,12 @@ class DeepSpeedRank:
         gc.freeze()  # the modules and libraries live on: Python's collector stops re-walking them every step
         return sum(p.numel() for p in model.parameters())
 
-    def train_step(self, minibatches: list[dict]) -> dict[str, float]:
-        """K epochs over this rank's slices of the step's mini-batches; one optimizer step per mini-batch."""
+    def train_step(self, shards: list[dict]) -> dict[str, float]:
+        """K epochs over this rank's shards of the step's mini-batches (compacted for the trip,
+        `actors.batch.compact`); one optimizer step per mini-batch."""
         engine = self.engine
         engine.train()
-        minibatches = [expand(mb) for mb in minibatches]  # as `Pools.start_train` compacted them for the trip
+        minibatches = [expand(wire) for wire in shards]
         sums: dict[str, float] = {}
         ratio_max: float | None = None  # policy only
         weight_total, skipped = 0.0, 0
@@ -133,12 +135,12 @@ class DeepSpeedRank:
         epochs = self.cfg["epochs"]
         per_epoch: list[dict[str, float]] = [{} for _ in range(epochs)]  # how far each epoch has moved the policy
         for epoch in range(epochs):
-            for i, mb in enumerate(minibatches):
+            for i, shard in enumerate(minibatches):
                 self.before_update = epoch == 0 and i == 0  # no optimizer step yet in this train_step
-                chunks = [trim(select(mb, rows)) for rows in micro_slices(mb["input_ids"].shape[0], self.grad_accum)]
-                for chunk in chunks:
+                micro_batches = [shard.rows.select(rows).trim() for rows in micro_slices(shard.rows.rows, self.grad_accum)]
+                for micro in micro_batches:
                     t0 = time.perf_counter()
-                    loss, stats, weight, output = self._micro_loss(chunk, mb["global_units"])
+                    loss, stats, weight, output = self._micro_loss(micro, shard.global_units)
                     if not torch.isfinite(loss.detach()).all():  # skip it here; the other ranks' data still count
                         skipped += 1
                         loss, stats = zero_loss(output), {}
@@ -174,8 +176,8 @@ class DeepSpeedRank:
         out["time/optimizer"] = t_opt  # engine.step(): gradient clipping, the AdamW update, ZeRO's gathers
         return out
 
-    def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
-        """(loss, detached stats, the chunk's share of the mini-batch's aggregation units, the model output
+    def _micro_loss(self, micro: TrainBatch, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
+        """(loss, detached stats, the micro-batch's share of the mini-batch's aggregation units, the model output
         the loss was computed from)."""
         raise NotImplementedError
 
@@ -219,22 +221,25 @@ class PolicyTrainer(DeepSpeedRank):
     """A policy rank: the clipped GRPO/PPO loss (survey 3.14, A.10) with optional KL and entropy terms."""
 
     def __init__(self, rank: int, world_size: int, model: dict, trainer: dict, algorithm: dict,
-                 temperature: float, norm_length: int, grad_accum: int, total_steps: int, seed: int = 0,
+                 temperature: float, max_new_tokens: int, grad_accum: int, total_steps: int, seed: int = 0,
                  device: str = "cpu"):
+        """`max_new_tokens` is the constant length L of the `seq-mean-token-sum-norm` aggregation (Dr.GRPO, A.3.1)."""
         super().__init__(rank, world_size, model, trainer, grad_accum, total_steps, seed, device)
-        self.alg, self.temperature, self.norm_length = algorithm, temperature, norm_length
+        self.alg, self.temperature, self.max_new_tokens = algorithm, temperature, max_new_tokens
+        self.kl_coef = 0.0  # β of this step's KL-in-loss term: an argument of `train_step`
         self._mismatch = [0.0, 0.0, 0.0]  # sum |logp - rollout_logp|, tokens, max over this step's first mini-batch
 
-    def train_step(self, minibatches: list[dict]) -> dict[str, float]:
-        """`DeepSpeedRank.train_step`, plus the rollout/trainer log-prob mismatch of the sampled tokens:
+    def train_step(self, shards: list[dict], kl_coef: float = 0.0) -> dict[str, float]:
+        """`DeepSpeedRank.train_step` with β = `kl_coef` in the loss (3.14; 0 when the KL is in the reward or off,
+        set by the driver's KL controller), plus the rollout/trainer log-prob mismatch of the sampled tokens:
         `mismatch/logprob_abs_mean` and `_max` of |log π_trainer − log π_rollout| over the response tokens of
         this rank's first mini-batch, measured in its forward passes before the step's first optimizer step
         (so at the weights the rollout workers serve in strict on-policy mode; with loop.max_staleness 1 it
         includes one update of policy lag), and `mismatch/tokens`, the token count, for merging ranks."""
-        self._mismatch = [0.0, 0.0, 0.0]
-        out = super().train_step(minibatches)
+        self._mismatch, self.kl_coef = [0.0, 0.0, 0.0], kl_coef
+        out = super().train_step(shards)
         total, tokens, worst = self._mismatch
-        if minibatches and "rollout_logp" in minibatches[0]:
+        if shards:
             out |= {"mismatch/logprob_abs_mean": total / max(tokens, 1.0), "mismatch/logprob_abs_max": worst,
                     "mismatch/tokens": tokens}
         return out
@@ -243,28 +248,25 @@ class PolicyTrainer(DeepSpeedRank):
         m = self.model_cfg
         return load_causal_lm(m["path"], m["dtype"], m["trust_remote_code"], self.device)
 
-    def _micro_loss(self, chunk: dict, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
-        """The loss of one micro-batch, its stats, its share of the mini-batch's aggregation units, the logits.
-
-        β of the KL-in-loss term comes with the batch (`kl_coef`, set by the orchestrator's controller)."""
+    def _micro_loss(self, micro: TrainBatch, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
+        """The loss of one micro-batch, its stats, its share of the mini-batch's aggregation units, the logits."""
         alg = self.alg
-        mask = chunk["response_mask"]
-        beta = float(chunk.get("kl_coef", alg["kl_coef"]))
-        logp, logits = response_logprobs(self.engine, chunk, self.temperature,
+        mask = micro.response_mask
+        logp, logits = response_logprobs(self.engine, micro, self.temperature,
                                          self.model_cfg["share_prompt_forward"])  # [b, t], [b, t, V]
-        if self.before_update and "rollout_logp" in chunk:
+        if self.before_update:
             with torch.no_grad():
-                gap = torch.where(mask.bool(), (logp - chunk["rollout_logp"]).abs(), 0)  # [b, t]
+                gap = torch.where(mask.bool(), (logp - micro.rollout_logp).abs(), 0)  # [b, t]
                 self._mismatch[0] += float(gap.sum())
                 self._mismatch[1] += float(mask.sum())
                 self._mismatch[2] = max(self._mismatch[2], float(gap.max()))
         weights, tis_stats = None, {}
         if alg.get("tis_cap") is not None:  # truncated importance sampling: pi_old / pi_rollout, capped
-            weights, tis_stats = tis_weights(chunk["old_logp"], chunk["rollout_logp"], mask, alg["tis_cap"])  # [b, t]
-        loss, stats = grpo_loss(
-            logp, chunk["old_logp"], chunk.get("ref_logp"), chunk["advantages"], mask,
-            alg["clip_low"], alg["clip_high"], beta, alg["kl_kind"], alg["agg"],
-            self.norm_length, alg["dual_clip"], token_weights=weights)
+            weights, tis_stats = tis_weights(micro.old_logp, micro.rollout_logp, mask, alg["tis_cap"])  # [b, t]
+        loss, stats = policy_loss_with_kl(
+            logp, micro.old_logp, micro.ref_logp, micro.advantages, mask,
+            alg["clip_low"], alg["clip_high"], self.kl_coef, alg["kl_kind"], alg["agg"],
+            self.max_new_tokens, alg["dual_clip"], token_weights=weights)
         stats |= tis_stats
         with torch.set_grad_enabled(alg["entropy_coef"] > 0):
             ent = entropy(logits / self.temperature, mask, alg["agg"])

@@ -123,7 +123,7 @@ def tis_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cap: float
     return weights, stats
 
 
-def grpo_loss(
+def policy_loss_with_kl(
     logp: Tensor,
     old_logp: Tensor,
     ref_logp: Tensor | None,
@@ -139,7 +139,8 @@ def grpo_loss(
     ratio_level: str = "token",
     token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """GRPO loss = policy_loss + β·aggregate(KL[π ‖ π_ref]), the negated objective (survey 3.14, A.10, 3.13).
+    """policy_loss + β·aggregate(KL[π ‖ π_ref]): the negated objective of GRPO with the KL in the loss (survey 3.14,
+    A.10, 3.13), and of PPO with β = 0 (the KL then shapes the reward, 3.5.1).
 
     stats: policy_loss's plus "kl" (the aggregated per-token KL) when ref_logp is given; it may be None if beta == 0.
     `token_weights` (TIS) weigh the policy term only.
@@ -149,7 +150,7 @@ def grpo_loss(
     )
     if ref_logp is None:
         if beta != 0:
-            raise ValueError("grpo_loss needs ref_logp when beta != 0")
+            raise ValueError("policy_loss_with_kl needs ref_logp when beta != 0")
         return loss, stats
     with torch.set_grad_enabled(torch.is_grad_enabled() and beta != 0):
         kl = aggregate(kl_estimate(logp, ref_logp, kl_kind, mask), mask, agg, norm_length)

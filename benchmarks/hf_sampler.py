@@ -30,17 +30,19 @@ def main() -> None:
 
     from actors.engines import SamplingParams
     from actors.engines.hf import HFEngine
+    from actors.modeling import encode_prompts
     from examples.arith.task import make_rows
 
     torch.set_num_threads(1)
     prompts = [r["prompt"] for r in make_rows(split="train", n=64, seed=3)]
     sp = SamplingParams(n=8, temperature=1.0, max_new_tokens=10)
     engines = {s: HFEngine(args.model, sampler=s) for s in ("generate", "loop")}
+    prompt_ids = encode_prompts(engines["loop"].tokenizer, prompts)  # tokenized once, as the driver does
 
     def one_pass(engine: HFEngine, per_call: int) -> tuple[float, int]:
         start, tokens = time.perf_counter(), 0
         for i in range(0, len(prompts), per_call):
-            groups = engine.generate(prompts[i : i + per_call], sp, seed=i)
+            groups = engine.generate(prompt_ids[i : i + per_call], sp, seed=i)
             tokens += sum(len(c.token_ids) for g in groups for c in g)
         return time.perf_counter() - start, tokens
 

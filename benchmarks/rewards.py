@@ -1,7 +1,7 @@
 """Reward throughput: N `rewards.math_equiv:math_equiv` calls one after another vs in a RewardWorker's process pool.
 
 Run: python benchmarks/rewards.py [--calls 1000] [--processes 2]
-Prints seconds for the serial loop (in this process) and for `RewardWorker.score` over the same samples
+Prints seconds for the serial loop (in this process) and for `RewardWorker.reward` over the same samples
 (pool of --processes subprocesses; its start-up, which imports math-verify in each child, is timed
 apart), their ratio, and the pool's overhead per sample on a trivial reward (`hash_answer`).
 Both sides are warmed up first (sympy and math-verify imported, caches filled by a few calls).
@@ -20,7 +20,7 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 from actors.reward import RewardWorker  # noqa: E402
-from actors.types import Group, RewardSpec, Sample  # noqa: E402
+from actors.records import Group, RewardSpec, Sample  # noqa: E402
 
 
 def make_samples(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
@@ -63,12 +63,12 @@ def time_pool(spec: RewardSpec, samples: list[tuple[str, str, str]],
     """(start-up seconds, scoring seconds, scores) of a RewardWorker with `processes` subprocesses."""
     start = time.perf_counter()
     worker = RewardWorker([spec], num_processes=processes)
-    worker.score(as_groups(samples[: 4 * processes]))  # warm-up: every child imports its dependencies
+    worker.reward(as_groups(samples[: 4 * processes]))  # warm-up: every child imports its dependencies
     ready = time.perf_counter() - start
     try:
         groups = as_groups(samples)
         start = time.perf_counter()
-        worker.score(groups)
+        worker.reward(groups)
         elapsed = time.perf_counter() - start
     finally:
         worker.close()

@@ -34,7 +34,7 @@ def main() -> None:
     from actors.engines import SamplingParams
     from examples.arith.warmstart import prepare
     from orchestrator.config import JobConfig
-    from orchestrator.data import PromptStream, load_rows
+    from orchestrator.data import load_data
     from orchestrator.pools import Pools
 
     model = args.model or prepare("checkpoints/arith-sft")
@@ -44,7 +44,7 @@ def main() -> None:
                                                            "kwargs": {"split": "train", "n": 5000}}},
             "reward": {"functions": [{"name": "rewards.final_answer:hash_answer"}]},
             "rollout": {"prompts_per_call": 8, "group_size": args.group}}
-    requests = PromptStream(load_rows(JobConfig.model_validate(base).data.train), "prompt", 0).next(args.prompts)
+    requests = load_data(JobConfig.model_validate(base), model).stream.next(args.prompts)
     sampling = SamplingParams(n=args.group, temperature=1.0, max_new_tokens=args.tokens)
     results = {}
     for workers in (1, 2):

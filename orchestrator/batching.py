@@ -1,14 +1,17 @@
-"""Scored groups → advantages (survey 3.12, A.3.1, GAE 2.14-2.17 with KL-shaped rewards 3.5.1) → the
-trainer ranks' mini-batch slices."""
+"""Scored groups → a `TrainBatch` with advantages (survey 3.12, A.3.1, GAE 2.14-2.17 with KL-shaped rewards
+3.5.1, β from a fixed or adaptive controller 2.4.2) → each trainer rank's `Shard` of every mini-batch."""
 
 from __future__ import annotations
 
 import torch
 
-from actors.batch import collate_groups, distinct_rows, pad_rows, select
-from actors.types import Group
+import dataclasses
+
+from actors.batch import collate_groups, distinct_rows, pad_rows
+from actors.records import Group, Shard, TrainBatch
 from algorithms.advantages import broadcast_to_tokens, gae, group_normalized, kl_shaped_token_rewards, reinforce_pp, rloo
 from algorithms.kl import kl_estimate
+from algorithms.kl_control import AdaptiveKLController, FixedKLController
 from orchestrator.config import AlgorithmConfig
 
 
@@ -25,11 +28,16 @@ def sequence_advantages(scores: torch.Tensor, group_size: int, alg: AlgorithmCon
     raise ValueError(f"unknown estimator {alg.estimator!r}")
 
 
-def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: float = 0.0) -> dict[str, torch.Tensor]:
+def loss_kl_coef(alg: AlgorithmConfig, beta: float) -> float:
+    """β of the trainer's KL-in-loss term (3.14) this step: `beta`, or 0 when the KL shapes the reward instead."""
+    return 0.0 if alg.kl_placement == "reward" else beta
+
+
+def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: float = 0.0) -> TrainBatch:
     """One padded batch of every sample with old/ref log-probs and per-token advantages.
 
     `beta` is the KL coefficient of this step: with `kl_placement: reward` it shapes the rewards (3.5.1),
-    with `loss` it travels with the batch as `kl_coef` for the trainer's loss (3.14). `old_logp`, the pi_old
+    with `loss` the trainer's loss takes it (`loss_kl_coef`, 3.14). `old_logp`, the pi_old
     of the PPO ratio (2.4.3), is the behaviour policy's: the rollout engine's log-probs of the sampled tokens
     (`algorithm.old_logprobs: rollout`) or the ScoringWorker's re-scoring at the version that generated each
     group (`recompute`); `rollout_logp` always travels too (mismatch metric, TIS).
@@ -37,35 +45,32 @@ def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: fl
     group_size = len(groups[0].samples)
     samples = [s for g in groups for s in g.samples]
     batch = collate_groups(groups, pad_id)
-    mask = batch["response_mask"]  # [B, T]
+    mask = batch.response_mask  # [B, T]
     width = mask.shape[1]
     if alg.old_logprobs == "rollout":
-        batch["old_logp"] = batch["rollout_logp"].clone()  # [B, T]
+        old_logp = batch.rollout_logp.clone()  # [B, T]
     else:
         missing = sum(s.old_logp is None for s in samples)
         if missing:
             raise ValueError(f"algorithm.old_logprobs is recompute but {missing} samples were not scored by the "
                              "old policy")
-        batch["old_logp"] = pad_rows([s.old_logp for s in samples], width)  # [B, T]
-    if samples[0].ref_logp is not None:
-        batch["ref_logp"] = pad_rows([s.ref_logp for s in samples], width)  # [B, T]
+        old_logp = pad_rows([s.old_logp for s in samples], width)  # [B, T]
+    ref_logp = pad_rows([s.ref_logp for s in samples], width) if samples[0].ref_logp is not None else None  # [B, T]
     scores = torch.tensor([s.reward for s in samples], dtype=torch.float32)  # [B]
-    batch["scores"] = scores
-    in_reward = alg.kl_placement == "reward" and beta > 0 and "ref_logp" in batch
-    batch["kl_coef"] = 0.0 if alg.kl_placement == "reward" else beta
+    batch = dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp, scores=scores)
+    in_reward = alg.kl_placement == "reward" and beta > 0 and ref_logp is not None
     if alg.estimator == "gae":
         values = pad_rows([s.values for s in samples], width)  # [B, T]
-        rewards = kl_shaped_token_rewards(scores, batch["old_logp"], batch.get("ref_logp", batch["old_logp"]), mask,
+        rewards = kl_shaped_token_rewards(scores, old_logp, ref_logp if ref_logp is not None else old_logp, mask,
                                           beta if in_reward else 0.0, alg.kl_kind)  # [B, T]
         advantages, returns = gae(rewards, values, mask, alg.gamma, alg.lam)  # [B, T] each
-        batch["advantages"] = whiten(advantages, mask) if alg.whiten_advantages else advantages
-        batch["old_values"], batch["returns"] = values, returns
-        return batch
+        advantages = whiten(advantages, mask) if alg.whiten_advantages else advantages
+        return dataclasses.replace(batch, advantages=advantages, old_values=values, returns=returns)
     if in_reward:  # a sequence-level estimator sees the score minus beta times the sequence's summed KL
-        kl = kl_estimate(batch["old_logp"], batch["ref_logp"], alg.kl_kind, mask)  # [B, T]
+        kl = kl_estimate(old_logp, ref_logp, alg.kl_kind, mask)  # [B, T]
         scores = scores - beta * torch.where(mask.bool(), kl, 0).sum(-1)  # [B]
-    batch["advantages"] = broadcast_to_tokens(sequence_advantages(scores, group_size, alg), mask)
-    return batch
+    advantages = broadcast_to_tokens(sequence_advantages(scores, group_size, alg), mask)  # [B, T]
+    return dataclasses.replace(batch, advantages=advantages)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -77,54 +82,53 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return torch.where(valid, (x - vals.mean()) / (vals.std() + eps), 0)
 
 
-def sequence_kl(batch: dict[str, torch.Tensor]) -> float:
+def sequence_kl(batch: TrainBatch) -> float:
     """Mean over samples of sum_t log(pi_old / pi_ref) of the sampled tokens: the k1 estimate of
     KL[pi_old || pi_ref] per sequence (2.1), what the adaptive controller tracks; 0 without a reference."""
-    if "ref_logp" not in batch:
+    if batch.ref_logp is None:
         return 0.0
-    mask = batch["response_mask"].bool()  # [B, T]
-    per_token = kl_estimate(batch["old_logp"], batch["ref_logp"], "k1", mask)  # [B, T]
+    mask = batch.response_mask.bool()  # [B, T]
+    per_token = kl_estimate(batch.old_logp, batch.ref_logp, "k1", mask)  # [B, T]
     return float(torch.where(mask, per_token, 0).sum(-1).mean())
 
 
-def training_order(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def training_order(part: TrainBatch) -> TrainBatch:
     """The rows reordered for micro-batching: rows of one prompt next to each other (a micro-batch runs each
     distinct prompt once, `actors.modeling.response_logits`), prompts by their longest response, then prompt
     length, so that `actors.batch.trim` cuts away most padding (the losses are sums over rows, so the order
     changes no gradient)."""
-    am, rm = part["attention_mask"], part["response_mask"]
+    am, rm = part.attention_mask, part.response_mask
     p = am.shape[1] - rm.shape[1]
     response = rm.sum(1)  # [B]
-    _, prompt = distinct_rows(torch.cat([part["input_ids"][:, :p], am[:, :p]], 1))  # [B]
+    _, prompt = distinct_rows(torch.cat([part.input_ids[:, :p], am[:, :p]], 1))  # [B]
     longest = torch.zeros(int(prompt.max()) + 1).scatter_reduce(0, prompt, response, "amax")  # [U]
     order = torch.argsort(response, stable=True)
     for key in (prompt, am[:, :p].sum(1), longest[prompt]):  # least significant first
         order = order[torch.argsort(key[order], stable=True)]
-    return select(part, order)
+    return part.select(order)
 
 
-def inert_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def inert_rows(batch: TrainBatch) -> torch.Tensor:
     """Rows whose advantage is 0 at every response token, `[B]` bool: with no KL or entropy term in the loss
     their loss and gradient are exactly 0 (3.14 is a sum of A_t times a ratio term), e.g. every sample of a
     GRPO group whose rewards are all equal (3.12)."""
-    return ((batch["advantages"] * batch["response_mask"]) == 0).all(1)  # [B]
+    return ((batch.advantages * batch.response_mask) == 0).all(1)  # [B]
 
 
-def shard(batch: dict[str, torch.Tensor], num_minibatches: int, world_size: int, agg: str,
-          skip_inert: bool = False, min_rows: int = 1) -> list[list[dict]]:
-    """Per rank, its slice of each mini-batch (in `training_order`), tagged with the mini-batch's aggregation units.
+def shard(batch: TrainBatch, num_minibatches: int, world_size: int, agg: str,
+          skip_inert: bool = False, min_rows: int = 1) -> list[list[Shard]]:
+    """Per rank, its `Shard` of each mini-batch (rows in `training_order`, and the mini-batch's aggregation units).
 
     `skip_inert` leaves out `inert_rows` (no forward or backward is spent on a zero gradient); the units still
     count them, so the loss and gradient are the same as with them. The rows that carry signal are split evenly
     over the ranks, and a rank gets inert rows as filler up to `min_rows` (its micro-batches per optimizer step:
     DeepSpeed counts one backward per micro-batch)."""
-    n = batch["input_ids"].shape[0]
-    mb_size = n // num_minibatches
+    mb_size = batch.rows // num_minibatches
     per_rank = mb_size // world_size
-    out: list[list[dict]] = [[] for _ in range(world_size)]
+    out: list[list[Shard]] = [[] for _ in range(world_size)]
     for m in range(num_minibatches):
-        mb = select(batch, slice(m * mb_size, (m + 1) * mb_size))
-        units = float(mb["response_mask"].sum()) if agg == "token-mean" else float(mb_size)
+        mb = batch.select(slice(m * mb_size, (m + 1) * mb_size))
+        units = float(mb.response_mask.sum()) if agg == "token-mean" else float(mb_size)
         if skip_inert:
             inert = inert_rows(mb)
             filler = inert.nonzero().squeeze(1).tolist()
@@ -133,7 +137,13 @@ def shard(batch: dict[str, torch.Tensor], num_minibatches: int, world_size: int,
         else:
             rows = [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(world_size)]
         for r in range(world_size):
-            part = training_order(select(mb, torch.tensor(rows[r], dtype=torch.long)))
-            part["global_units"] = max(units, 1.0)
-            out[r].append(part)
+            part = training_order(mb.select(torch.tensor(rows[r], dtype=torch.long)))
+            out[r].append(Shard(part, max(units, 1.0)))
     return out
+
+
+def kl_controller(alg: AlgorithmConfig) -> FixedKLController | AdaptiveKLController:
+    """β of the KL penalty: fixed, or adapted to keep the per-sequence KL near its target (survey 2.4.2)."""
+    if alg.kl_controller == "adaptive":
+        return AdaptiveKLController(alg.kl_coef, alg.kl_target, alg.kl_horizon)
+    return FixedKLController(alg.kl_coef)

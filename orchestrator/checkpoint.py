@@ -71,6 +71,14 @@ def load_state(path: Path) -> LoopState:
     return LoopState(**json.loads((Path(path) / MARKER).read_text()))
 
 
+def restore(path: Path, state: LoopState, pools, stream, kl) -> None:
+    """Bring a new run's actors (`orchestrator.pools.Pools`), prompt stream and KL controller to checkpoint `path`,
+    whose `state` is loaded."""
+    pools.load_checkpoint(path, state.version)
+    stream.restore(state.stream)
+    kl.load_state_dict(state.kl)
+
+
 def truncate_metrics(run_dir: Path, step: int) -> None:
     """Drop metrics records written after `step` (by the run that died), so a resumed run appends cleanly."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -80,3 +88,26 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How to continue a stopped run, naming its newest complete checkpoint (or saying there is none)."""
+    newest = latest(run_dir)
+    if newest is None:
+        return "No checkpoint was written (set checkpoint.every to write them)."
+    return (f"Its newest complete checkpoint is {newest}; continue with: raylhf train CONFIG --resume "
+            f"--run-dir {run_dir}")
+
+
+def find_resume(run_dir_pattern: str, override: str | None) -> tuple[Path, Path] | None:
+    """(run directory, its newest complete checkpoint) to resume: `--run-dir` (`override`), else the newest
+    directory matching `run_dir_pattern` (`logging.run_dir` with its {time} as `*`) that has one; None if none."""
+    if override:
+        candidates = [Path(override)]
+    else:
+        candidates = sorted(Path().glob(run_dir_pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+    for run_dir in candidates:
+        newest = latest(run_dir)
+        if newest is not None:
+            return run_dir, newest
+    return None

@@ -8,12 +8,16 @@ add_generation_prompt=True)` into the prompt); its other fields go to the reward
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import sys
+from dataclasses import dataclass, field
 from typing import Any
 
-from actors.types import GroupRequest
-from orchestrator.config import DataSource
+from actors.modeling import encode_prompts, load_tokenizer
+from actors.records import PromptRequest
+from orchestrator.config import DataSource, JobConfig
 from rewards.loader import load_function
 
 DATASETS_PREFIX = "datasets:"  # source "datasets:json" → datasets.load_dataset("json", **kwargs)
@@ -150,6 +154,21 @@ def prepare_rows(rows: list[dict], prompt_key: str, where: str, tokenizer=None,
     """Rows ready to serve (new dicts): chat rows rendered into `prompt_key`, every prompt a non-empty string
     of at most `max_prompt_tokens` tokens. A bad row raises a `DataError` naming it, or, when a `skipped`
     dict is given (config `data.bad_rows: skip`), is left out and counted there under its reason."""
+    return _prepare(rows, prompt_key, where, tokenizer, max_prompt_tokens, skipped)[0]
+
+
+def prepare_prompts(rows: list[dict], prompt_key: str, where: str, tokenizer, max_prompt_tokens: int = 0,
+                    skipped: dict[str, int] | None = None, uid_prefix: str = "") -> list[PromptRequest]:
+    """`prepare_rows`, as requests: each prompt tokenized here, once (`actors.modeling.encode_prompts`), its ids
+    carried to the engine; uids `<uid_prefix><index>`."""
+    out, ids = _prepare(rows, prompt_key, where, tokenizer, max_prompt_tokens, skipped)
+    return [PromptRequest(f"{uid_prefix}{i}", row[prompt_key], x, {k: v for k, v in row.items() if k != prompt_key})
+            for i, (row, x) in enumerate(zip(out, ids))]
+
+
+def _prepare(rows: list[dict], prompt_key: str, where: str, tokenizer, max_prompt_tokens: int,
+             skipped: dict[str, int] | None) -> tuple[list[dict], list[list[int]]]:
+    """(prepared rows, their prompts' token ids: empty without a tokenizer); see `prepare_rows`."""
     if not rows:
         raise DataError(f"{where}: no rows")
     out = []
@@ -160,21 +179,21 @@ def prepare_rows(rows: list[dict], prompt_key: str, where: str, tokenizer=None,
             if skipped is None:
                 raise
             skipped[e.reason] = skipped.get(e.reason, 0) + 1
-    if tokenizer is not None and max_prompt_tokens and out:
-        lengths = [len(ids) for ids in tokenizer([r[prompt_key] for r in out])["input_ids"]]
+    ids = encode_prompts(tokenizer, [r[prompt_key] for r in out]) if tokenizer is not None else []
+    if ids and max_prompt_tokens:
         kept = []
-        for i, (row, n) in enumerate(zip(out, lengths)):
-            if n <= max_prompt_tokens:
-                kept.append(row)
+        for i, (row, x) in enumerate(zip(out, ids)):
+            if len(x) <= max_prompt_tokens:
+                kept.append((row, x))
             elif skipped is None:
-                raise DataError(f"{where}: row {i} has a {n}-token prompt, above data.max_prompt_tokens="
+                raise DataError(f"{where}: row {i} has a {len(x)}-token prompt, above data.max_prompt_tokens="
                                 f"{max_prompt_tokens}")
             else:
                 skipped["too long"] = skipped.get("too long", 0) + 1
-        out = kept
+        out, ids = [row for row, _ in kept], [x for _, x in kept]
     if not out:
         raise DataError(f"{where}: every one of its {len(rows)} rows is bad ({skipped})")
-    return out
+    return out, ids
 
 
 def _prepare_row(row, prompt_key: str, where: str, i: int, tokenizer) -> dict:
@@ -197,21 +216,16 @@ def check_rows(rows: list[dict], prompt_key: str, where: str, tokenizer=None, ma
     rows[:] = prepare_rows(rows, prompt_key, where, tokenizer, max_prompt_tokens)
 
 
-def to_request(uid: str, row: dict, prompt_key: str) -> GroupRequest:
-    fields = {k: v for k, v in row.items() if k != prompt_key}
-    return GroupRequest(uid=uid, prompt=row[prompt_key], row=fields)
-
-
 class PromptStream:
-    """Endless seeded epochs over the training rows; each request's uid is `epoch:index`."""
+    """Endless seeded epochs over the training prompts (`prepare_prompts`); each request's uid is `epoch:index`."""
 
-    def __init__(self, rows: list[dict], prompt_key: str, seed: int, shuffle: bool = True):
-        self.rows, self.prompt_key, self.seed, self.shuffle = rows, prompt_key, seed, shuffle
+    def __init__(self, prompts: list[PromptRequest], seed: int, shuffle: bool = True):
+        self.prompts, self.seed, self.shuffle = prompts, seed, shuffle
         self.epoch, self.pos = 0, 0
         self.order = self._order()
 
     def _order(self) -> list[int]:
-        order = list(range(len(self.rows)))
+        order = list(range(len(self.prompts)))
         if self.shuffle:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
         return order
@@ -224,13 +238,42 @@ class PromptStream:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self.order = self._order()
 
-    def next(self, n: int) -> list[GroupRequest]:
+    def next(self, n: int) -> list[PromptRequest]:
         out = []
         while len(out) < n:
             if self.pos == len(self.order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self.order = self._order()
             idx = self.order[self.pos]
-            out.append(to_request(f"{self.epoch}:{idx}", self.rows[idx], self.prompt_key))
+            out.append(dataclasses.replace(self.prompts[idx], uid=f"{self.epoch}:{idx}"))
             self.pos += 1
         return out
+
+
+@dataclass
+class Data:
+    """A job's checked training stream and held-out prompts, loaded before any actor starts."""
+
+    pad_id: int
+    stream: PromptStream
+    eval_prompts: list[PromptRequest]
+    skipped: dict[str, float] = field(default_factory=dict)  # data/skipped_<split>_rows
+
+
+def load_data(cfg: JobConfig, model_path: str) -> Data:
+    """Load, check and tokenize every row now: a bad dataset fails before Ray starts (DataError); with
+    `data.bad_rows: skip` bad rows are left out and counted instead (`Data.skipped`)."""
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    d = cfg.data
+    skipped: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
+    prompts = prepare_prompts(load_rows(d.train), d.prompt_key, "data.train", tokenizer, d.max_prompt_tokens,
+                              skipped["train"] if d.bad_rows == "skip" else None)
+    eval_rows = load_rows(d.eval)[: cfg.loop.eval_size] if d.eval else []
+    eval_prompts = prepare_prompts(eval_rows, d.prompt_key, "data.eval", tokenizer, d.max_prompt_tokens,
+                                   skipped["eval"] if d.bad_rows == "skip" else None, "eval:") if eval_rows else []
+    for split, counts in skipped.items():
+        if counts:
+            detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+            print(f"raylhf: data.{split}: skipped {sum(counts.values())} bad rows ({detail})", file=sys.stderr)
+    return Data(tokenizer.pad_token_id, PromptStream(prompts, cfg.loop.seed, d.shuffle), eval_prompts,
+                {f"data/skipped_{split}_rows": float(sum(c.values())) for split, c in skipped.items()})

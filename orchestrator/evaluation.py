@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from actors.engines import SamplingParams
-from actors.types import Group, GroupRequest
+from actors.records import Group, PromptRequest
 from orchestrator.config import ConfigError, JobConfig, RewardConfig, check_references, load_config
-from orchestrator.data import DataError, load_rows, prepare_rows, to_request
+from orchestrator.data import DataError, load_rows, prepare_prompts
 from orchestrator.export import CheckpointError, resolve_checkpoint
 
 
@@ -58,7 +58,7 @@ class Scorer:
         from actors.reward import RewardWorker
         from actors.reward_model import RewardModelWorker
         from actors.rollout import RolloutWorker
-        from orchestrator.cli import reward_specs
+        from orchestrator.ray_setup import reward_specs
 
         r, rw = cfg.rollout, cfg.reward
         self.rollout = RolloutWorker(engine=r.engine, model_path=checkpoint, dtype=cfg.model.dtype,
@@ -74,16 +74,16 @@ class Scorer:
             for s in specs if s.model is not None]
         self.sequences_per_call = r.prompts_per_call * r.group_size  # the batch size training generates with
 
-    def groups(self, requests: list[GroupRequest], sampling: SamplingParams) -> list[Group]:
+    def groups(self, requests: list[PromptRequest], sampling: SamplingParams) -> list[Group]:
         """Every request's `sampling.n` completions, scored; in request order."""
         per_call = max(1, self.sequences_per_call // sampling.n)
         out: list[Group] = []
         for lo in range(0, len(requests), per_call):
             groups = self.rollout.generate(requests[lo : lo + per_call], sampling)
             if self.reward is not None:
-                groups = self.reward.score(groups)
+                groups = self.reward.reward(groups)
             for rm in self.reward_models:
-                groups = rm.score(groups)
+                groups = rm.reward(groups)
             out += groups
         return out
 
@@ -92,12 +92,11 @@ class Scorer:
             self.reward.close()
 
 
-def evaluate_checkpoint(cfg: JobConfig, checkpoint: str, rows: list[dict], ks: list[int], samples: int,
+def evaluate_checkpoint(cfg: JobConfig, checkpoint: str, requests: list[PromptRequest], ks: list[int], samples: int,
                         log: Callable[[str], None] = print) -> dict:
-    """Greedy accuracy and pass@k (for each k in `ks`, from `samples` completions per problem) on `rows`,
-    prepared rows (prompts rendered); the result as a JSON-ready dict."""
+    """Greedy accuracy and pass@k (for each k in `ks`, from `samples` completions per problem) on `requests`
+    (`orchestrator.data.prepare_prompts`); the result as a JSON-ready dict."""
     r = cfg.rollout
-    requests = [to_request(f"eval:{i}", row, cfg.data.prompt_key) for i, row in enumerate(rows)]
     greedy_sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
     sampled = SamplingParams(n=samples, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                              stop=tuple(r.stop))
@@ -119,7 +118,7 @@ def evaluate_checkpoint(cfg: JobConfig, checkpoint: str, rows: list[dict], ks: l
             failures[label] = failures.get(label, 0) + n
     return {
         "checkpoint": checkpoint,
-        "problems": len(rows),
+        "problems": len(requests),
         "greedy": {
             "accuracy": statistics.fmean(greedy_ok),
             "reward_mean": statistics.fmean(g.samples[0].reward for g in greedy),
@@ -176,13 +175,13 @@ def main(config: str, checkpoint: str, ks: list[int] | None = None, samples: int
         from actors.modeling import load_tokenizer
 
         tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-        rows = prepare_rows(load_rows(cfg.data.eval)[: cfg.loop.eval_size], cfg.data.prompt_key, "data.eval",
-                            tokenizer, cfg.data.max_prompt_tokens)
+        requests = prepare_prompts(load_rows(cfg.data.eval)[: cfg.loop.eval_size], cfg.data.prompt_key,
+                                   "data.eval", tokenizer, cfg.data.max_prompt_tokens, uid_prefix="eval:")
     except DataError as e:
         return _fail(f"data error: {e}")
     log = lambda text: print(f"raylhf: {text}", file=sys.stderr, flush=True)  # noqa: E731
-    log(f"evaluating {path} on {len(rows)} held-out problems: greedy, then {n} samples each")
-    result = evaluate_checkpoint(cfg, path, rows, ks, n, log) | {"config": str(config)}
+    log(f"evaluating {path} on {len(requests)} held-out problems: greedy, then {n} samples each")
+    result = evaluate_checkpoint(cfg, path, requests, ks, n, log) | {"config": str(config)}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))

@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from actors.types import Group
+from actors.records import Group, TrainBatch
 
 STAGES = ("generate", "reward", "score", "train", "sync")
 
@@ -59,11 +59,11 @@ def reward_labels(record: dict) -> list[str]:
     return [k[len(prefix) : -len(suffix)] for k in record if k.startswith(prefix) and k.endswith(suffix)]
 
 
-def value_metrics(batch: dict) -> dict[str, float]:
+def value_metrics(batch: TrainBatch) -> dict[str, float]:
     """PPO critic health at rollout time: mean value and return, and the explained variance
     1 - Var(R - V) / Var(R) over valid tokens (1: values predict the returns; <= 0: no better than a constant)."""
-    valid = batch["response_mask"].bool()
-    v, r = batch["old_values"][valid], batch["returns"][valid]
+    valid = batch.response_mask.bool()
+    v, r = batch.old_values[valid], batch.returns[valid]
     var = float(r.var()) if r.numel() > 1 else 0.0
     return {"critic/values_mean": float(v.mean()), "critic/returns_mean": float(r.mean()),
             "critic/explained_variance": 1.0 - float((r - v).var()) / var if var > 0 else 0.0}
@@ -86,6 +86,77 @@ def merge_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
         else:
             out[key] = values[0] if key.startswith("time/") else statistics.fmean(values)
     return out
+
+
+def batch_metrics(groups: list[Group], generated: list[Group], batch: TrainBatch, rounds: int,
+                  policy_shards: list | None, accuracy_threshold: float, accuracy_label: str | None,
+                  dynamic_sampling: bool) -> dict[str, float]:
+    """What needs only the step's groups and batch: rollout numbers of every group generated (`rollout_metrics`),
+    the critic's at rollout time, dynamic sampling's, the rows the trainers skip and the mean |advantage|."""
+    m = rollout_metrics(generated, accuracy_threshold, accuracy_label)
+    m |= value_metrics(batch) if batch.returns is not None else {}
+    if dynamic_sampling:
+        m["sampling/dropped_frac"] = 1.0 - sum(len({s.reward for s in g.samples}) > 1 for g in generated) / len(generated)
+        m["sampling/rounds"] = float(rounds)
+    if policy_shards:
+        trained = sum(part.rows.rows for parts in policy_shards for part in parts)
+        m["train/skipped_rows_frac"] = 1.0 - trained / batch.rows
+    m["advantage/abs_mean"] = float(batch.advantages.abs().sum() / batch.response_mask.sum())
+    return m
+
+
+def trainer_metrics(policy_stats: list[dict] | None, critic_stats: list[dict] | None) -> dict[str, float]:
+    """The ranks' stats merged: the policy's as they are, the critic's under `critic/`."""
+    m = merge_rank_stats(policy_stats) if policy_stats else {}
+    m |= {k if k.startswith("critic/") else f"critic/{k}": v
+          for k, v in (merge_rank_stats(critic_stats) if critic_stats else {}).items()}
+    return m
+
+
+def step_times(m: dict[str, float], pools, rollout: float, train: float, sync: float, step: float
+               ) -> dict[str, float]:
+    """The `time/*` breakdown of a step (see `orchestrator.loop.train_step`), `utilization/<pool>` (busy share of
+    the step: which pool to grow) and throughput, from the step's walls and the busy seconds in `m` (`busy/*`
+    are consumed). `pools`: anything with the worker lists of `orchestrator.pools.Pools`."""
+    out = {"time/rollout": rollout, "time/train": train, "time/sync": sync, "time/step": step}
+    for stage, workers in (("generate", len(pools.rollout)), ("reward", len(pools.reward) + len(pools.reward_models)),
+                           ("score", len(pools.scoring))):
+        busy = m.pop(f"busy/{stage}")
+        if workers:
+            out[f"time/{stage}"] = busy / workers
+    policy = m.get("time/train_forward_backward", 0.0) + m.get("time/optimizer", 0.0)
+    critic = m.get("critic/time/train_forward_backward", 0.0) + m.get("critic/time/optimizer", 0.0)
+    out["time/overhead"] = step - (rollout + max(policy, critic) + sync)  # PPO: the two train side by side
+    out["time/overhead_frac"] = out["time/overhead"] / step
+    for pool, stage in (("rollout", "generate"), ("reward", "reward"), ("scoring", "score"), ("trainer", "train")):
+        if f"time/{stage}" in out:
+            out[f"utilization/{pool}"] = out[f"time/{stage}"] / step
+    out["tokens_per_s"] = m["tokens/generated"] / step
+    out["generate_tokens_per_s"] = m["tokens/generated"] / max(out["time/generate"], 1e-9)
+    return out
+
+
+def sample_records(groups: list[Group], batch: TrainBatch, n_groups: int) -> list[dict]:
+    """The first `n_groups` groups of a batch, one record per completion: prompt, completion, reward and
+    its parts, and the mean advantage over the completion's tokens (what the update pushed it by)."""
+    records, row = [], 0
+    adv, mask = batch.advantages, batch.response_mask
+    for g in groups[:n_groups]:
+        for s in g.samples:
+            n = float(mask[row].sum())
+            records.append({"uid": g.uid, "prompt": g.prompt, "completion": s.text, "reward": s.reward,
+                            "reward_parts": s.reward_parts, "advantage": float(adv[row].sum()) / max(n, 1.0),
+                            "tokens": int(n), "finish_reason": s.finish_reason, "policy_version": g.policy_version})
+            row += 1
+    return records
+
+
+def sample_excerpt(step: int, records: list[dict], k: int = 3) -> str:
+    """A few completions of one prompt, readable in a console."""
+    first = [r for r in records if r["uid"] == records[0]["uid"]][:k]
+    lines = [f"step {step} sample: {first[0]['prompt']!r}"]
+    lines += [f"  -> {r['completion']!r}  reward {r['reward']:+.3f}  advantage {r['advantage']:+.3f}" for r in first]
+    return "\n".join(lines)
 
 
 class MetricsWriter:
@@ -123,6 +194,11 @@ class MetricsWriter:
             self.wandb.log(numbers, step=step)
         if self.mlflow is not None:
             self.mlflow.log_metrics(numbers, step=step)
+
+    def write_step(self, step: int, metrics: dict[str, float], samples: list[dict]) -> None:
+        """A training step's record and its `sample_records`."""
+        self.write(step, metrics)
+        self.write_samples([{"step": step, **r} for r in samples])
 
     def write_samples(self, records: list[dict]) -> None:
         """Append completions with their rewards and advantages to `samples.jsonl`."""

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import sys
 
+from orchestrator.metrics import sample_excerpt
+
 
 class Progress:
-    def __init__(self, total: int, enabled: bool = True, desc: str = "train"):
-        self.enabled = enabled
+    """The bar, messages above it, and one prompt's completions every `samples_every` steps (0: never)."""
+
+    def __init__(self, total: int, enabled: bool = True, desc: str = "train", samples_every: int = 0):
+        self.enabled, self.samples_every = enabled, samples_every
         self.bar = None
         if enabled:
             from tqdm import tqdm
@@ -26,7 +30,10 @@ class Progress:
         if self.bar is not None and step:
             self.bar.update(step)
 
-    def step(self, step: int, m: dict[str, float]) -> None:
+    def step(self, step: int, m: dict[str, float], samples: list[dict] = ()) -> None:
+        """The bar moves on with the step's numbers; `samples`: its `orchestrator.metrics.sample_records`."""
+        if self.samples_every and step % self.samples_every == 0 and samples:
+            self.note(sample_excerpt(step, samples))
         if self.bar is None:
             return
         post = {"reward": f"{m['reward/mean']:.3f}", "acc": f"{m['accuracy']:.2f}",

@@ -7,7 +7,8 @@ The proof a refactor changed no behaviour (issue 15): run the demo config with a
     raylhf train examples/arith_grpo.yaml --set loop.steps=50 --run-dir runs/after    # at the new one
     python scripts/compare_runs.py runs/before runs/after
 
-Exit code 0 when every compared number is identical, 1 otherwise (each difference is printed).
+Exit code 0 when every number of the first run is in the second, identical, and 1 otherwise (each difference is
+printed). Metrics only the second run logs (a new metric) are listed, not counted as differences.
 """
 
 from __future__ import annotations
@@ -35,16 +36,20 @@ def main(a: str, b: str) -> int:
     diffs = []
     if len(ra) != len(rb):
         diffs.append(f"{len(ra)} records vs {len(rb)}")
+    added: set[str] = set()
     for x, y in zip(ra, rb):
         step = x.get("step")
-        for key in sorted(set(x) | set(y)):
-            if x.get(key, "<missing>") != y.get(key, "<missing>"):
-                diffs.append(f"step {step}: {key}: {x.get(key, '<missing>')} vs {y.get(key, '<missing>')}")
+        added |= set(y) - set(x)
+        for key in sorted(x):
+            if x[key] != y.get(key, "<missing>"):
+                diffs.append(f"step {step}: {key}: {x[key]} vs {y.get(key, '<missing>')}")
     sa, sb = (Path(d, "samples.jsonl").read_text() if Path(d, "samples.jsonl").exists() else "" for d in (a, b))
     if sa != sb:
         diffs.append("samples.jsonl differ (the logged completions, rewards and advantages)")
     keys = sorted({k for r in ra for k in r})
     print(f"{len(ra)} records, {len(keys)} metrics compared (wall-clock ones left out); samples.jsonl: {len(sa.splitlines())} lines")
+    if added:
+        print(f"new in the second run: {', '.join(sorted(added))}")
     for line in diffs[:50]:
         print(line)
     print("identical" if not diffs else f"{len(diffs)} differences")

@@ -87,3 +87,12 @@ class RecordingActor:
                 return f"{actor.name}.{method}"
 
         return _Method()
+
+
+def as_batch(collated: dict):
+    """`actors.batch.collate`'s tensors as a `TrainBatch`, rollout log-probs 0 (tests that need none)."""
+    import torch
+
+    from actors.records import TrainBatch
+
+    return TrainBatch(**collated, rollout_logp=torch.zeros_like(collated["response_mask"]))

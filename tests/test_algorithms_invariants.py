@@ -78,9 +78,9 @@ MASKED: dict[str, tuple[Callable, tuple[str, ...]]] = {
         for level in A.RATIO_LEVELS
         for agg in A.AGG_MODES
     },
-    "grpo_loss": (
+    "policy_loss_with_kl": (
         lambda x: _with_stats(
-            A.grpo_loss(x["logp"], x["old_logp"], x["ref_logp"], x["advantages"], x["mask"], 0.2, 0.2, 0.04)
+            A.policy_loss_with_kl(x["logp"], x["old_logp"], x["ref_logp"], x["advantages"], x["mask"], 0.2, 0.2, 0.04)
         ),
         (),
     ),
@@ -141,7 +141,7 @@ def test_float_and_bool_masks_agree(name):
     "key,fn_name",
     [
         ("logp", "policy_loss"),
-        ("logp", "grpo_loss"),
+        ("logp", "policy_loss_with_kl"),
         ("values", "value_loss"),
         ("logits", "entropy"),
         ("logp", "sft_loss"),
@@ -152,7 +152,7 @@ def test_gradients_ignore_padding(key, fn_name):
         "policy_loss": lambda x: A.policy_loss(
             x["logp"], x["old_logp"], x["advantages"], x["mask"], 0.2, 0.2, "token-mean"
         )[0],
-        "grpo_loss": lambda x: A.grpo_loss(
+        "policy_loss_with_kl": lambda x: A.policy_loss_with_kl(
             x["logp"], x["old_logp"], x["ref_logp"], x["advantages"], x["mask"], 0.2, 0.2, 0.1, ratio_level="sequence"
         )[0],
         "value_loss": lambda x: A.value_loss(x["values"], x["old_values"], x["returns"], x["mask"], 0.2)[0],

@@ -9,7 +9,7 @@ from algorithms import (
     aggregate,
     dpo_loss,
     entropy,
-    grpo_loss,
+    policy_loss_with_kl,
     kwise_reward_model_loss,
     policy_loss,
     reward_model_loss,
@@ -197,24 +197,24 @@ def test_grpo_loss_is_policy_loss_plus_beta_kl():
     ref = logp + torch.tensor([[0.5, -0.2, 0.0]], dtype=F64)
     adv = torch.tensor([[1.0, -1.0, 0.5]], dtype=F64)
     mask = torch.ones(1, 3)
-    loss, stats = grpo_loss(logp.requires_grad_(True), old, ref, adv, mask, 0.2, 0.2, beta=0.04)
+    loss, stats = policy_loss_with_kl(logp.requires_grad_(True), old, ref, adv, mask, 0.2, 0.2, beta=0.04)
     assert loss.requires_grad and not any(v.requires_grad for v in stats.values())
     surrogate = (-1.1 + 0.9 - 0.5) / 3
     kl = sum(math.exp(d) - 1 - d for d in (0.5, -0.2, 0.0)) / 3  # k3 with log r = ref − logp
     assert loss.item() == pytest.approx(surrogate + 0.04 * kl, rel=1e-12)
     assert stats["kl"].item() == pytest.approx(kl, rel=1e-12)
-    k1_loss, k1_stats = grpo_loss(logp, old, ref, adv, mask, 0.2, 0.2, beta=0.04, kl_kind="k1")
+    k1_loss, k1_stats = policy_loss_with_kl(logp, old, ref, adv, mask, 0.2, 0.2, beta=0.04, kl_kind="k1")
     assert k1_stats["kl"].item() == pytest.approx((-0.5 + 0.2 - 0.0) / 3, rel=1e-12)
 
 
 def test_grpo_loss_beta_zero_accepts_no_reference():
     logp, old = _ratios_to_logps([[1.1, 0.9, 1.0]])
     adv = torch.tensor([[1.0, -1.0, 0.5]], dtype=F64)
-    loss, stats = grpo_loss(logp, old, None, adv, torch.ones(1, 3), 0.2, 0.2, beta=0.0)
+    loss, stats = policy_loss_with_kl(logp, old, None, adv, torch.ones(1, 3), 0.2, 0.2, beta=0.0)
     assert loss.item() == pytest.approx((-1.1 + 0.9 - 0.5) / 3, rel=1e-12)
     assert "kl" not in stats
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_loss(logp, old, None, adv, torch.ones(1, 3), 0.2, 0.2, beta=0.1)
+        policy_loss_with_kl(logp, old, None, adv, torch.ones(1, 3), 0.2, 0.2, beta=0.1)
 
 
 # ---- value, entropy, SFT -------------------------------------------------------------------------

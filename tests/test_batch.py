@@ -33,20 +33,19 @@ def test_compact_then_expand_gives_the_batch_back_in_fewer_bytes():
     import pickle
 
     from actors.batch import compact, expand
+    from actors.records import Shard, TrainBatch
 
-    b = collate([[5, 6, 7], [8]], [[9], [10, 11, 12]], pad_id=0)
-    b["rollout_logp"] = torch.tensor([[-0.5, 0.0, 0.0], [-1.0, -2.0, -0.1]])
-    b["old_logp"] = b["rollout_logp"].clone()
-    b["advantages"] = torch.tensor([[1.0, 0.0, 0.0], [-1.0, -1.0, -1.0]])
-    b["global_units"] = 4.0
-    small = compact(b)
-    assert "old_logp" not in small and len(pickle.dumps(small)) < len(pickle.dumps(b))
+    rollout = torch.tensor([[-0.5, 0.0, 0.0], [-1.0, -2.0, -0.1]])
+    b = TrainBatch(**collate([[5, 6, 7], [8]], [[9], [10, 11, 12]], pad_id=0), rollout_logp=rollout,
+                   old_logp=rollout.clone(), advantages=torch.tensor([[1.0, 0.0, 0.0], [-1.0, -1.0, -1.0]]))
+    small = compact(Shard(b, 4.0))
+    assert "old_logp" not in small["rows"] and len(pickle.dumps(small)) < len(pickle.dumps(Shard(b, 4.0)))
     back = expand(small)
-    assert set(back) == set(b)
-    for k, v in b.items():
-        assert torch.equal(back[k], v) and back[k].dtype == v.dtype if isinstance(v, torch.Tensor) else back[k] == v
-    b["old_logp"][1, 0] = -0.9  # recomputed pi_old differs from the rollout's: it travels
-    assert torch.equal(expand(compact(b))["old_logp"], b["old_logp"])
+    assert back.global_units == 4.0 and set(back.rows.tensors()) == set(b.tensors())
+    for k, v in b.tensors().items():
+        assert torch.equal(getattr(back.rows, k), v) and getattr(back.rows, k).dtype == v.dtype, k
+    b.old_logp[1, 0] = -0.9  # recomputed pi_old differs from the rollout's: it travels
+    assert torch.equal(expand(compact(Shard(b, 4.0))).rows.old_logp, b.old_logp)
 
 
 def test_expand_takes_read_only_arrays_as_ray_hands_an_argument_over():
@@ -55,18 +54,18 @@ def test_expand_takes_read_only_arrays_as_ray_hands_an_argument_over():
     import numpy as np
 
     from actors.batch import compact, expand
+    from actors.records import Shard, TrainBatch
 
-    b = collate([[5, 6]], [[9, 10]], pad_id=0)
-    b["rollout_logp"] = torch.tensor([[-0.5, -0.25]])
-    small = compact(b)
-    for v in small.values():
-        if isinstance(v, np.ndarray):
-            v.setflags(write=False)
+    b = TrainBatch(**collate([[5, 6]], [[9, 10]], pad_id=0), rollout_logp=torch.tensor([[-0.5, -0.25]]))
+    small = compact(Shard(b, 2.0))
+    for v in small["rows"].values():
+        assert isinstance(v, np.ndarray)
+        v.setflags(write=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torch warns when it wraps a read-only array
         back = expand(small)
-    back["rollout_logp"][0, 0] = 1.0  # the trainer owns its copy
-    assert small["rollout_logp"][0, 0] == -0.5
+    back.rows.rollout_logp[0, 0] = 1.0  # the trainer owns its copy
+    assert small["rows"]["rollout_logp"][0, 0] == -0.5
 
 
 def test_distinct_rows_numbers_rows_by_first_occurrence():

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from orchestrator.config import ConfigError, DataSource, load_config
-from orchestrator.data import DataError, check_rows, load_rows, prepare_rows, to_request
+from orchestrator.data import DataError, check_rows, load_rows, prepare_prompts, prepare_rows
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}={% endif %}")
@@ -32,8 +32,9 @@ def test_chat_rows_are_rendered_with_the_template(tokenizer):
     ids = tokenizer(out[0]["prompt"])["input_ids"]
     assert ids.count(tokenizer.bos_token_id) == 1
     assert "prompt" not in rows[0]  # inputs are not changed
-    request = to_request("u", out[0], "prompt")
+    request = prepare_prompts(rows, "prompt", "data.train", tokenizer, max_prompt_tokens=64, uid_prefix="u")[0]
     assert request.row["messages"][1]["content"] == "1+2" and request.row["answer"] == "3"  # rewards see the rest
+    assert (request.uid, request.prompt, request.prompt_ids) == ("u0", out[0]["prompt"], ids)  # tokenized once
 
 
 def test_conversation_under_the_prompt_key_and_check_rows_in_place(tokenizer):

@@ -76,11 +76,11 @@ def test_two_step_run_through_the_cli(tmp_path, tiny_model, tiny_reward_model):
 
 def test_rollout_workers_serve_the_trainers_weights_after_every_step(ray_local, tiny_model, tmp_path):
     """After step k every rollout and scoring worker reports version k and the trainer's checksum."""
-    from actors.engines import SamplingParams
-    from actors.modeling import load_tokenizer
+    from orchestrator.batching import kl_controller
+    from orchestrator.collect import sampling_params
     from orchestrator.config import JobConfig
-    from orchestrator.data import PromptStream, load_rows
-    from orchestrator.loop import train_step
+    from orchestrator.data import load_data
+    from orchestrator.loop import Run, train_step
     from orchestrator.pools import Pools
 
     cfg = JobConfig.model_validate(base_config(
@@ -88,12 +88,10 @@ def test_rollout_workers_serve_the_trainers_weights_after_every_step(ray_local, 
     toy = str(Path(__file__).parent / "data" / "toy_rewards.py")
     pools = Pools(cfg, tiny_model, [("length", f"{toy}:length_reward", 1.0)])
     try:
-        stream = PromptStream(load_rows(cfg.data.train), "prompt", seed=0)
-        sampling = SamplingParams(n=cfg.rollout.group_size, max_new_tokens=cfg.rollout.max_new_tokens)
-        pad_id = load_tokenizer(tiny_model).pad_token_id
+        run = Run(cfg, pools, load_data(cfg, tiny_model), kl_controller(cfg.algorithm), sampling_params(cfg.rollout))
         seen = set()
         for step in (1, 2):
-            metrics = train_step(pools, cfg, stream, sampling, pad_id, version=step)
+            metrics, _ = train_step(run, version=step)
             trainer_sums = pools.trainer_checksums()
             assert len(set(trainer_sums)) == 1  # the two DP ranks agree
             served = pools.served_versions()
@@ -109,13 +107,13 @@ def test_one_or_two_rollout_workers_draw_the_same_samples(ray_local, tiny_model)
     """Scaling the rollout pool changes throughput, not results: seeds follow prompts and policy version."""
     from actors.engines import SamplingParams
     from orchestrator.config import JobConfig
-    from orchestrator.data import PromptStream, load_rows
+    from orchestrator.data import load_data
     from orchestrator.pools import Pools
 
     drawn = []
     for workers in (1, 2):
         cfg = JobConfig.model_validate(base_config(tiny_model, rollout={"num_workers": workers}))
-        requests = PromptStream(load_rows(cfg.data.train), "prompt", seed=0).next(12)
+        requests = load_data(cfg, tiny_model).stream.next(12)
         pools = Pools(cfg, tiny_model, [("hash_answer", "rewards.final_answer:hash_answer", 1.0)])
         try:
             groups = pools.run_groups(requests, SamplingParams(n=4, temperature=1.0, max_new_tokens=8), 2, score=False)

@@ -4,13 +4,20 @@ Hugging Face `generate` and the model's own distribution."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from actors.batch import collate
 from actors.engines import SamplingParams
 from actors.engines.hf import HFEngine
-from actors.modeling import response_logprobs
+from actors.modeling import encode_prompts, response_logprobs
+
+
+def ids(engine: HFEngine, prompts: list[str]) -> list[list[int]]:
+    """The prompts' token ids, as the driver hands them to the engine."""
+    return encode_prompts(engine.tokenizer, prompts)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +36,12 @@ MIXED = ["1+2=", "12+345=", "9999+99999=", "7="]  # different lengths: left padd
 
 def test_n_samples_per_prompt_seeded(engine):
     sp = SamplingParams(n=3, temperature=1.0, max_new_tokens=6)
-    a = engine.generate(PROMPTS, sp, seed=1)
+    a = engine.generate(ids(engine, PROMPTS), sp, seed=1)
     assert [len(g) for g in a] == [3, 3]
     assert all(1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids) for g in a for c in g)
-    b = engine.generate(PROMPTS, sp, seed=1)
+    b = engine.generate(ids(engine, PROMPTS), sp, seed=1)
     assert [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]
-    c = engine.generate(PROMPTS, sp, seed=2)
+    c = engine.generate(ids(engine, PROMPTS), sp, seed=2)
     assert [[x.token_ids for x in g] for g in a] != [[x.token_ids for x in g] for g in c]
 
 
@@ -42,11 +49,11 @@ def test_n_samples_per_prompt_seeded(engine):
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
 def test_rollout_logprobs_match_teacher_forcing(engine, temperature, top_p, prompts):
     sp = SamplingParams(n=4, temperature=temperature, top_p=top_p, max_new_tokens=8)
-    groups = engine.generate(prompts, sp, seed=3)
-    prompt_ids = engine.encode(prompts)
+    groups = engine.generate(ids(engine, prompts), sp, seed=3)
+    prompt_ids = ids(engine, prompts)
     comps = [c for g in groups for c in g]
-    batch = collate([prompt_ids[i] for i, g in enumerate(groups) for _ in g], [c.token_ids for c in comps],
-                    engine.tokenizer.pad_token_id)
+    batch = SimpleNamespace(**collate([prompt_ids[i] for i, g in enumerate(groups) for _ in g], [c.token_ids for c in comps],
+                    engine.tokenizer.pad_token_id))
     with torch.no_grad():
         logp, _ = response_logprobs(engine.model, batch, temperature)
     for i, c in enumerate(comps):
@@ -55,14 +62,14 @@ def test_rollout_logprobs_match_teacher_forcing(engine, temperature, top_p, prom
 
 def test_greedy_is_deterministic_across_seeds(engine):
     sp = SamplingParams(n=2, temperature=0.0, max_new_tokens=6)
-    a, b = engine.generate(PROMPTS, sp, seed=1), engine.generate(PROMPTS, sp, seed=9)
+    a, b = engine.generate(ids(engine, PROMPTS), sp, seed=1), engine.generate(ids(engine, PROMPTS), sp, seed=9)
     assert [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]
     assert all(g[0].token_ids == g[1].token_ids for g in a)
 
 
 def test_eos_and_length_finish(engine):
     sp = SamplingParams(n=16, temperature=1.0, max_new_tokens=6)
-    comps = [c for g in engine.generate(PROMPTS, sp, seed=4) for c in g]
+    comps = [c for g in engine.generate(ids(engine, PROMPTS), sp, seed=4) for c in g]
     eos = engine.tokenizer.eos_token_id
     for c in comps:
         if c.finish_reason == "length":
@@ -76,7 +83,7 @@ def test_eos_and_length_finish(engine):
 def test_stop_strings_cut_after_the_first_stop(engine):
     stops = tuple("0123456789")
     sp = SamplingParams(n=8, temperature=1.0, max_new_tokens=10, stop=stops)
-    comps = [c for g in engine.generate(PROMPTS, sp, seed=5) for c in g]
+    comps = [c for g in engine.generate(ids(engine, PROMPTS), sp, seed=5) for c in g]
     stopped = [c for c in comps if any(s in c.text for s in stops)]
     assert stopped, "seeded sampling should hit a digit"
     for c in stopped:
@@ -88,7 +95,7 @@ def test_stop_strings_cut_after_the_first_stop(engine):
 @pytest.mark.parametrize("stop", [(), ("3", "7")])
 def test_loop_greedy_matches_hf_generate(engine, hf_engine, stop):
     sp = SamplingParams(n=2, temperature=0.0, max_new_tokens=10, stop=stop)
-    ours, theirs = engine.generate(MIXED, sp, seed=1), hf_engine.generate(MIXED, sp, seed=1)
+    ours, theirs = engine.generate(ids(engine, MIXED), sp, seed=1), hf_engine.generate(ids(hf_engine, MIXED), sp, seed=1)
     assert [[(c.token_ids, c.text, c.finish_reason) for c in g] for g in ours] == \
         [[(c.token_ids, c.text, c.finish_reason) for c in g] for g in theirs]
     for a, b in zip([c for g in ours for c in g], [c for g in theirs for c in g]):
@@ -99,10 +106,10 @@ def test_loop_greedy_matches_hf_generate(engine, hf_engine, stop):
 def test_first_token_frequencies_match_the_model(engine, temperature, top_p):
     """Monte Carlo: the first token of N samples is distributed as top-p filtered softmax(logits / T)."""
     n = 2000
-    comps = engine.generate(["12+34="], SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=1),
+    comps = engine.generate(ids(engine, ["12+34="]), SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=1),
                             seed=7)[0]
     with torch.no_grad():
-        logits = engine.model(torch.tensor(engine.encode(["12+34="]))).logits[0, -1]
+        logits = engine.model(torch.tensor(ids(engine, ["12+34="]))).logits[0, -1]
     p = torch.softmax(logits.double() / temperature, dim=-1)
     order = p.argsort(descending=True)
     outside = (p[order].cumsum(0) - p[order]) >= top_p  # mass of the more likely tokens already reaches top_p
@@ -125,7 +132,7 @@ def test_finished_rows_are_dropped_from_the_batch(engine):
         lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
         sp = SamplingParams(n=8, temperature=1.0, max_new_tokens=10, stop=tuple("0123456789"))
-        comps = [c for g in engine.generate(PROMPTS, sp, seed=5) for c in g]
+        comps = [c for g in engine.generate(ids(engine, PROMPTS), sp, seed=5) for c in g]
     finally:
         hook.remove()
     live = [sum(len(c.token_ids) > k for c in comps) for k in range(1, sp.max_new_tokens)]
@@ -138,5 +145,16 @@ def test_falls_back_to_generate_without_cache_reshaping(engine, hf_engine, monke
 
     monkeypatch.delattr(Cache, "batch_select_indices")  # as on a remote-code model's own cache class
     sp = SamplingParams(n=3, temperature=1.0, max_new_tokens=6)
-    a, b = engine.generate(PROMPTS, sp, seed=2), hf_engine.generate(PROMPTS, sp, seed=2)
+    a, b = engine.generate(ids(engine, PROMPTS), sp, seed=2), hf_engine.generate(ids(hf_engine, PROMPTS), sp, seed=2)
     assert [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS, MIXED])
+def test_prompt_ids_are_padded_as_the_tokenizer_pads_the_text(engine, prompts):
+    """The driver tokenizes once and the engine pads the ids: the model sees what tokenizing the text gave."""
+    text = engine.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)  # left padding
+    padded = engine._pad(ids(engine, prompts))
+    assert torch.equal(padded["input_ids"], text["input_ids"])
+    assert torch.equal(padded["attention_mask"], text["attention_mask"])
+    if prompts is MIXED:
+        assert (padded["attention_mask"] == 0).any(), "MIXED should need padding, or the check is vacuous"

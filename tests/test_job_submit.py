@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import cli
+from orchestrator import ray_setup
 from orchestrator.config import JobConfig
 from tests.conftest import base_config
 
@@ -160,13 +160,13 @@ def job_config(*reward_names: str, **ray) -> JobConfig:
 
 def test_the_cluster_address_comes_from_the_config_then_from_ray_address(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert cli.cluster_address(job_config("rewards.final_answer:hash_answer")) is None  # embedded Ray
+    assert ray_setup.cluster_address(job_config("rewards.final_answer:hash_answer")) is None  # embedded Ray
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what `ray job submit` gives its driver
-    assert cli.cluster_address(job_config("rewards.final_answer:hash_answer")) == "10.0.0.1:6379"
-    assert cli.cluster_address(job_config("rewards.final_answer:hash_answer", address="auto")) == "auto"
+    assert ray_setup.cluster_address(job_config("rewards.final_answer:hash_answer")) == "10.0.0.1:6379"
+    assert ray_setup.cluster_address(job_config("rewards.final_answer:hash_answer", address="auto")) == "auto"
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
     with pytest.raises(ValueError, match="dashboard .*ray job submit"):
-        cli.cluster_address(job_config("rewards.final_answer:hash_answer"))
+        ray_setup.cluster_address(job_config("rewards.final_answer:hash_answer"))
 
 
 def test_reward_files_in_a_submitted_jobs_working_dir_stay_relative_and_others_are_shipped(tmp_path, monkeypatch):
@@ -182,7 +182,7 @@ def test_reward_files_in_a_submitted_jobs_working_dir_stay_relative_and_others_a
     job_env = {"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}  # what Ray's job supervisor sets
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job_env))
     calls = []
-    monkeypatch.setattr(cli, "init_ray", lambda cfg, runtime_env=None: calls.append(runtime_env) or True)
+    monkeypatch.setattr(ray_setup, "init_ray", lambda cfg, runtime_env=None: calls.append(runtime_env) or True)
     import ray
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh driver, whatever ran before here
@@ -190,7 +190,7 @@ def test_reward_files_in_a_submitted_jobs_working_dir_stay_relative_and_others_a
                      str(elsewhere / "far.py") + ":far", "lib/more.py:more")
     (tmp_path / "staging").mkdir()
 
-    started, specs = cli.connect_ray(cfg, tmp_path / "staging")
+    started, specs = ray_setup.connect_ray(cfg, tmp_path / "staging")
 
     names = [s.name for s in specs]
     assert started and names[0] == "my_rewards.py:my_rewards" and names[1] == "rewards.final_answer:hash_answer"
@@ -198,8 +198,8 @@ def test_reward_files_in_a_submitted_jobs_working_dir_stay_relative_and_others_a
     assert [Path(m).name for m in calls[0]["py_modules"]] == [names[2].split(":")[0] + ".py"]
 
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # a plain driver joining a cluster ships every file
-    assert cli.submitted_job_dir() is None
-    _, specs = cli.connect_ray(cfg, tmp_path / "staging")
+    assert ray_setup.submitted_job_dir() is None
+    _, specs = ray_setup.connect_ray(cfg, tmp_path / "staging")
     assert all(s.name.startswith(("raylhf_user_", "rewards.")) for s in specs)
 
 

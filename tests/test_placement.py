@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.config import ConfigError, JobConfig, read_config
 from orchestrator.placement import PoolDemand, plan_groups, shortfall
-from orchestrator.pools import custom_resources_needed, job_demands, logical_cpus_needed
+from orchestrator.pool_specs import custom_resources_needed, job_demands, logical_cpus_needed
 from tests.conftest import base_config
 
 ROOT = Path(__file__).resolve().parents[1]

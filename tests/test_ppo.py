@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from actors.batch import collate
+from actors.batch import collate, compact
 from actors.modeling import load_value_model, position_ids, response_values
-from actors.types import Group, Sample
-from orchestrator.batching import build_batch, sequence_kl
+from actors.records import Group, Sample, Shard, TrainBatch
+from orchestrator.batching import build_batch, loss_kl_coef, sequence_kl
 from orchestrator.config import AlgorithmConfig, ModelConfig, TrainerConfig
+
+from tests.conftest import as_batch
 
 TOY = str(Path(__file__).parent / "data" / "toy_rewards.py")
 
@@ -31,7 +34,7 @@ def test_values_are_of_the_state_before_each_response_token(value_model):
     run alone. Reading one position later (V of the state after token t) fails this test."""
     prompts = [[1, 7, 8, 9], [1, 5]]
     responses = [[10, 11, 12], [13, 14, 15, 16]]
-    batch = collate(prompts, responses, pad_id=0)
+    batch = as_batch(collate(prompts, responses, pad_id=0))
     with torch.no_grad():
         values = response_values(value_model, batch)  # [2, 4]
         for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -43,9 +46,9 @@ def test_values_are_of_the_state_before_each_response_token(value_model):
 
 
 def test_changing_response_token_t_changes_values_after_t_only(value_model):
-    batch = collate([[1, 7, 8]], [[10, 11, 12, 13]], pad_id=0)
-    other = {k: v.clone() for k, v in batch.items()}
-    other["input_ids"][0, 3 + 1] = 20  # response token t = 1
+    batch = as_batch(collate([[1, 7, 8]], [[10, 11, 12, 13]], pad_id=0))
+    other = dataclasses.replace(batch, input_ids=batch.input_ids.clone())
+    other.input_ids[0, 3 + 1] = 20  # response token t = 1
     with torch.no_grad():
         a, b = response_values(value_model, batch), response_values(value_model, other)
     assert torch.equal(a[:, :2], b[:, :2])  # V(s_0), V(s_1) come before token 1 is chosen
@@ -92,7 +95,7 @@ def test_gae_batch_matches_a_hand_loop_with_kl_in_the_reward():
     alg = AlgorithmConfig(estimator="gae", gamma=gamma, lam=lam, kl_placement="reward", kl_kind="k1",
                           whiten_advantages=False)
     batch = build_batch([group], alg, pad_id=0, beta=beta)
-    assert batch["kl_coef"] == 0.0
+    assert loss_kl_coef(alg, beta) == 0.0  # the KL is in the reward, not the loss
     for i, r in enumerate(responses):
         n = len(r)
         rew = [-beta * (old[i][t] - ref[i][t]) for t in range(n)]
@@ -102,21 +105,23 @@ def test_gae_batch_matches_a_hand_loop_with_kl_in_the_reward():
             next_v = values[i][t + 1] if t + 1 < n else 0.0
             running = rew[t] + gamma * next_v - values[i][t] + gamma * lam * running
             adv[t] = running
-        assert batch["advantages"][i, :n].tolist() == pytest.approx(adv, abs=1e-5)
-        assert batch["returns"][i, :n].tolist() == pytest.approx([a + v for a, v in zip(adv, values[i])], abs=1e-5)
-        assert batch["advantages"][i, n:].abs().sum() == 0
+        assert batch.advantages[i, :n].tolist() == pytest.approx(adv, abs=1e-5)
+        assert batch.returns[i, :n].tolist() == pytest.approx([a + v for a, v in zip(adv, values[i])], abs=1e-5)
+        assert batch.advantages[i, n:].abs().sum() == 0
     want_kl = sum(sum(o - f for o, f in zip(old[i], ref[i])) for i in range(3)) / 3
     assert sequence_kl(batch) == pytest.approx(want_kl, abs=1e-6)
 
 
-def test_kl_in_the_loss_travels_as_kl_coef_and_leaves_scores_alone():
+def test_kl_in_the_loss_goes_to_the_trainer_as_kl_coef_and_leaves_scores_alone():
     group = _group([1], [[5, 6], [7, 8]], [1.0, 0.0], [[-1.0, -1.0]] * 2, [[-2.0, -2.0]] * 2, [None, None])
-    batch = build_batch([group], AlgorithmConfig(estimator="rloo", kl_coef=0.2), pad_id=0, beta=0.2)
-    assert batch["kl_coef"] == 0.2
-    assert batch["advantages"][:, 0].tolist() == pytest.approx([1.0, -1.0])
-    shaped = build_batch([group], AlgorithmConfig(estimator="rloo", kl_placement="reward", kl_kind="k1"), 0, beta=0.2)
-    assert shaped["kl_coef"] == 0.0  # both sequences pay 0.2 * 2 nats: the leave-one-out advantage is unchanged
-    assert shaped["advantages"][:, 0].tolist() == pytest.approx([1.0, -1.0])
+    in_loss = AlgorithmConfig(estimator="rloo", kl_coef=0.2)
+    batch = build_batch([group], in_loss, pad_id=0, beta=0.2)
+    assert loss_kl_coef(in_loss, 0.2) == 0.2
+    assert batch.advantages[:, 0].tolist() == pytest.approx([1.0, -1.0])
+    in_reward = AlgorithmConfig(estimator="rloo", kl_placement="reward", kl_kind="k1")
+    shaped = build_batch([group], in_reward, 0, beta=0.2)
+    assert loss_kl_coef(in_reward, 0.2) == 0.0  # both sequences pay 0.2 * 2 nats: the leave-one-out advantage is unchanged
+    assert shaped.advantages[:, 0].tolist() == pytest.approx([1.0, -1.0])
 
 
 def test_whitened_gae_advantages_have_zero_mean_unit_std_over_valid_tokens():
@@ -124,27 +129,30 @@ def test_whitened_gae_advantages_have_zero_mean_unit_std_over_valid_tokens():
     group = _group([1], responses, [1.0, 0.0, 3.0], [[-1.0] * len(r) for r in responses],
                    [[-1.0] * len(r) for r in responses], [[0.1 * t for t in range(len(r))] for r in responses])
     batch = build_batch([group], AlgorithmConfig(estimator="gae"), pad_id=0)
-    valid = batch["response_mask"].bool()
-    assert batch["advantages"][valid].mean().item() == pytest.approx(0.0, abs=1e-6)
-    assert batch["advantages"][valid].std().item() == pytest.approx(1.0, abs=1e-5)
-    assert batch["advantages"][~valid].abs().sum() == 0
+    valid = batch.response_mask.bool()
+    assert batch.advantages[valid].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert batch.advantages[valid].std().item() == pytest.approx(1.0, abs=1e-5)
+    assert batch.advantages[~valid].abs().sum() == 0
 
 
 # ----------------------------------------------------------------------------- DeepSpeed ranks (Ray)
 
 
-def _synthetic(n: int, vocab: int, seed: int) -> dict:
+def _synthetic(n: int, vocab: int, seed: int) -> TrainBatch:
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, vocab, (3,), generator=g).tolist() for _ in range(n)]
     responses = [torch.randint(3, vocab, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
                  for _ in range(n)]
-    batch = collate(prompts, responses, pad_id=0)
-    mask = batch["response_mask"]
-    batch["returns"] = torch.randn(mask.shape, generator=g) * mask  # [B, T]
-    batch["old_values"] = torch.zeros_like(mask)
-    batch["advantages"] = torch.randn((n, 1), generator=g).expand_as(mask) * mask
-    batch["global_units"] = float(mask.sum())
-    return batch
+    batch = as_batch(collate(prompts, responses, pad_id=0))
+    mask = batch.response_mask
+    return dataclasses.replace(batch, returns=torch.randn(mask.shape, generator=g) * mask,  # [B, T]
+                               old_values=torch.zeros_like(mask),
+                               advantages=torch.randn((n, 1), generator=g).expand_as(mask) * mask)
+
+
+def _wire(batch: TrainBatch) -> dict:
+    """One mini-batch as a trainer rank receives it."""
+    return compact(Shard(batch, float(batch.response_mask.sum())))
 
 
 def _ranks(cls, model_path: str, trainer: dict, *args):
@@ -165,11 +173,11 @@ def test_critic_loss_falls_on_a_fixed_batch(ray_local, tiny_model):
     critic = _ranks(CriticTrainer, tiny_model, {"lr": 3e-3, "micro_batch_size": 8, "grad_clip": 1e9},
                     None, "token-mean", 2, 20, 0)
     try:
-        losses = [ray_local.get(critic.train_step.remote([batch]))["critic/value_loss"] for _ in range(15)]
+        losses = [ray_local.get(critic.train_step.remote([_wire(batch)]))["critic/value_loss"] for _ in range(15)]
     finally:
         ray_local.kill(critic)
     assert losses[-1] < 0.5 * losses[0], losses
-    assert losses[0] == pytest.approx(0.5 * float((batch["returns"] ** 2).sum() / batch["response_mask"].sum()),
+    assert losses[0] == pytest.approx(0.5 * float((batch.returns ** 2).sum() / batch.response_mask.sum()),
                                       rel=1e-4)  # the head starts at zero: V = 0, loss = ½ mean R²
 
 
@@ -182,12 +190,13 @@ def test_four_epochs_clip_and_move_further_each_epoch(ray_local, tiny_model):
 
     batch = _synthetic(16, vocab=20, seed=1)
     with torch.no_grad():
-        batch["old_logp"] = response_logprobs(load_causal_lm(tiny_model), batch, 1.0)[0] * batch["response_mask"]
+        old_logp = response_logprobs(load_causal_lm(tiny_model), batch, 1.0)[0] * batch.response_mask
+    batch = dataclasses.replace(batch, old_logp=old_logp, rollout_logp=old_logp)
     alg = AlgorithmConfig(clip_low=0.2, clip_high=0.2).model_dump()
     policy = _ranks(PolicyTrainer, tiny_model, {"lr": 2e-3, "micro_batch_size": 16, "epochs": 4, "grad_clip": 1e9},
                     alg, 1.0, 8, 1, 1, 0)
     try:
-        stats = ray_local.get(policy.train_step.remote([batch]))
+        stats = ray_local.get(policy.train_step.remote([_wire(batch)]))
     finally:
         ray_local.kill(policy)
     kls = [stats[f"epoch{e}/approx_kl"] for e in range(1, 5)]
@@ -219,16 +228,16 @@ class _Stream:
         self.n = 0
 
     def next(self, n):
-        from actors.types import GroupRequest
+        from actors.records import PromptRequest
 
-        out = [GroupRequest(str(self.n + i), "p", {}) for i in range(n)]
+        out = [PromptRequest(str(self.n + i), "p", [1], {}) for i in range(n)]
         self.n += n
         return out
 
 
 def _collect(flat, **alg):
+    from orchestrator.collect import collect_groups
     from orchestrator.config import JobConfig
-    from orchestrator.loop import collect_groups
 
     from tests.conftest import base_config
 
@@ -257,11 +266,11 @@ def test_dynamic_sampling_stops_at_the_round_bound_and_tops_up_with_flat_groups(
 def test_each_sequence_estimator_trains_a_step_through_the_real_pools(ray_local, tiny_model):
     """grpo, dr_grpo, rloo and reinforce_pp, one real step each (rollout, reward, scoring, DeepSpeed train,
     weight sync) on one set of actors: finite, non-zero advantages, loss and gradient every time."""
-    from actors.engines import SamplingParams
-    from actors.modeling import load_tokenizer
+    from orchestrator.batching import kl_controller
+    from orchestrator.collect import sampling_params
     from orchestrator.config import JobConfig
-    from orchestrator.data import PromptStream, load_rows
-    from orchestrator.loop import train_step
+    from orchestrator.data import load_data
+    from orchestrator.loop import Run, train_step
     from orchestrator.pools import Pools
 
     from tests.conftest import base_config
@@ -270,12 +279,11 @@ def test_each_sequence_estimator_trains_a_step_through_the_real_pools(ray_local,
     pools = Pools(JobConfig.model_validate(base), tiny_model, [("length", f"{TOY}:length_reward", 1.0)])
     try:
         cfg0 = JobConfig.model_validate(base)
-        stream = PromptStream(load_rows(cfg0.data.train), "prompt", seed=0)
-        sampling = SamplingParams(n=cfg0.rollout.group_size, max_new_tokens=cfg0.rollout.max_new_tokens)
-        pad_id = load_tokenizer(tiny_model).pad_token_id
+        data = load_data(cfg0, tiny_model)
         for version, estimator in enumerate(["grpo", "dr_grpo", "rloo", "reinforce_pp"], start=1):
             cfg = JobConfig.model_validate(base | {"algorithm": {"estimator": estimator, "kl_coef": 0.05}})
-            m = train_step(pools, cfg, stream, sampling, pad_id, version=version)
+            run = Run(cfg, pools, data, kl_controller(cfg.algorithm), sampling_params(cfg.rollout))
+            m, _ = train_step(run, version=version)
             assert math.isfinite(m["advantage/abs_mean"]) and m["advantage/abs_mean"] > 0, estimator
             assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["kl"] >= 0, estimator
     finally:
@@ -295,9 +303,10 @@ def test_ppo_with_a_critic_trains_end_to_end(ray_local, tiny_model, tmp_path, mo
     import json
 
     from orchestrator import loop
-    from orchestrator.cli import reward_specs
     from orchestrator.config import JobConfig
-    from orchestrator.loop import load_data, train
+    from orchestrator.data import load_data
+    from orchestrator.loop import train
+    from orchestrator.ray_setup import reward_specs
 
     threads, real_step = [], loop.train_step
     monkeypatch.setattr(loop, "train_step",

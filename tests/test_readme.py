@@ -50,7 +50,7 @@ def test_error_example_is_what_the_cli_prints(tiny_model, tmp_path, capsys):
 def test_reward_forms_snippet_runs(tmp_path):
     """The batched and async examples, run by a RewardWorker as in a job."""
     from actors.reward import RewardWorker
-    from actors.types import Group, RewardSpec, Sample
+    from actors.records import Group, RewardSpec, Sample
 
     code = next(b for b in blocks("python") if b.startswith("# my_forms.py"))
     (tmp_path / "my_forms.py").write_text(code)
@@ -59,7 +59,7 @@ def test_reward_forms_snippet_runs(tmp_path):
     samples = [Sample([1], text, [0.0], "stop") for text in ("#### 3", "#### 4", "3")]
     worker = RewardWorker(specs, num_processes=1)
     try:
-        (g,) = worker.score([Group("u", "1+2=", {"answer": "3"}, [1], samples, 0)])
+        (g,) = worker.reward([Group("u", "1+2=", {"answer": "3"}, [1], samples, 0)])
     finally:
         worker.close()
     assert [s.reward_parts for s in g.samples] == [{"correct": 1.0, "judge": 1.0}, {"correct": 0.0, "judge": 1.0},

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.loop import NonFiniteLoss, nonfinite_streak
+from orchestrator.failures import NonFiniteLoss, nonfinite_streak
 
 
 def test_a_streak_of_nonfinite_steps_stops_the_run_with_advice():
@@ -61,16 +61,16 @@ def test_a_worker_killed_mid_step_is_replaced_and_no_group_is_lost_or_doubled(ra
 
     from actors.engines import SamplingParams
     from orchestrator.config import JobConfig
-    from orchestrator.data import PromptStream, load_rows
+    from orchestrator.data import load_data
     from orchestrator.pools import Pools
     from tests.conftest import base_config
 
     cfg = JobConfig.model_validate(base_config(tiny_model, rollout={"num_workers": 2, "prompts_per_call": 2},
                                                reward={"num_workers": 2}))
+    stream = load_data(cfg, tiny_model).stream
     pools = Pools(cfg, tiny_model, [("length", f"{TOY}:length_reward", 1.0)])
     try:
         pools.sync_weights(1)  # a replacement must be brought to version 1, not the checkpoint it starts from
-        stream = PromptStream(load_rows(cfg.data.train), "prompt", seed=0)
         sampling = SamplingParams(n=4, max_new_tokens=32)
         steps = [stream.next(48), stream.next(48)]
         results = []
@@ -101,10 +101,12 @@ def test_a_dead_trainer_rank_stops_the_run_and_says_how_to_resume(ray_local, tin
     import threading
 
     from orchestrator import checkpoint
-    from orchestrator.cli import reward_specs
     from orchestrator.config import JobConfig
-    from orchestrator.loop import ActorDied, load_data, train
+    from orchestrator.data import load_data
+    from orchestrator.failures import ActorDied
+    from orchestrator.loop import train
     from orchestrator.pools import Pools
+    from orchestrator.ray_setup import reward_specs
     from tests.conftest import base_config
 
     cfg = JobConfig.model_validate(base_config(
@@ -147,8 +149,7 @@ def test_bad_rows_are_skipped_and_counted_when_the_config_says_so(tmp_path, tiny
     import json
 
     from orchestrator.config import JobConfig
-    from orchestrator.data import DataError
-    from orchestrator.loop import load_data
+    from orchestrator.data import DataError, load_data
     from tests.conftest import base_config
 
     rows = [{"prompt": "1+2=", "answer": "3"}, {"question": "no prompt"}, {"prompt": "", "answer": "1"},
@@ -160,7 +161,7 @@ def test_bad_rows_are_skipped_and_counted_when_the_config_says_so(tmp_path, tiny
                                         "bad_rows": "skip"})
     del cfg["data"]["eval"]
     data = load_data(JobConfig.model_validate(cfg), tiny_model)
-    assert sorted(r["prompt"] for r in data.stream.rows) == ["1+2=", "4+5="]
+    assert sorted(r.prompt for r in data.stream.prompts) == ["1+2=", "4+5="]
     assert data.skipped == {"data/skipped_train_rows": 6.0, "data/skipped_eval_rows": 0.0}
     err = capsys.readouterr().err
     assert "skipped 6 bad rows (1 bad chat messages, 3 no prompt, 1 not a dict, 1 too long)" in err, err

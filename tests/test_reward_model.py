@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from actors.reward_model import RewardModelError, RewardModelWorker
-from actors.types import Group, Sample
+from actors.records import Group, Sample
 from tests.conftest import save_tiny_reward_model as _save
 
 TEXTS = ["1+2=#### 3", "37+485=#### 522", "9=", "100+200+300=#### 600\n", "5*5=#### 25, 25", "0"]
@@ -41,17 +41,17 @@ def test_batch_size_and_order_do_not_change_scores(tiny_reward_model):
 def test_combines_with_rule_rewards_in_the_weighted_sum(tiny_reward_model):
     """RewardWorker then RewardModelWorker: reward = w_f * f + w_rm * rm; each part logged on its own."""
     from actors.reward import RewardWorker
-    from actors.types import RewardSpec
+    from actors.records import RewardSpec
     from orchestrator.metrics import reward_part_metrics
 
     completions = ["#### 3", "#### 4", "#### 30"]
     g = Group("u", "1+2=", {"answer": "3"}, [1], [Sample([5, 6], c, [0.0, 0.0], "stop") for c in completions], 0)
     worker = RewardWorker([RewardSpec("hash_answer", "rewards.final_answer:hash_answer", 2.0)], num_processes=1)
     try:
-        worker.score([g])
+        worker.reward([g])
     finally:
         worker.close()
-    RewardModelWorker("tiny-rm", tiny_reward_model, weight=0.5, batch_size=2).score([g])
+    RewardModelWorker("tiny-rm", tiny_reward_model, weight=0.5, batch_size=2).reward([g])
     rm = RewardModelWorker("check", tiny_reward_model, batch_size=2).score_texts(["1+2=" + c for c in completions])
     for s, r, correct in zip(g.samples, rm, [1.0, 0.0, 0.0]):
         assert s.reward_parts == pytest.approx({"hash_answer": correct, "tiny-rm": r}, abs=1e-6)

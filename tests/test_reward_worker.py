@@ -18,7 +18,7 @@ import pytest
 
 from actors.reward import RewardWorker
 from actors.reward_pool import RewardLoadFailed
-from actors.types import Group, RewardSpec, Sample
+from actors.records import Group, RewardSpec, Sample
 from orchestrator.metrics import reward_part_metrics
 from tests.conftest import RecordingActor
 
@@ -67,7 +67,7 @@ def wait_until(check, seconds: float) -> bool:
 def test_plain_and_dict_rewards_get_row_fields_and_token_count_and_sum_with_weights():
     """fields = the row's other columns + completion_tokens; a dict's extra numbers become metrics."""
     with running(spec("exact", weight=2.0), spec("detailed", weight=0.5), spec("fields_seen")) as w:
-        groups = w.score([group(["4", "5"], topic="arith"), group(["44"], uid="h", answer="44", topic="arith")])
+        groups = w.reward([group(["4", "5"], topic="arith"), group(["44"], uid="h", answer="44", topic="arith")])
     first, second = groups[0].samples
     assert first.reward_parts == {"exact": 1.0, "detailed": 1.0, "fields_seen": 1.0}
     assert first.reward == pytest.approx(2.0 * 1 + 0.5 * 1 + 1.0)
@@ -84,7 +84,7 @@ def test_batched_rewards_take_lists_declared_by_config_flag_or_attribute():
     """`batched` in the spec or `fn.batched = True`: one call per batch of `batch_size`, columns aligned."""
     groups = [group(["4", "55", "666"]), group(["77", "8", "44", "9"], uid="h", answer="44")]
     with running(spec("lengths", batched=True), spec("batch_sizes", batch_size=3)) as w:
-        w.score(groups)
+        w.reward(groups)
     samples = [s for g in groups for s in g.samples]
     assert [s.reward_parts["lengths"] for s in samples] == [1.5, 2, 3, 2, 1, 2.5, 1]
     assert [s.reward_parts["batch_sizes"] for s in samples] == [3, 3, 3, 3, 3, 3, 1]
@@ -94,7 +94,7 @@ def test_async_rewards_are_awaited_concurrently():
     """16 calls that each wait 0.3 s finish in about one wait, not sixteen."""
     with running(spec("slow_async")) as w:
         start = time.perf_counter()
-        groups = w.score([group(["4"] * 16)])
+        groups = w.reward([group(["4"] * 16)])
         elapsed = time.perf_counter() - start
     assert [s.reward for s in groups[0].samples] == [2.0] * 16
     assert elapsed < 2.0, elapsed  # 4.8 s one after another
@@ -104,7 +104,7 @@ def test_calls_of_a_group_run_in_parallel_processes():
     """Two processes overlap four 0.4 s calls: about 0.8 s instead of 1.6 s."""
     with running(spec("sleepy"), num_processes=2) as w:
         start = time.perf_counter()
-        w.score([group(["4"] * 4)])
+        w.reward([group(["4"] * 4)])
         elapsed = time.perf_counter() - start
     assert elapsed < 1.4, elapsed
 
@@ -125,7 +125,7 @@ def misbehaving():
 ])
 def test_a_failing_call_scores_failure_score_and_is_counted(misbehaving, mode, kind):
     """Raising, NaN/inf and non-numbers: that sample only scores failure_score; others are untouched."""
-    g = misbehaving.score([group(["4", mode, "4"])])[0]
+    g = misbehaving.reward([group(["4", mode, "4"])])[0]
     assert [s.reward_parts["misbehave"] for s in g.samples] == [1.0, -2.0, 1.0]
     assert [s.reward_parts["exact"] for s in g.samples] == [1.0, 0.0, 1.0]  # the other reward is unaffected
     assert g.samples[1].reward == -2.0
@@ -136,8 +136,8 @@ def test_a_failing_call_scores_failure_score_and_is_counted(misbehaving, mode, k
 def test_first_traceback_of_each_kind_is_logged_once(capsys):
     """Printed by the worker and handed to the driver once per (reward, error type), however often it recurs."""
     with running(spec("misbehave")) as w:
-        first = w.score([group(["raise", "raise", "nan"])])[0]
-        second = w.score([group(["raise", "nan", "text"])])[0]
+        first = w.reward([group(["raise", "raise", "nan"])])[0]
+        second = w.reward([group(["raise", "nan", "text"])])[0]
     out = capsys.readouterr().out
     assert out.count("reward misbehave failed (RuntimeError)") == 1
     assert out.count("reward misbehave failed (ValueError)") == 1
@@ -156,7 +156,7 @@ def test_a_hung_call_is_killed_at_its_timeout_and_the_rest_are_scored(tmp_path, 
     with running(spec("misbehave"), failure_score=-1.0, timeout_s=1.0) as w:
         before = set(w.process_ids())
         start = time.perf_counter()
-        g = w.score([group(texts, pid_dir=str(tmp_path))])[0]
+        g = w.reward([group(texts, pid_dir=str(tmp_path))])[0]
         elapsed = time.perf_counter() - start
         assert [s.reward_parts["misbehave"] for s in g.samples] == [1.0] * 4 + [-1.0] + [1.0] * 15
         assert g.reward_failures == {"misbehave": 1} and "misbehave: TimeoutError" in g.reward_errors
@@ -167,7 +167,7 @@ def test_a_hung_call_is_killed_at_its_timeout_and_the_rest_are_scored(tmp_path, 
         assert wait_until(lambda: not any(alive(p) for p in before - after), 5)
         if mode == "hang":
             assert [int(p.name) for p in tmp_path.iterdir()] == list(before - after)
-        assert w.score([group(["4", "4"])])[0].samples[1].reward == 1.0  # the replacement works
+        assert w.reward([group(["4", "4"])])[0].samples[1].reward == 1.0  # the replacement works
 
 
 def test_a_zeroed_or_stale_progress_page_never_times_a_call_out_early():
@@ -191,11 +191,11 @@ def test_a_zeroed_or_stale_progress_page_never_times_a_call_out_early():
 def test_async_timeouts_and_an_event_loop_that_blocks(tmp_path):
     """An await past timeout_s fails alone (no restart); a blocking call in async code gets its process killed."""
     with running(spec("misbehave_async"), failure_score=-1.0, timeout_s=0.5) as w:
-        g = w.score([group(["4", "hang", "raise", "4"])])[0]
+        g = w.reward([group(["4", "hang", "raise", "4"])])[0]
         assert [s.reward_parts["misbehave_async"] for s in g.samples] == [1.0, -1.0, -1.0, 1.0]
         assert set(g.reward_errors) == {"misbehave_async: TimeoutError", "misbehave_async: ValueError"}
         assert w.restarts() == 0
-        g = w.score([group(["4", "block", "4"], pid_dir=str(tmp_path))])[0]
+        g = w.reward([group(["4", "block", "4"], pid_dir=str(tmp_path))])[0]
         assert g.samples[1].reward_parts["misbehave_async"] == -1.0
         assert w.restarts() == 1
         (pid,) = [int(p.name) for p in tmp_path.iterdir()]
@@ -206,10 +206,10 @@ def test_batched_failures():
     """A NaN fails its sample; a wrong-length result or a hang fails the whole batch."""
     with running(spec("misbehave_batched"), failure_score=-1.0, timeout_s=1.0) as w:
         parts = lambda g: [s.reward_parts["misbehave_batched"] for s in g.samples]  # noqa: E731
-        assert parts(w.score([group(["4", "nan", "4"])])[0]) == [1.0, -1.0, 1.0]
-        g = w.score([group(["4", "short"])])[0]
+        assert parts(w.reward([group(["4", "nan", "4"])])[0]) == [1.0, -1.0, 1.0]
+        g = w.reward([group(["4", "short"])])[0]
         assert parts(g) == [-1.0, -1.0] and "misbehave_batched: TypeError" in g.reward_errors
-        g = w.score([group(["4", "hang"])])[0]
+        g = w.reward([group(["4", "hang"])])[0]
         assert parts(g) == [-1.0, -1.0] and "misbehave_batched: TimeoutError" in g.reward_errors
         assert w.restarts() == 1
 
@@ -217,7 +217,7 @@ def test_batched_failures():
 def test_a_call_that_kills_its_process_fails_alone():
     """os._exit inside a reward: that sample fails (ProcessDied); the process is replaced; the rest score."""
     with running(spec("misbehave"), failure_score=-1.0) as w:
-        g = w.score([group(["4", "exit", "4", "4"])])[0]
+        g = w.reward([group(["4", "exit", "4", "4"])])[0]
         assert [s.reward_parts["misbehave"] for s in g.samples] == [1.0, -1.0, 1.0, 1.0]
         assert "misbehave: ProcessDied" in g.reward_errors
         assert w.restarts() == 1
@@ -244,10 +244,10 @@ def test_a_reward_that_cannot_be_imported_fails_at_start_and_leaves_no_process()
 OWNER = """
 import json, sys
 from actors.reward import RewardWorker
-from actors.types import Group, RewardSpec, Sample
+from actors.records import Group, RewardSpec, Sample
 worker = RewardWorker([RewardSpec("misbehave", sys.argv[1])], timeout_s=600)
 print(json.dumps(worker.process_ids()), flush=True)
-worker.score([Group("u", "p", {"pid_dir": sys.argv[2]}, [1], [Sample([1], "hang", [0.0], "stop")], 0)])
+worker.reward([Group("u", "p", {"pid_dir": sys.argv[2]}, [1], [Sample([1], "hang", [0.0], "stop")], 0)])
 """
 
 
@@ -281,7 +281,7 @@ def test_no_reward_process_outlives_a_killed_actor(ray_local, tmp_path):
     actor = ray_local.remote(RewardWorker).options(num_cpus=0.5).remote([spec("misbehave")], timeout_s=600)
     pids = ray_local.get(actor.process_ids.remote())
     assert all(alive(p) for p in pids)
-    actor.score.remote([group(["hang"], pid_dir=str(tmp_path))])
+    actor.reward.remote([group(["hang"], pid_dir=str(tmp_path))])
     assert wait_until(lambda: any(tmp_path.iterdir()), 30)
     (hung,) = [int(p.name) for p in tmp_path.iterdir()]
     assert hung in pids
@@ -301,10 +301,9 @@ def test_pools_spread_chunks_over_reward_workers_and_chain_reward_models():
 
     calls: list = []
     pools = Pools.__new__(Pools)
-    pools.rollout = [RecordingActor("rollout", calls)]
-    pools.reward = [RecordingActor("reward0", calls), RecordingActor("reward1", calls)]
-    pools.reward_models = [RecordingActor("rm", calls)]
-    pools.scoring = [RecordingActor("scoring", calls)]
+    pools.workers = {"rollout": [RecordingActor("rollout", calls)],
+                     "reward": [RecordingActor("reward0", calls), RecordingActor("reward1", calls)],
+                     "reward_model": [RecordingActor("rm", calls)], "scoring": [RecordingActor("scoring", calls)]}
     pools._cycle = {name: __import__("itertools").count() for name in ("rollout", "reward", "scoring")}
     pools.submit_groups(list(range(8)), sampling=None, prompts_per_call=2)
     rewarders = [name for name, _, _ in calls if name.startswith("reward")]
@@ -377,8 +376,8 @@ import json, os, shutil, sys
 from pathlib import Path
 import ray
 from actors.reward import RewardWorker
-from actors.types import Group, Sample
-from orchestrator.cli import connect_ray
+from actors.records import Group, Sample
+from orchestrator.ray_setup import connect_ray
 from orchestrator.config import load_config
 
 cfg = load_config(sys.argv[1], check_paths=False)
@@ -391,7 +390,7 @@ shutil.rmtree(sys.argv[3])
 shutil.rmtree(staging)
 worker = ray.remote(RewardWorker).options(num_cpus=0.5).remote(specs, timeout_s=30, num_processes=1)
 g = Group("u", "2+2=", {"answer": "4"}, [1], [Sample([1, 2], t, [0.0, 0.0], "stop") for t in ("#### 4", "#### 5")], 0)
-(g,) = ray.get(worker.score.remote([g]))
+(g,) = ray.get(worker.reward.remote([g]))
 print(json.dumps({"names": [s.name for s in specs], "parts": [s.reward_parts for s in g.samples],
                   "failures": g.reward_failures}))
 ray.shutdown()

@@ -4,14 +4,17 @@ checkpoint position, zero-copy weight reads, and the scoring worker's refusal of
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from actors.types import Group, Sample
+from actors.records import Group, Sample
 from orchestrator.batching import build_batch
 from orchestrator.config import AlgorithmConfig, JobConfig
 from orchestrator.metrics import merge_rank_stats
-from tests.conftest import RecordingActor, base_config
+from tests.conftest import RecordingActor, as_batch, base_config
 
 
 def _group(uid: str, version: int, rollout: list[list[float]], old: list[list[float]] | None = None) -> Group:
@@ -29,17 +32,17 @@ def test_old_logprobs_are_the_rollouts_or_the_scorers_as_configured():
     g = _group("u", 0, rollout, old)
     batch = build_batch([g], AlgorithmConfig(), pad_id=0)
     want_rollout = torch.tensor([[-0.5, -1.5], [-2.0, 0.0]])
-    torch.testing.assert_close(batch["old_logp"], want_rollout)
-    torch.testing.assert_close(batch["rollout_logp"], want_rollout)
+    torch.testing.assert_close(batch.old_logp, want_rollout)
+    torch.testing.assert_close(batch.rollout_logp, want_rollout)
     batch = build_batch([g], AlgorithmConfig(old_logprobs="recompute"), pad_id=0)
-    torch.testing.assert_close(batch["old_logp"], torch.tensor([[-0.4, -1.6], [-2.1, 0.0]]))
-    torch.testing.assert_close(batch["rollout_logp"], want_rollout)  # still travels, for TIS and the mismatch
+    torch.testing.assert_close(batch.old_logp, torch.tensor([[-0.4, -1.6], [-2.1, 0.0]]))
+    torch.testing.assert_close(batch.rollout_logp, want_rollout)  # still travels, for TIS and the mismatch
     with pytest.raises(ValueError, match="not scored"):
         build_batch([_group("u", 0, rollout)], AlgorithmConfig(old_logprobs="recompute"), pad_id=0)
 
 
 def test_needs_scoring_only_for_recompute_a_reference_or_values():
-    from orchestrator.pools import needs_scoring
+    from orchestrator.pool_specs import needs_scoring
 
     def cfg(**alg):
         return JobConfig.model_validate(base_config("unused", algorithm=alg))
@@ -65,7 +68,7 @@ def test_mismatch_merges_as_a_token_weighted_mean_and_a_max_over_ranks():
 
 
 def test_overhead_is_the_step_minus_the_critical_path():
-    from orchestrator.loop import step_times
+    from orchestrator.metrics import step_times
 
     class P:  # 2 rollout workers, 1 reward worker, no scoring pool
         rollout, reward, reward_models, scoring = [0, 0], [0], [], []
@@ -97,7 +100,7 @@ class _AsyncPools:
 
     rollout, reward, reward_models, scoring, critics = [0], [0], [], [], []
     restarts: dict = {}
-    grad_accum = 1  # micro-batches per optimizer step of each trainer rank
+    sync = SimpleNamespace(fallbacks=0)
 
     def __init__(self):
         self.version, self.trained = 0, []
@@ -117,8 +120,8 @@ class _AsyncPools:
     def new_reward_errors(self, groups):
         return []
 
-    def start_train(self, shards, critic_shards):
-        self.trained.append(shards[0][0]["input_ids"].shape[0])
+    def start_train(self, shards, critic_shards, kl_coef):
+        self.trained.append(shards[0][0].rows.rows)
         return [{"time/train_forward_backward": 0.0, "time/optimizer": 0.0, "loss": 0.0}], []
 
     @staticmethod
@@ -134,28 +137,30 @@ def test_async_steps_train_prompts_prefetched_a_step_earlier_and_checkpoints_los
     """Step t+1's prompts are drawn and generated (by the weights of step t) before step t trains; staleness
     is 0, 1, 1; the stream position kept for a checkpoint is before the prefetched prompts, so a resumed
     stream draws exactly them next."""
-    from orchestrator.data import PromptStream
-    from orchestrator.loop import Ahead, train_step
+    from actors.records import PromptRequest
+    from orchestrator.batching import kl_controller
+    from orchestrator.collect import Ahead
+    from orchestrator.data import Data, PromptStream
+    from orchestrator.loop import Run, train_step
 
     cfg = JobConfig.model_validate(base_config("unused", loop={"prompts_per_step": 2, "max_staleness": 1},
                                                rollout={"group_size": 2, "prompts_per_call": 2}))
-    rows = [{"prompt": f"q{i}"} for i in range(50)]
-    stream, pools, ahead = PromptStream(rows, "prompt", seed=0), _AsyncPools(), Ahead()
+    prompts = [PromptRequest(str(i), f"q{i}", [1, i], {}) for i in range(50)]
+    stream, pools, ahead = PromptStream(prompts, seed=0), _AsyncPools(), Ahead()
+    run = Run(cfg, pools, Data(0, stream, []), kl_controller(cfg.algorithm), None, ahead)
     trained_uids, staleness = [], []
     for step in (1, 2, 3):
-        samples: list[dict] = []
-        m = train_step(pools, cfg, stream, None, 0, version=step, ahead=ahead, prefetch=step < 3,
-                       samples_out=samples)
+        m, samples = train_step(run, version=step, prefetch=step < 3)
         trained_uids.append(sorted({r["uid"] for r in samples}))
         staleness.append(m["staleness"])
         if step == 2:
             saved = ahead.stream_state
             prefetched = [g.uid for g in ahead.flight.groups]
     assert staleness == [0.0, 1.0, 1.0]
-    reference = PromptStream(rows, "prompt", seed=0)
+    reference = PromptStream(prompts, seed=0)
     assert trained_uids == [sorted(r.uid for r in reference.next(2)) for _ in range(3)]  # in order, none skipped
     assert ahead.flight is None and ahead.stream_state == stream.state()  # the last step prefetched nothing
-    resumed = PromptStream(rows, "prompt", seed=0)
+    resumed = PromptStream(prompts, seed=0)
     resumed.restore(saved)
     assert [r.uid for r in resumed.next(2)] == prefetched  # what step 3 trained, drawn again after a resume
 
@@ -188,16 +193,18 @@ def test_weights_from_the_object_store_are_read_without_a_copy(ray_local, tiny_m
 
 @pytest.mark.parametrize("recompute", [False, True])
 def test_a_weight_sync_puts_the_policy_once_and_every_receiver_loads_that_object(monkeypatch, recompute):
-    import orchestrator.pools as pools_module
+    import orchestrator.weight_sync as sync_module
     from orchestrator.pools import Pools
+    from orchestrator.weight_sync import WeightSync
 
     calls: list = []
     pools = Pools.__new__(Pools)
-    pools.rollout = [RecordingActor("rollout0", calls), RecordingActor("rollout1", calls)]
-    pools.scoring, pools.critics = [RecordingActor("scoring0", calls)], []
-    pools.trainers = [RecordingActor("trainer0", calls), RecordingActor("trainer1", calls)]
-    pools.zero3, pools.weight_sync, pools.scoring_holds_policy = False, "object_store", recompute
-    monkeypatch.setattr(pools_module.ray, "get", lambda refs: [7] * len(refs))
+    pools.workers = {"rollout": [RecordingActor("rollout0", calls), RecordingActor("rollout1", calls)],
+                     "scoring": [RecordingActor("scoring0", calls)], "critic": [],
+                     "trainer": [RecordingActor("trainer0", calls), RecordingActor("trainer1", calls)]}
+    pools.scoring_holds_policy = recompute
+    pools.sync = WeightSync(pools, "object_store", zero3=False)
+    monkeypatch.setattr(sync_module.ray, "get", lambda refs: [7] * len(refs))
     assert pools.sync_weights(7) == [7] * (3 if recompute else 2)
     assert [c for c in calls if c[1] == "state_dict"] == [("trainer0", "state_dict", ())]  # one put, rank 0's
     loads = [c for c in calls if c[1] == "load_weights"]
@@ -227,8 +234,9 @@ def test_a_scoring_worker_refuses_groups_of_another_version_and_skips_the_policy
 def test_shards_sort_rows_by_length_so_micro_batches_carry_less_padding_and_the_same_loss():
     """Each rank's rows are sorted by length before micro-batching: the same rows, fewer padded token slots
     after `trim`, and the same weighted loss sum as the unsorted order."""
-    from actors.batch import collate, select, trim
-    from algorithms.losses import grpo_loss
+    from actors.batch import collate
+    from actors.records import Shard
+    from algorithms.losses import policy_loss_with_kl
     from orchestrator.batching import shard
 
     g = torch.Generator().manual_seed(0)
@@ -236,22 +244,20 @@ def test_shards_sort_rows_by_length_so_micro_batches_carry_less_padding_and_the_
     prompts = [torch.randint(3, 30, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
     responses = [torch.randint(3, 30, (int(torch.randint(1, 13, (1,), generator=g)),), generator=g).tolist()
                  for _ in range(n)]
-    batch = collate(prompts, responses, pad_id=0)
-    mask = batch["response_mask"]
-    batch["old_logp"] = -2.0 * mask
-    batch["advantages"] = torch.randn((n, 1), generator=g).expand_as(mask) * mask
-    logp = (-2.0 + 0.1 * torch.randn(mask.shape, generator=g)) * mask  # a fixed "policy", row-aligned via a column
-    batch["probe_logp"] = logp
+    mask = collate(prompts, responses, pad_id=0)["response_mask"]
+    logp = (-2.0 + 0.1 * torch.randn(mask.shape, generator=g)) * mask  # a fixed "policy", row-aligned as ref_logp
+    batch = dataclasses.replace(as_batch(collate(prompts, responses, pad_id=0)), old_logp=-2.0 * mask,
+                                advantages=torch.randn((n, 1), generator=g).expand_as(mask) * mask, ref_logp=logp)
 
-    def slots_and_loss(parts: list[dict]) -> tuple[int, float]:
+    def slots_and_loss(parts: list[Shard]) -> tuple[int, float]:
         slots, total = 0, 0.0
         for part in parts:
-            for lo in range(0, part["input_ids"].shape[0], micro):
-                ch = trim(select(part, slice(lo, lo + micro)))
-                slots += ch["input_ids"].numel()
-                loss, _ = grpo_loss(ch["probe_logp"], ch["old_logp"], None, ch["advantages"], ch["response_mask"],
-                                    0.2, 0.2, 0.0, "k3", "token-mean", None, None)
-                total += float(loss) * float(ch["response_mask"].sum()) / part["global_units"]
+            for lo in range(0, part.rows.rows, micro):
+                ch = part.rows.select(slice(lo, lo + micro)).trim()
+                slots += ch.input_ids.numel()
+                loss, _ = policy_loss_with_kl(ch.ref_logp, ch.old_logp, None, ch.advantages, ch.response_mask,
+                                              0.2, 0.2, 0.0, "k3", "token-mean", None, None)
+                total += float(loss) * float(ch.response_mask.sum()) / part.global_units
         return slots, total
 
     sorted_parts = shard(batch, 2, 2, "token-mean")
@@ -259,12 +265,11 @@ def test_shards_sort_rows_by_length_so_micro_batches_carry_less_padding_and_the_
     for m in range(2):
         for r in range(2):
             lo = m * 24 + r * 12
-            part = select(batch, slice(lo, lo + 12))
-            part["global_units"] = float(batch["response_mask"][m * 24 : (m + 1) * 24].sum())
-            plain_parts.append(part)
+            plain_parts.append(Shard(batch.select(slice(lo, lo + 12)),
+                                     float(batch.response_mask[m * 24 : (m + 1) * 24].sum())))
     flat_sorted = [p for rank in zip(*sorted_parts) for p in rank]  # (minibatch, rank) order like plain_parts
     for s, p in zip(flat_sorted, plain_parts):  # the same rows on the same rank
-        assert sorted(map(tuple, s["input_ids"].tolist())) == sorted(map(tuple, p["input_ids"].tolist()))
+        assert sorted(map(tuple, s.rows.input_ids.tolist())) == sorted(map(tuple, p.rows.input_ids.tolist()))
     slots_sorted, loss_sorted = slots_and_loss(flat_sorted)
     slots_plain, loss_plain = slots_and_loss(plain_parts)
     assert slots_sorted < 0.95 * slots_plain, (slots_sorted, slots_plain)  # here 804 vs 888
@@ -281,12 +286,12 @@ def test_shards_leave_out_zero_advantage_rows_but_keep_their_units_and_fill_each
     n = 64
     prompts = [[5] * int(torch.randint(2, 6, (1,), generator=g)) for _ in range(n)]
     responses = [[7] * int(torch.randint(1, 9, (1,), generator=g)) for _ in range(n)]
-    batch = collate(prompts, responses, pad_id=0)
-    mask = batch["response_mask"]
+    batch = as_batch(collate(prompts, responses, pad_id=0))
+    mask = batch.response_mask
     signal = torch.zeros(n, dtype=torch.bool)
     signal[torch.randperm(n, generator=g)[:21]] = True  # 21 rows with signal: 2 mini-batches x 2 ranks, uneven
-    batch["advantages"] = torch.where(signal[:, None], torch.randn((n, 1), generator=g), 0.0).expand_as(mask) * mask
-    batch["row_id"] = torch.arange(n)
+    advantages = torch.where(signal[:, None], torch.randn((n, 1), generator=g), 0.0).expand_as(mask) * mask
+    batch = dataclasses.replace(batch, advantages=advantages, scores=torch.arange(n))  # scores: each row's id
     assert inert_rows(batch).tolist() == (~signal).tolist()
 
     plain = shard(batch, 2, 2, "token-mean")
@@ -295,11 +300,11 @@ def test_shards_leave_out_zero_advantage_rows_but_keep_their_units_and_fill_each
         for m in range(2):
             mb_rows = set(range(m * 32, (m + 1) * 32))
             mb_signal = {i for i in mb_rows if signal[i]}
-            got = [parts[r][m]["row_id"].tolist() for r in range(2)]
+            got = [parts[r][m].rows.scores.tolist() for r in range(2)]
             assert set(got[0]).isdisjoint(got[1]) and set(got[0]) | set(got[1]) <= mb_rows
             assert mb_signal <= set(got[0]) | set(got[1])
             trained_signal = [len(mb_signal & set(x)) for x in got]
             assert abs(trained_signal[0] - trained_signal[1]) <= 1  # balanced over the ranks
             for r in range(2):
                 assert len(got[r]) == max(min_rows, trained_signal[r])  # filler only up to min_rows
-                assert parts[r][m]["global_units"] == plain[r][m]["global_units"] == float(mask[m * 32 : (m + 1) * 32].sum())
+                assert parts[r][m].global_units == plain[r][m].global_units == float(mask[m * 32 : (m + 1) * 32].sum())

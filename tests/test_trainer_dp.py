@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from actors.batch import collate
+from actors.batch import collate, compact
+from actors.records import TrainBatch
 from actors.trainer import PolicyTrainer
 from actors.weights import unpack_state_dict
 from orchestrator.batching import shard
@@ -14,22 +17,22 @@ from orchestrator.config import AlgorithmConfig, ModelConfig, TrainerConfig
 pytestmark = pytest.mark.slow
 
 
-def synthetic_batch(n: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Prompts and responses of varying lengths, random advantages and old log-probs."""
+def synthetic_batch(n: int, vocab: int, seed: int = 0) -> TrainBatch:
+    """Prompts and responses of varying lengths, random advantages and old (= rollout) log-probs."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, vocab, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
     responses = [torch.randint(3, vocab, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
     batch = collate(prompts, responses, pad_id=0)
     mask = batch["response_mask"]
-    batch["old_logp"] = (-3.0 + 0.3 * torch.randn(mask.shape, generator=g)) * mask  # [B, T]
-    batch["advantages"] = torch.randn((n, 1), generator=g).expand_as(mask) * mask  # [B, T]
-    return batch
+    old_logp = (-3.0 + 0.3 * torch.randn(mask.shape, generator=g)) * mask  # [B, T]
+    advantages = torch.randn((n, 1), generator=g).expand_as(mask) * mask  # [B, T]
+    return TrainBatch(**batch, rollout_logp=old_logp, old_logp=old_logp, advantages=advantages)
 
 
 MICRO = 6  # 1 rank: micro-batches of 5, 5, 6 rows per mini-batch; 2 ranks: 4, 4 — different partitions
 
 
-def run_ranks(world: int, batch: dict, model_path: str, agg: str, zero_stage: int = 2, skip_inert: bool = False
+def run_ranks(world: int, batch: TrainBatch, model_path: str, agg: str, zero_stage: int = 2, skip_inert: bool = False
               ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """One train step on `world` ranks: rank 0's weights after it, and every rank's stats."""
     import ray
@@ -38,13 +41,14 @@ def run_ranks(world: int, batch: dict, model_path: str, agg: str, zero_stage: in
                             grad_clip=1e9, zero_stage=zero_stage).model_dump()
     alg = AlgorithmConfig(agg=agg, clip_low=0.2, clip_high=0.28).model_dump()
     model = ModelConfig(path=model_path).model_dump()
-    per_rank = batch["input_ids"].shape[0] // (2 * world)
+    per_rank = batch.rows // (2 * world)
     grad_accum = -(-per_rank // MICRO)
     ranks = [ray.remote(PolicyTrainer).options(num_cpus=1, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}).remote(
         r, world, model, trainer, alg, 1.0, 8, grad_accum, 1, 0) for r in range(world)]
     addr, port = ray.get(ranks[0].rendezvous.remote())
     ray.get([r.setup.remote(addr, port) for r in ranks])
-    stats = ray.get([r.train_step.remote(s) for r, s in zip(ranks, shard(batch, 2, world, agg, skip_inert, grad_accum))])
+    shards = shard(batch, 2, world, agg, skip_inert, grad_accum)
+    stats = ray.get([r.train_step.remote([compact(x) for x in s]) for r, s in zip(ranks, shards)])
     assert all(s["grad_norm"] > 0 for s in stats)
     # all ranks at once: under ZeRO-3 reading the weights gathers every rank's shard
     states = [unpack_state_dict(x) for x in ray.get([r.state_dict.remote() for r in ranks])]
@@ -90,7 +94,7 @@ def test_leaving_out_zero_advantage_rows_gives_the_same_update(ray_local, tiny_m
     initial = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
     batch = synthetic_batch(32, vocab=initial["model.embed_tokens.weight"].shape[0], seed=3)
     inert = torch.arange(32) % 4 < 2  # 16 rows, spread over both mini-batches
-    batch["advantages"] = torch.where(inert[:, None], 0.0, batch["advantages"])
+    batch = dataclasses.replace(batch, advantages=torch.where(inert[:, None], 0.0, batch.advantages))
     one, stats_one = run_ranks(1, batch, tiny_model, "token-mean")
     two, stats_two = run_ranks(2, batch, tiny_model, "token-mean", skip_inert=True)
     assert stats_two[0]["grad_norm"] == pytest.approx(stats_one[0]["grad_norm"], rel=1e-4)

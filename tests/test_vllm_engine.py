@@ -17,6 +17,7 @@ from actors.engines import vllm as vllm_engine
 from actors.engines.vllm import (VLLMEngine, WeightMeta, completion_from_output, completions_from_outputs,
                                  packed_checksum, request_seeds, weight_group_ranks)
 from actors.weights import pack_state_dict, weights_checksum
+from actors.modeling import encode_prompts, load_tokenizer
 
 # ----------------------------------------------------------------------------- import
 
@@ -184,16 +185,13 @@ def test_the_llm_is_built_with_processed_logprobs_and_the_options_given(fake_vll
     assert (tp2["gpu_memory_utilization"], tp2["enable_sleep_mode"], tp2["seed"]) == (0.3, True, 7)
 
 
-def test_generate_sends_the_hf_tokenization_and_sampling_that_matches_the_trainer(fake_vllm, tiny_model):
+def test_generate_sends_the_prompt_ids_it_is_given_and_sampling_that_matches_the_trainer(fake_vllm, tiny_model):
     engine = VLLMEngine(tiny_model)
-    prompts = ["12+34=", "5+6="]
-    groups = engine.generate(prompts, SamplingParams(n=3, temperature=0.7, top_p=0.9, max_new_tokens=9,
-                                                     stop=("\n",)), seed=100)
+    ids = encode_prompts(load_tokenizer(tiny_model), ["12+34=", "5+6="])  # tokenized once, as the driver does
+    groups = engine.generate(ids, SamplingParams(n=3, temperature=0.7, top_p=0.9, max_new_tokens=9,
+                                                 stop=("\n",)), seed=100)
     (_, sent, params), = [c for c in FakeLLM.instances[0].calls if c[0] == "generate"]
-    assert sent == [{"prompt_token_ids": ids} for ids in engine.encode(prompts)]
-    from actors.engines.hf import HFEngine
-
-    assert engine.encode(prompts) == HFEngine(tiny_model).encode(prompts)  # same prompt ids as the hf engine
+    assert sent == [{"prompt_token_ids": x} for x in ids]
     assert [p.seed for p in params] == [100, 103]
     p = params[0]
     assert (p.n, p.temperature, p.top_p, p.top_k, p.max_tokens, p.stop) == (3, 0.7, 0.9, -1, 9, ["\n"])
@@ -203,7 +201,7 @@ def test_generate_sends_the_hf_tokenization_and_sampling_that_matches_the_traine
 
 def test_greedy_sampling_has_temperature_zero_and_no_stop_list(fake_vllm, tiny_model):
     engine = VLLMEngine(tiny_model)
-    engine.generate(["1+1="], SamplingParams(n=1, temperature=0.0, top_p=0.5), seed=0)
+    engine.generate([[5, 6, 7]], SamplingParams(n=1, temperature=0.0, top_p=0.5), seed=0)
     (_, _, (p,)), = [c for c in FakeLLM.instances[0].calls if c[0] == "generate"]
     assert (p.temperature, p.top_p, p.stop) == (0.0, 1.0, None)
 
@@ -273,8 +271,9 @@ def assert_logprobs_are_the_models(engine: VLLMEngine, model, prompts: list[str]
     """vLLM's sampled-token log-probs equal log softmax(logits / T) of `model` under teacher forcing."""
     from actors.modeling import token_logprobs
 
-    groups = engine.generate(prompts, sampling, seed=1)
-    for ids, group in zip(engine.encode(prompts), groups):
+    prompt_ids = encode_prompts(load_tokenizer(engine.model_path), prompts)
+    groups = engine.generate(prompt_ids, sampling, seed=1)
+    for ids, group in zip(prompt_ids, groups):
         for c in group:
             full = torch.tensor([ids + c.token_ids], device="cuda")
             with torch.no_grad():

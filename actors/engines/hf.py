@@ -34,23 +34,25 @@ class HFEngine:
         self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._cache_kw = cache_argument(self.model)
 
-    def encode(self, prompts: list[str]) -> list[list[int]]:
-        """Token ids of each prompt as the engine feeds them to the model."""
-        return [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    def _pad(self, prompt_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """The prompts' ids left-padded into `input_ids` and `attention_mask`, `[B, P]` each."""
+        return self.tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt")
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
-        """`sampling.n` completions for each prompt, deterministic for a given seed and batch."""
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+        """`sampling.n` completions for each prompt (its token ids, `actors.modeling.encode_prompts`),
+        deterministic for a given seed and batch."""
         if self.sampler == "generate":
-            return self._generate_hf(prompts, sampling, seed)
-        return self._generate_loop(prompts, sampling, seed)
+            return self._generate_hf(prompt_ids, sampling, seed)
+        return self._generate_loop(prompt_ids, sampling, seed)
 
-    def _generate_loop(self, prompts: list[str], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+    def _generate_loop(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int
+                       ) -> list[list[Completion]]:
         """Prefill each prompt once, repeat its cache n times, then decode only the rows still live. Samples
         softmax(logits / T) with top-p only: a checkpoint's other generation defaults (repetition penalty, ...)
         are not applied, as in the vLLM engine's SamplingParams."""
         tok, n = self.tokenizer, sampling.n
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+        enc = self._pad(prompt_ids)
         mask = enc["attention_mask"].to(self.device)  # [B, P]
         pos = position_ids(mask)  # [B, P]
         extra = {"logits_to_keep": 1} if self._keep_last else {}
@@ -58,7 +60,7 @@ class HFEngine:
                          use_cache=True, **extra)
         cache = getattr(out, self._cache_kw, None)
         if not (hasattr(cache, "batch_repeat_interleave") and hasattr(cache, "batch_select_indices")):
-            return self._generate_hf(prompts, sampling, seed)
+            return self._generate_hf(prompt_ids, sampling, seed)
         cache.batch_repeat_interleave(n)
         logits = out.logits[:, -1].repeat_interleave(n, dim=0)  # [R, V], R = B*n
         mask, pos = mask.repeat_interleave(n, dim=0), pos[:, -1].repeat_interleave(n, dim=0)  # [R, P], [R]
@@ -89,12 +91,13 @@ class HFEngine:
             logits = out.logits[:, -1]
         tokens, logps, lengths = tokens.cpu(), logps.cpu(), lengths.tolist()
         flat = [self._completion(tokens[i, : lengths[i]], logps[i, : lengths[i]], sampling.stop) for i in range(rows)]
-        return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
-    def _generate_hf(self, prompts: list[str], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+    def _generate_hf(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int
+                     ) -> list[list[Completion]]:
         """The same sampling through Hugging Face `model.generate` on prompts repeated n times."""
         tok = self.tokenizer
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+        enc = self._pad(prompt_ids)
         input_ids = enc["input_ids"].repeat_interleave(sampling.n, dim=0).to(self.device)  # [B*n, P]
         attention = enc["attention_mask"].repeat_interleave(sampling.n, dim=0).to(self.device)  # [B*n, P]
         greedy = sampling.temperature == 0
@@ -118,7 +121,7 @@ class HFEngine:
         logits = torch.stack(out.logits, dim=1)  # [B*n, T, V], raw (before temperature / top-p)
         logp = token_logprobs(logits, new, 1.0 if greedy else sampling.temperature)  # [B*n, T]
         flat = [self._completion(new[i], logp[i], sampling.stop) for i in range(new.shape[0])]
-        return [flat[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
+        return [flat[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompt_ids))]
 
     def _completion(self, ids: torch.Tensor, logp: torch.Tensor, stop: tuple[str, ...]) -> Completion:
         tok = self.tokenizer

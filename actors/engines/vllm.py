@@ -1,4 +1,4 @@
-"""vLLM generation engine (GPU), behind the same interface as the `hf` engine: `encode`, `generate`,
+"""vLLM generation engine (GPU), behind the same interface as the `hf` engine: `generate`,
 `load_weights`, `checksum`; plus both ends of an optional NCCL weight-update group.
 
 Written against vLLM 0.33.0 (the version `deploy/Dockerfile` pins). `vllm` is imported only when an engine is
@@ -137,7 +137,7 @@ class WeightMeta:
 
 
 class VLLMEngine:
-    """One `vllm.LLM` (tensor-parallel over this actor's GPUs) and the checkpoint's tokenizer."""
+    """One `vllm.LLM` (tensor-parallel over this actor's GPUs), fed the prompts' token ids."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  device: str = "cuda", *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
@@ -151,10 +151,7 @@ class VLLMEngine:
         if weight_sync not in ("object_store", "nccl"):
             raise ValueError(f"weight_sync: {weight_sync!r}; allowed: 'object_store', 'nccl'")
         vllm = import_vllm()
-        from actors.modeling import load_tokenizer
-
         self._vllm = vllm
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)  # prompt ids exactly as the hf engine's
         self.model_path, self.dtype, self.trust_remote_code = model_path, dtype, trust_remote_code
         kwargs: dict[str, Any] = dict(
             model=model_path, trust_remote_code=trust_remote_code, dtype=dtype, seed=seed,
@@ -174,16 +171,13 @@ class VLLMEngine:
         self._checksum: str | None = None
         self._asleep = False
 
-    def encode(self, prompts: list[str]) -> list[list[int]]:
-        """Token ids of each prompt as the engine feeds them to the model (the same as the `hf` engine)."""
-        return [self.tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-
-    def generate(self, prompts: list[str], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
-        """`sampling.n` completions per prompt, with each sampled token's log-prob under logits / T."""
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+        """`sampling.n` completions per prompt (its token ids, `actors.modeling.encode_prompts`), with each sampled
+        token's log-prob under logits / T."""
         self.wake_up()
-        ids = self.encode(prompts)
-        params = [vllm_sampling_params(self._vllm, sampling, s) for s in request_seeds(seed, len(prompts), sampling.n)]
-        outputs = self.llm.generate([{"prompt_token_ids": x} for x in ids], params, use_tqdm=False)
+        params = [vllm_sampling_params(self._vllm, sampling, s)
+                  for s in request_seeds(seed, len(prompt_ids), sampling.n)]
+        outputs = self.llm.generate([{"prompt_token_ids": x} for x in prompt_ids], params, use_tqdm=False)
         return completions_from_outputs(outputs, sampling.n)
 
     # -- object-store weight updates

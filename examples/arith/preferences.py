@@ -79,15 +79,17 @@ def sample_completions(policy: str, prompts: list[str], n: int, temperature: flo
     the same arguments give the same samples."""
     from actors.engines import SamplingParams
     from actors.engines.hf import HFEngine
+    from actors.modeling import encode_prompts
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         engine = HFEngine(policy)
+        prompt_ids = encode_prompts(engine.tokenizer, prompts)
         sampling = SamplingParams(n=n, temperature=temperature, max_new_tokens=MAX_NEW_TOKENS)
         out: list[list[str]] = []
         for k, lo in enumerate(range(0, len(prompts), prompts_per_call)):
-            groups = engine.generate(prompts[lo : lo + prompts_per_call], sampling, seed=seed * 100_003 + k)
+            groups = engine.generate(prompt_ids[lo : lo + prompts_per_call], sampling, seed=seed * 100_003 + k)
             out += [[c.text for c in group] for group in groups]
     finally:
         torch.set_num_threads(threads)

@@ -1,17 +1,24 @@
-"""The records that travel between actors: one prompt's request, its G samples, and their scores."""
+"""The records that cross each boundary, in the order a sample meets them: a `PromptRequest` (a dataset row,
+tokenized once) → a `Group` of G `Sample`s (generated, rewarded, scored) → a `TrainBatch` of tensors (padded,
+with advantages) → a `Shard`, one rank's rows of one mini-batch. `RewardSpec` is one configured reward."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 
 @dataclass
-class GroupRequest:
-    """One prompt to be sampled G times; `uid` identifies it across stages and retries."""
+class PromptRequest:
+    """One prompt to be sampled G times; `uid` identifies it across stages and retries. `prompt_ids` are its
+    tokens as the engine feeds them (`actors.modeling.encode_prompts`), tokenized once, on the driver."""
 
     uid: str
     prompt: str
+    prompt_ids: list[int]
     row: dict[str, Any]  # the dataset row's other fields, passed to reward functions
 
 
@@ -85,3 +92,59 @@ class RewardSpec:
     batched: bool = False  # the function takes lists (prompts, completions, **columns) and returns a list
     batch_size: int | None = None  # samples per batched call / per reward-model forward pass
     num_gpus: float = 0.0  # reward model: GPUs of its worker
+
+
+@dataclass
+class TrainBatch:
+    """Every sample of a step as padded tensors, group after group; tensors only (β and the like travel as
+    arguments). `input_ids [B, P+T]` holds the left-padded prompt then the right-padded response, so each
+    response tensor is `[B, T]` with an explicit `response_mask`; the logits that predict response token t
+    sit at position P-1+t (as in verl). Optional fields are None when the step has no such numbers."""
+
+    input_ids: torch.Tensor  # [B, P+T] int64
+    attention_mask: torch.Tensor  # [B, P+T] int64
+    response_mask: torch.Tensor  # [B, T] float32
+    rollout_logp: torch.Tensor  # [B, T] log pi_rollout of the sampled tokens
+    old_logp: torch.Tensor | None = None  # [B, T] pi_old of the PPO ratio (2.4.3)
+    ref_logp: torch.Tensor | None = None  # [B, T] the reference's, for the KL term
+    advantages: torch.Tensor | None = None  # [B, T] per token
+    scores: torch.Tensor | None = None  # [B] total reward per sample
+    old_values: torch.Tensor | None = None  # [B, T] PPO: V(s_t) at rollout time
+    returns: torch.Tensor | None = None  # [B, T] PPO: lambda-returns (2.17)
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that hold a tensor, by name."""
+        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+
+    def select(self, index: slice | torch.Tensor) -> TrainBatch:
+        """Rows `index` of every tensor."""
+        return dataclasses.replace(self, **{k: v[index] for k, v in self.tensors().items()})
+
+    def trim(self) -> TrainBatch:
+        """Without the all-padding columns (left of the prompts, right of the responses), to save compute."""
+        am, rm = self.attention_mask, self.response_mask
+        t_full = rm.shape[1]
+        p_full = am.shape[1] - t_full
+        t = max(1, int(rm.sum(0).nonzero().max()) + 1) if rm.any() else 1
+        lead = int((am[:, :p_full].sum(0) == 0).sum())  # prompt columns that are padding in every row
+        out = {}
+        for k, v in self.tensors().items():
+            if v.dim() >= 2 and v.shape[1] == t_full:
+                out[k] = v[:, :t]
+            elif v.dim() >= 2 and v.shape[1] == p_full + t_full:
+                out[k] = v[:, lead : p_full + t]
+        return dataclasses.replace(self, **out)
+
+
+@dataclass
+class Shard:
+    """One trainer rank's rows of one mini-batch, and the mini-batch's aggregation units (tokens or sequences,
+    over every rank), by which each micro-batch's loss is weighted so the ranks' summed gradient is the
+    mini-batch's."""
+
+    rows: TrainBatch
+    global_units: float

@@ -1,0 +1,156 @@
+"""What each pool of a job is: its actor class, and per worker the resources it asks for and the keyword
+arguments it is built with. `Pools` builds actors from these specs; placement reserves their resources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from actors.critic import CriticTrainer
+from actors.records import RewardSpec
+from actors.reward import RewardWorker
+from actors.reward_model import RewardModelWorker
+from actors.rollout import RolloutWorker
+from actors.scoring import ScoringWorker
+from actors.trainer import PolicyTrainer
+from orchestrator.config import JobConfig
+from orchestrator.placement import PoolDemand
+
+CPU_ENV = {"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}}
+
+
+@dataclass
+class PoolSpec:
+    """One pool: worker i is `actor(**kwargs[i])`, asking for `needs[i]` (CPU, GPU, custom resources)."""
+
+    name: str
+    actor: type
+    needs: list[dict[str, float]]
+    kwargs: list[dict]
+    runtime_env: dict | None = None
+
+    @property
+    def demand(self) -> PoolDemand:
+        return PoolDemand(self.name, self.needs)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How a step's batch meets a pool of data-parallel ranks: the micro-batch each rank really uses and its
+    gradient-accumulation steps (DeepSpeed's count of backwards per optimizer step). The trainer ranks are
+    built with it, and `orchestrator.batching.shard` gives each rank at least `grad_accum` rows."""
+
+    micro_batch_size: int
+    grad_accum: int
+
+    @staticmethod
+    def of(cfg: JobConfig, world_size: int) -> TrainPlan:
+        batch = cfg.loop.prompts_per_step * cfg.rollout.group_size
+        per_rank = batch // (cfg.trainer.num_minibatches * world_size)
+        micro = min(cfg.trainer.micro_batch_size, per_rank)
+        return TrainPlan(micro, -(-per_rank // micro))
+
+
+def uses_critic(cfg: JobConfig) -> bool:
+    """PPO with GAE trains a value model next to the policy."""
+    return cfg.algorithm.estimator == "gae"
+
+
+def needs_scoring(cfg: JobConfig) -> bool:
+    """Whether ScoringWorkers have work: old-policy log-probs (`algorithm.old_logprobs: recompute`), reference
+    log-probs (kl_coef > 0) or values (gae). Without any, the scoring pool is empty and groups skip it."""
+    return cfg.algorithm.old_logprobs == "recompute" or cfg.algorithm.kl_coef > 0 or uses_critic(cfg)
+
+
+def critic_path(cfg: JobConfig, model_path: str) -> str | None:
+    """Where the value model starts (PPO), or None without a critic."""
+    if not uses_critic(cfg):
+        return None
+    return str(Path(cfg.critic.init).expanduser().resolve()) if cfg.critic.init else model_path
+
+
+def _ask(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, float]:
+    """A worker's resource request, zeros left out."""
+    return {k: v for k, v in {"CPU": cpus, "GPU": gpus, **resources}.items() if v}
+
+
+def _device(gpus: float) -> str:
+    return "cuda" if gpus > 0 else "cpu"
+
+
+def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> list[PoolSpec]:
+    """Every pool of the job, in start-up order (an empty pool has no workers). `rewards`: the resolved reward
+    entries (`orchestrator.ray_setup.reward_specs`)."""
+    m, r, s, t, c, rw = cfg.model, cfg.rollout, cfg.scoring, cfg.trainer, cfg.critic, cfg.reward
+    common = dict(model_path=model_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    functions = [x for x in rewards if x.model is None]
+    models = [x for x in rewards if x.model is not None]
+    n_scoring = s.num_workers if needs_scoring(cfg) else 0
+    n_critic = c.num_workers if uses_critic(cfg) else 0
+    policy, value = TrainPlan.of(cfg, t.num_workers), TrainPlan.of(cfg, max(n_critic, 1))
+    trainer_cfg = t.model_dump()
+    rollout = dict(engine=r.engine, threads=r.threads, seed=cfg.loop.seed,  # samples depend on prompts, not workers
+                   device=_device(r.num_gpus), engine_options=r.vllm.model_dump() if r.engine == "vllm" else {},
+                   **common)
+    reward = dict(functions=functions, failure_score=rw.failure_score, timeout_s=rw.timeout_s,
+                  num_processes=rw.num_processes)
+    scoring = dict(with_reference=cfg.algorithm.kl_coef > 0, temperature=r.temperature,
+                   micro_batch_size=s.micro_batch_size, threads=s.threads, device=_device(s.num_gpus),
+                   value_model=critic_path(cfg, model_path), with_policy=cfg.algorithm.old_logprobs == "recompute",
+                   share_prompts=m.share_prompt_forward, **common)
+    trainer = dict(world_size=t.num_workers, model=m.model_dump() | {"path": model_path},
+                   trainer=trainer_cfg | {"micro_batch_size": policy.micro_batch_size},
+                   algorithm=cfg.algorithm.model_dump(), temperature=r.temperature, max_new_tokens=r.max_new_tokens,
+                   grad_accum=policy.grad_accum, total_steps=cfg.loop.steps, seed=cfg.loop.seed,
+                   device=_device(t.num_gpus))
+    critic = dict(world_size=n_critic, model=m.model_dump() | {"path": critic_path(cfg, model_path)},
+                  trainer=trainer_cfg | {"lr": c.lr, "micro_batch_size": value.micro_batch_size},
+                  value_clip=c.value_clip, agg=cfg.algorithm.agg, grad_accum=value.grad_accum,
+                  total_steps=cfg.loop.steps, seed=cfg.loop.seed, device=_device(c.num_gpus))
+    return [
+        PoolSpec("rollout", RolloutWorker, [_ask(r.num_cpus, r.num_gpus, r.resources)] * r.num_workers,
+                 [rollout] * r.num_workers, CPU_ENV),
+        PoolSpec("reward", RewardWorker, [_ask(rw.num_cpus, 0, rw.resources)] * (rw.num_workers if functions else 0),
+                 [reward] * (rw.num_workers if functions else 0), CPU_ENV),
+        PoolSpec("reward_model", RewardModelWorker, [_ask(rw.num_cpus, x.num_gpus, rw.resources) for x in models],
+                 [dict(label=x.label, model_path=x.model, weight=x.weight, batch_size=x.batch_size or 32,
+                       failure_score=rw.failure_score, device=_device(x.num_gpus)) for x in models], CPU_ENV),
+        PoolSpec("scoring", ScoringWorker, [_ask(s.num_cpus, s.num_gpus, s.resources)] * n_scoring,
+                 [scoring] * n_scoring, CPU_ENV),
+        PoolSpec("trainer", PolicyTrainer, [_ask(t.num_cpus, t.num_gpus, t.resources)] * t.num_workers,
+                 [trainer | {"rank": i} for i in range(t.num_workers)], None if t.num_gpus > 0 else CPU_ENV),
+        PoolSpec("critic", CriticTrainer, [_ask(c.num_cpus, c.num_gpus, c.resources)] * n_critic,
+                 [critic | {"rank": i} for i in range(n_critic)], None if c.num_gpus > 0 else CPU_ENV),
+    ]
+
+
+def config_rewards(cfg: JobConfig) -> list[RewardSpec]:
+    """The config's reward entries as specs, unresolved: enough to count what the pools ask for."""
+    return [RewardSpec(label=f.label, name=f.name, weight=f.weight, model=f.model, batched=f.batched,
+                       batch_size=f.batch_size, num_gpus=f.num_gpus) for f in cfg.reward.functions]
+
+
+def job_demands(cfg: JobConfig) -> list[PoolDemand]:
+    """What each worker of every pool asks for: CPUs, GPUs and custom node resources."""
+    return [spec.demand for spec in pool_specs(cfg, cfg.model.path, config_rewards(cfg))]
+
+
+def logical_cpus_needed(cfg: JobConfig) -> float:
+    """Logical CPUs all pools ask for (an embedded Ray is started with at least this many)."""
+    return sum(need.get("CPU", 0.0) for d in job_demands(cfg) for need in d.needs)
+
+
+def num_reward_actors(cfg: JobConfig) -> int:
+    """RewardWorkers (when any reward is a function) plus one RewardModelWorker per reward model."""
+    return sum(d.count for d in job_demands(cfg) if d.name in ("reward", "reward_model"))
+
+
+def custom_resources_needed(cfg: JobConfig) -> dict[str, float]:
+    """Custom resources all pools ask for together (an embedded Ray offers them: a cluster config runs on one box)."""
+    total: dict[str, float] = {}
+    for d in job_demands(cfg):
+        for need in d.needs:
+            for k, v in need.items():
+                if k not in ("CPU", "GPU"):
+                    total[k] = total.get(k, 0.0) + v
+    return total

@@ -1,0 +1,87 @@
+"""Weight sync: the trainers' new weights into every rollout worker and every scoring worker that holds a copy.
+
+Object store (any setup): trainer rank 0's state dict is put into the object store once and every receiver
+reads it zero-copy (`actors.weights.unpack_state_dict`). NCCL (`rollout.vllm.weight_sync: nccl`): trainer
+rank 0 broadcasts into the vLLM rollout workers over a group formed at the first sync. Under ZeRO-3 every
+rank takes part in each gather. Receivers report the version they now serve.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import ray
+
+
+class WeightSync:
+    """Moves weights between the pools of a `Pools`; `fallbacks` counts NCCL groups given up for the object store."""
+
+    def __init__(self, pools, method: str, zero3: bool):
+        """`method`: "object_store" or "nccl"; `zero3`: the trainers shard their parameters (ZeRO stage 3)."""
+        self.pools, self.method, self.zero3 = pools, method, zero3
+        self.fallbacks = 0
+        self._nccl_ready = False  # the NCCL group is formed at the first sync
+
+    def sync(self, version: int, policy: bool = True) -> list[int]:
+        """Policy weights to every rollout worker and policy-holding scoring worker (unless `policy` is False:
+        critic warm-up), the critic's to every scoring worker's critic copy; the versions now served (all `version`)."""
+        p = self.pools
+        critic = self.rank0(p.critics, "state_dict") if p.critics else None
+        waits = [w.load_value_weights.remote(critic) for w in p.scoring] if critic is not None else []
+        if policy:
+            nccl = self.method == "nccl"
+            receivers = p.policy_scorers if nccl else p.rollout + p.policy_scorers
+            refs = []
+            if receivers:
+                packed = self.rank0(p.trainers, "state_dict")
+                refs = [w.load_weights.remote(packed, version) for w in receivers]
+            versions = (self._nccl_sync(version) if nccl else []) + ray.get(refs)  # the broadcast overlaps the loads
+            p.version = version
+        else:
+            versions = [v for v, _ in p.served_versions()]
+        ray.get(waits)
+        assert set(versions) <= {version}, f"workers serve versions {versions} after syncing version {version}"
+        return versions
+
+    def bring_up(self, pool: str, worker) -> None:
+        """Give a freshly started replacement worker of `pool` the current weights. A rollout worker cannot join
+        the NCCL group of the others, so from now on every rollout worker loads from the object store: said
+        once on stderr and counted (`sync/fallbacks`)."""
+        p = self.pools
+        if pool == "rollout" and self.method == "nccl":
+            self.method = "object_store"
+            self.fallbacks += 1
+            print("raylhf: a rollout worker was replaced; its NCCL weight group cannot take a new member, so weights "
+                  "now reach every rollout worker through the object store (counted in sync/fallbacks)",
+                  file=sys.stderr, flush=True)
+        if (pool == "rollout" or (pool == "scoring" and p.scoring_holds_policy)) and p.version:
+            ray.get(worker.load_weights.remote(self.rank0(p.trainers, "state_dict"), p.version))
+        if pool == "scoring" and p.critics:
+            ray.get(worker.load_value_weights.remote(self.rank0(p.critics, "state_dict")))
+
+    def rank0(self, ranks: list, method: str, *args) -> ray.ObjectRef:
+        """Rank 0's answer to `method` as an object ref; under ZeRO-3 the other ranks are called too, since
+        gathering the sharded parameters takes them all (their answers are not needed)."""
+        if self.zero3:
+            ray.get([getattr(r, method).remote(*args, **({"pack": False} if method == "state_dict" else {}))
+                     for r in ranks[1:]] + [ref := getattr(ranks[0], method).remote(*args)])
+            return ref
+        return getattr(ranks[0], method).remote(*args)
+
+    def _nccl_sync(self, version: int) -> list[int]:
+        """Broadcast the policy from trainer rank 0 into every vLLM rollout worker over the NCCL weight group
+        (formed at the first sync); the versions the workers report serving afterwards (the handshake)."""
+        from actors.engines.vllm import weight_group_ranks
+
+        p = self.pools
+        if not self._nccl_ready:
+            world, offsets = weight_group_ranks(ray.get([w.tensor_parallel_size.remote() for w in p.rollout]))
+            addr, port = ray.get(p.trainers[0].init_weight_sender.remote(world))
+            ray.get([w.init_weight_group.remote(addr, port, offset, world) for w, offset in zip(p.rollout, offsets)]
+                    + [p.trainers[0].join_weight_group.remote()])
+            self._nccl_ready = True
+        meta = ray.get(self.rank0(p.trainers, "weight_meta"))
+        receive = [w.receive_weights.remote(meta, version) for w in p.rollout]
+        send = [tr.send_weights.remote() for tr in (p.trainers if self.zero3 else p.trainers[:1])]
+        ray.get(send)
+        return ray.get(receive)
