@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from orchestrator.train_dpo import sequence_logprobs
+from orchestrator.offline.train_dpo import sequence_logprobs
 
 
 def _model_and_tokenizer(path):
@@ -77,8 +77,8 @@ def test_train_dpo_cli_end_to_end(tmp_path, tiny_model, capsys):
 
 
 def test_greedy_accuracy_uses_the_rule_verifier(tiny_model, monkeypatch):
-    from orchestrator import train_dpo
-    from orchestrator.preference_config import GreedyEvalConfig
+    from orchestrator.offline import train_dpo
+    from orchestrator.offline.config import GreedyEvalConfig
 
     model, tok = _model_and_tokenizer(tiny_model)
     rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": "4"}, {"prompt": "5+5=", "answer": "10"}]

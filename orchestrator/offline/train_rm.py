@@ -28,10 +28,10 @@ import torch
 
 from actors.modeling import load_tokenizer, set_threads, token_logprobs
 from algorithms.losses import kwise_reward_model_loss, reward_model_loss
-from orchestrator.offline import (StepProgress, batch_indices, chunks, load_job, make_optimizer, prepare_model,
+from orchestrator.offline.common import (StepProgress, batch_indices, chunks, load_job, make_optimizer, prepare_model,
                                   save_atomically)
-from orchestrator.preference_config import RewardModelConfig
-from orchestrator.preferences import Form, response_texts
+from orchestrator.offline.config import RewardModelConfig
+from orchestrator.offline.preferences import Form, response_texts
 
 OFFSET_KEY = "reward_offset"  # config field RewardModelWorker subtracts from every score
 

@@ -16,15 +16,15 @@ import torch
 
 from actors.trainer import lr_lambda
 from orchestrator.config import ModelConfig
-from orchestrator.preference_config import LoggingConfig, OptimConfig
+from orchestrator.offline.config import LoggingConfig, OptimConfig
 
 
 def load_job(kind, config: str, overrides: list[str], form: str):
     """(config, training rows, held-out rows or None) of an offline command, or the exit code 2 after
     printing why (a bad config or bad preference data), before any model is loaded."""
     from orchestrator.config import ConfigError
-    from orchestrator.preference_config import load_preference_config
-    from orchestrator.preferences import PreferenceError, load_preferences
+    from orchestrator.offline.config import load_preference_config
+    from orchestrator.offline.preferences import PreferenceError, load_preferences
 
     try:
         cfg = load_preference_config(kind, config, overrides)
