@@ -9,13 +9,11 @@ import random
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from actors.trainer import lr_lambda
-from orchestrator.config import ModelConfig
 from orchestrator.offline.config import LoggingConfig, OptimConfig
 
 
@@ -38,16 +36,6 @@ def load_job(kind, config: str, overrides: list[str], form: str):
         print(f"raylhf: data error: {e}", file=sys.stderr)
         return 2
     return cfg, train_rows, eval_rows
-
-
-def prepare_model(model: ModelConfig) -> str:
-    """The absolute model directory, built first by `model.prepare` when the config names one."""
-    path = str(Path(model.path).expanduser().resolve())
-    if model.prepare:
-        from rewards.loader import load_function
-
-        load_function(model.prepare)(path)
-    return path
 
 
 def batch_indices(n_rows: int, cfg: OptimConfig) -> list[list[int]]:

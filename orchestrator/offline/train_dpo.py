@@ -18,10 +18,11 @@ import torch
 
 from actors.modeling import load_causal_lm, load_tokenizer, set_threads, token_logprobs
 from algorithms.losses import dpo_loss
-from orchestrator.offline.common import (StepProgress, batch_indices, chunks, load_job, make_optimizer, prepare_model,
-                                  save_atomically)
+from orchestrator.offline.common import (StepProgress, batch_indices, chunks, load_job, make_optimizer,
+                                         save_atomically)
 from orchestrator.offline.config import DPOConfig, GreedyEvalConfig
 from orchestrator.offline.preferences import PreferenceError, encode_responses
+from orchestrator.references import prepare_model
 
 
 def sequence_logprobs(model, tokenizer, pairs: list[tuple[str, str]], max_length: int,

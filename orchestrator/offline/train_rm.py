@@ -28,10 +28,11 @@ import torch
 
 from actors.modeling import load_tokenizer, set_threads, token_logprobs
 from algorithms.losses import kwise_reward_model_loss, reward_model_loss
-from orchestrator.offline.common import (StepProgress, batch_indices, chunks, load_job, make_optimizer, prepare_model,
-                                  save_atomically)
+from orchestrator.offline.common import (StepProgress, batch_indices, chunks, load_job, make_optimizer,
+                                         save_atomically)
 from orchestrator.offline.config import RewardModelConfig
 from orchestrator.offline.preferences import Form, response_texts
+from orchestrator.references import prepare_model
 
 OFFSET_KEY = "reward_offset"  # config field RewardModelWorker subtracts from every score
 
