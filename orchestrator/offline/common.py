@@ -9,6 +9,7 @@ import random
 import shutil
 import sys
 import tempfile
+import time
 from typing import Iterator
 
 import torch
@@ -85,6 +86,18 @@ class StepProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def say(command: str, text: str) -> None:
+    """A progress line of an offline command on stderr, e.g. "[train-dpo] ..."."""
+    print(f"[{command}] {text}", file=sys.stderr, flush=True)
+
+
+def finish(model, tokenizer, path: str, summary: dict, start: float) -> dict:
+    """`summary` with the wall time and the output directory, after saving the model there with it."""
+    summary["seconds"] = round(time.time() - start, 1)
+    summary["output_dir"] = save_atomically(model, tokenizer, path, summary)
+    return summary
 
 
 def save_atomically(model, tokenizer, path: str, info: dict) -> str:

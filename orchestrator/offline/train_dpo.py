@@ -19,8 +19,8 @@ import torch
 from actors.evaluation import greedy_eval, greedy_sampling, in_process, requests_from_rows
 from actors.modeling import load_causal_lm, load_tokenizer, set_threads, token_logprobs
 from algorithms.losses import dpo_loss
-from orchestrator.offline.common import (StepProgress, batch_indices, chunks, load_job, make_optimizer,
-                                         save_atomically)
+from orchestrator.offline.common import (StepProgress, batch_indices, chunks, finish, load_job, make_optimizer,
+                                         say)
 from orchestrator.offline.config import DPOConfig, GreedyEvalConfig
 from orchestrator.offline.preferences import PreferenceError, encode_responses
 from orchestrator.references import prepare_model
@@ -137,13 +137,11 @@ def train_dpo(cfg: DPOConfig, train_rows: list[dict], eval_rows: list[dict] | No
         summary["eval_after"] = preference_metrics(policy, tokenizer, eval_rows, ref_eval, cfg)
     if eval_prompts:
         summary["greedy_accuracy_after"] = greedy_accuracy(policy, tokenizer, eval_prompts, cfg.eval)
-    summary["seconds"] = round(time.time() - start, 1)
-    summary["output_dir"] = save_atomically(policy, tokenizer, cfg.output_dir, summary)
-    return summary
+    return finish(policy, tokenizer, cfg.output_dir, summary, start)
 
 
 def _say(text: str) -> None:
-    print(f"[train-dpo] {text}", file=sys.stderr, flush=True)
+    say("train-dpo", text)
 
 
 def main(config: str, overrides: list[str]) -> int:
