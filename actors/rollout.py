@@ -24,6 +24,13 @@ class RolloutWorker:
         self.seed = seed
         self.version = 0
 
+    @classmethod
+    def serving(cls, engine, seed: int = 0) -> RolloutWorker:
+        """A worker around an engine already built (in-process evaluation of a model in memory)."""
+        worker = cls.__new__(cls)
+        worker.engine, worker.tp, worker.seed, worker.version = engine, 1, seed, 0
+        return worker
+
     def generate(self, requests: list[PromptRequest], sampling: SamplingParams) -> list[Group]:
         """Sample `sampling.n` completions per request; the seed depends on the requests and version."""
         start = time.perf_counter()

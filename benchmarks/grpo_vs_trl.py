@@ -230,7 +230,7 @@ def differences(s: Settings, trl_threads: int | None, raylhf_only: list[str] | N
          "why": "different random streams over the same rows: different prompts per step"},
         {"what": "held-out evaluation",
          "raylhf": "greedy decode by the rollout worker (hf engine), scored by the reward workers",
-         "trl": "greedy decode in-process (examples.arith.evaluate), scored by the same reward functions",
+         "trl": "greedy decode in-process (actors.evaluation.in_process), scored by the same reward functions",
          "why": "same rows, same verifier, same greedy decode; its time is excluded from step times"},
     ]
 
@@ -456,8 +456,8 @@ def trl_worker(config: str, overrides: list[str], out: Path, threads: int | None
         return 2
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+    from actors.evaluation import greedy_eval, greedy_sampling, in_process, requests_from_rows
     from actors.trainer import lr_lambda
-    from examples.arith.evaluate import greedy_completions
     from orchestrator.config import load_config
     from orchestrator.data import load_rows
     from rewards.loader import load_function
@@ -482,17 +482,13 @@ def trl_worker(config: str, overrides: list[str], out: Path, threads: int | None
     per_step = s.epochs * s.num_minibatches  # TRL optimizer steps per raylhf step
 
     fns = [(f.label, load_function(f.name), f.weight) for f in cfg.reward.functions]
+    eval_requests = requests_from_rows(eval_rows, tokenizer, key)
 
     def accuracy(m) -> float:
-        """raylhf's held-out rule: greedy completion, total (or accuracy_label) reward >= accuracy_threshold."""
-        completions = greedy_completions(m, tokenizer, [r[key] for r in eval_rows], s.max_new_tokens)
-        correct = 0
-        for row, completion in zip(eval_rows, completions):
-            parts = {label: float(fn(row[key], completion, **{k: row[k] for k in columns})) for label, fn, _ in fns}
-            total = sum(w * parts[label] for label, _, w in fns)
-            score = parts[cfg.reward.accuracy_label] if cfg.reward.accuracy_label else total
-            correct += score >= cfg.reward.accuracy_threshold
-        return correct / len(eval_rows)
+        """raylhf's held-out rule, by its evaluator: greedy completion, total (or accuracy_label) reward >=
+        accuracy_threshold."""
+        return greedy_eval(in_process(m, tokenizer, fns), eval_requests, greedy_sampling(s.max_new_tokens),
+                           cfg.reward.accuracy_threshold, cfg.reward.accuracy_label)["accuracy"]
 
     class Clock(TrainerCallback):
         """Times each optimizer step (generation included, evaluation excluded) and evaluates every eval_every."""

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("train-rm", "train-dpo"):  # offline preference training: own configs, no Ray
-        from orchestrator import train_dpo, train_rm
+        from orchestrator.offline import train_dpo, train_rm
 
         return (train_rm if args.command == "train-rm" else train_dpo).main(args.config, args.overrides)
     if args.command == "eval":  # in-process, no Ray

@@ -1,5 +1,6 @@
 """The groups of one step, through the pools: dynamic-sampling rounds (DAPO), the round prefetched in
-asynchronous mode, and greedy held-out evaluation on the newest weights."""
+asynchronous mode, and greedy held-out evaluation on the newest weights (the one evaluator of
+`actors.evaluation`)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from actors.engines import SamplingParams
+from actors.evaluation import greedy_eval, greedy_sampling
 from actors.records import Group, PromptRequest
 from orchestrator.config import JobConfig, RolloutConfig
 from orchestrator.data import PromptStream
-from orchestrator.metrics import rollout_metrics
 from orchestrator.pools import InFlight, Pools
 
 
-def sampling_params(rollout: RolloutConfig, greedy: bool = False) -> SamplingParams:
-    """How the rollout samples: G completions at `rollout.temperature` / `top_p`, or one greedy completion."""
-    if greedy:
-        return SamplingParams(n=1, temperature=0.0, max_new_tokens=rollout.max_new_tokens, stop=tuple(rollout.stop))
+def sampling_params(rollout: RolloutConfig) -> SamplingParams:
+    """How the rollout samples: G completions at `rollout.temperature` / `top_p`."""
     return SamplingParams(n=rollout.group_size, temperature=rollout.temperature, top_p=rollout.top_p,
                           max_new_tokens=rollout.max_new_tokens, stop=tuple(rollout.stop))
 
@@ -75,15 +74,21 @@ def collect_groups(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling:
 
 def evaluate(pools: Pools, cfg: JobConfig, prompts: list[PromptRequest], log: Callable[[str], None]
              ) -> dict[str, float]:
-    """Held-out greedy accuracy with the run's reward functions, on the weights the rollout workers serve."""
+    """Held-out greedy accuracy with the run's reward functions (`actors.evaluation.greedy_eval`), on the weights
+    the rollout workers serve; `eval/*` and its wall time."""
     start = time.perf_counter()
-    sampling = sampling_params(cfg.rollout, greedy=True)
     per_call = max(1, -(-len(prompts) // len(pools.rollout)))
-    groups = pools.run_groups(prompts, sampling, per_call, score=False)
-    stale = {g.policy_version for g in groups} - {pools.version}
-    assert not stale, f"evaluation ran on policy version(s) {stale}, not the newest ({pools.version})"
-    for message in pools.new_reward_errors(groups):
-        log(message)
-    m = rollout_metrics(groups, cfg.reward.accuracy_threshold, cfg.reward.accuracy_label)
-    return {"eval/accuracy": m["accuracy"], "eval/reward": m["reward/mean"],
-            "eval/response_length": m["response_length/mean"], "time/eval": time.perf_counter() - start}
+
+    def run_groups(requests: list[PromptRequest], sampling: SamplingParams) -> list[Group]:
+        groups = pools.run_groups(requests, sampling, per_call, score=False)
+        stale = {g.policy_version for g in groups} - {pools.version}
+        assert not stale, f"evaluation ran on policy version(s) {stale}, not the newest ({pools.version})"
+        for message in pools.new_reward_errors(groups):
+            log(message)
+        return groups
+
+    r, rw = cfg.rollout, cfg.reward
+    m = greedy_eval(run_groups, prompts, greedy_sampling(r.max_new_tokens, tuple(r.stop)), rw.accuracy_threshold,
+                    rw.accuracy_label)
+    return {"eval/accuracy": m["accuracy"], "eval/reward": m["reward"], "eval/response_length": m["response_length"],
+            "time/eval": time.perf_counter() - start}

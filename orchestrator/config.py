@@ -12,16 +12,21 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.references import UnresolvedReference, check_model_dir, check_source, resolve_callable
+
 
 class ConfigError(Exception):
     """A config mistake, phrased for a person: names the field path and what is allowed."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: unknown keys and invalid assignments are errors."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -42,7 +47,7 @@ def _check_resources(field: str, resources: dict[str, float]) -> dict[str, float
     return resources
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     path: str = Field(description="Hugging Face model directory (config.json + safetensors + tokenizer).")
     prepare: str | None = Field(
         None,
@@ -57,14 +62,14 @@ class ModelConfig(_Section):
         "forward per row, for a model whose cache cannot be copied row-wise.")
 
 
-class DataSource(_Section):
+class DataSource(Section):
     source: str = Field(description='A .jsonl or .parquet file, "datasets:<builder or dir>" (datasets.load_dataset, '
                         'e.g. "datasets:json"), or a "module:function" returning a list of row dicts.')
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for a function or datasets "
                                    "source (datasets: split defaults to train).")
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     train: DataSource = Field(description="Training prompts.")
     eval: DataSource | None = Field(None, description="Held-out prompts for greedy-accuracy evaluation.")
     prompt_key: str = Field("prompt", description="Row field holding the prompt text.")
@@ -75,7 +80,7 @@ class DataConfig(_Section):
         "max_prompt_tokens: error (exit 2, naming the row) or skip (left out, counted, reported at start).")
 
 
-class VLLMConfig(_Section):
+class VLLMConfig(Section):
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs one vLLM engine shards the model over (each "
                                       "rollout worker then needs rollout.num_gpus = this).")
     gpu_memory_utilization: float = Field(
@@ -91,7 +96,7 @@ class VLLMConfig(_Section):
         "each worker; any setup) or nccl (a broadcast from trainer rank 0 over a NCCL group; GPU trainers).")
 
 
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     engine: Literal["hf", "vllm"] = Field("hf", description="Generation engine: hf (CPU/GPU) or vllm (GPU).")
     num_workers: int = Field(1, gt=0, description="Number of RolloutWorker actors.")
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved per rollout worker.")
@@ -120,7 +125,7 @@ def _default_label(entry: dict) -> str | None:
     return None
 
 
-class RewardFunction(_Section):
+class RewardFunction(Section):
     name: str | None = Field(
         None, description='Reward function: "package.module:function" or "path/to/file.py:function".')
     model: str | None = Field(
@@ -160,7 +165,7 @@ class RewardFunction(_Section):
         return self
 
 
-class RewardConfig(_Section):
+class RewardConfig(Section):
     functions: list[RewardFunction] = Field(
         min_length=1, description="Reward functions and reward models, summed with weights.")
     num_workers: int = Field(1, gt=0, description="Number of RewardWorker actors (groups are spread over them).")
@@ -195,7 +200,7 @@ class RewardConfig(_Section):
         return self
 
 
-class ScoringConfig(_Section):
+class ScoringConfig(Section):
     num_workers: int = Field(1, gt=0, description="Number of ScoringWorker actors (reference / old policy).")
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs per scoring worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per scoring worker.")
@@ -204,7 +209,7 @@ class ScoringConfig(_Section):
     micro_batch_size: int = Field(64, gt=0, description="Sequences per scoring forward pass.")
 
 
-class AlgorithmConfig(_Section):
+class AlgorithmConfig(Section):
     estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field(
         "grpo", description="Advantage estimator: grpo (3.12), dr_grpo (mean-only, A.3.1; its agg defaults to "
         "seq-mean-token-sum-norm), rloo, reinforce_pp (2.2.4), gae (PPO with a critic, 2.14-2.17; see `critic`)."
@@ -268,7 +273,7 @@ class AlgorithmConfig(_Section):
         return self
 
 
-class CriticConfig(_Section):
+class CriticConfig(Section):
     init: str | None = Field(
         None, description="Where the value model starts: a reward-model or causal-LM checkpoint directory "
         "(default: the policy's model.path).")
@@ -281,7 +286,7 @@ class CriticConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Steps at the start that train only the critic (the policy waits).")
 
 
-class TrainerConfig(_Section):
+class TrainerConfig(Section):
     num_workers: int = Field(1, gt=0, description="Data-parallel PolicyTrainer ranks.")
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs per trainer rank.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per trainer rank (0: CPU with gloo; > 0: CUDA with NCCL).")
@@ -304,7 +309,7 @@ class TrainerConfig(_Section):
         "this many steps in a row with such skips stop the run.")
 
 
-class LoopConfig(_Section):
+class LoopConfig(Section):
     steps: int = Field(20, gt=0, description="Training steps (one batch of prompt groups each).")
     prompts_per_step: int = Field(16, gt=0, description="Prompt groups per step; batch = this x group_size.")
     max_staleness: Literal[0, 1] = Field(
@@ -316,17 +321,22 @@ class LoopConfig(_Section):
     eval_size: int = Field(200, gt=0, description="Held-out prompts per evaluation.")
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     every: int = Field(0, ge=0, description="Write a checkpoint every N steps (0: none); `raylhf train CONFIG "
                        "--resume` continues from the newest complete one.")
     keep: int = Field(2, gt=0, description="Checkpoints kept (the newest); older ones are deleted.")
 
 
-class LoggingConfig(_Section):
+class ProgressConfig(Section):
+    """The logging fields every command shares (the job's and the offline trainers')."""
+
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class LoggingConfig(ProgressConfig):
     run_dir: str = Field("runs/{name}-{time}", description="Output directory; {name} and {time} are filled in.")
     name: str = Field("run", description="Run name.")
     tensorboard: bool = Field(True, description="Write TensorBoard event files.")
-    progress: bool = Field(True, description="Show a progress bar.")
     worker_logs: bool = Field(False, description="Stream the actors' stdout/stderr to the console.")
     sample_groups: int = Field(2, ge=0, description="Prompt groups per step written to samples.jsonl (every "
                                "completion with its rewards and advantage); 0: none.")
@@ -338,7 +348,7 @@ class LoggingConfig(_Section):
                          "MLFLOW_TRACKING_URI picks the server, default ./mlruns).")
 
 
-class RayConfig(_Section):
+class RayConfig(Section):
     address: str | None = Field(
         None, description='Ray cluster to join ("auto" or GCS host:port); None: the RAY_ADDRESS environment '
         "variable (set for a `ray job submit` driver), else an embedded Ray.")
@@ -351,7 +361,7 @@ class RayConfig(_Section):
 POOL_NAMES = ("rollout", "reward", "reward_model", "scoring", "trainer", "critic")
 
 
-class PlacementConfig(_Section):
+class PlacementConfig(Section):
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for each pool's bundles (one bundle per worker): PACK "
         "fills few nodes, SPREAD spreads them; STRICT_ forms insist.")
@@ -373,7 +383,7 @@ class PlacementConfig(_Section):
         return self
 
 
-class JobConfig(_Section):
+class JobConfig(Section):
     model: ModelConfig
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
@@ -523,13 +533,20 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     return cfg
 
 
-def _check_callable(field: str, spec: str):
-    from rewards.loader import RewardLoadError, load_function
-
+def check_reference(field: str, check: Callable, *args):
+    """`check(*args)` (a check of orchestrator.references); an unresolved name is a ConfigError naming `field`."""
     try:
-        return load_function(spec)
-    except RewardLoadError as e:
+        return check(*args)
+    except UnresolvedReference as e:
         raise ConfigError(f"invalid config:\n  {field}: {e}") from None
+
+
+def check_model(model: ModelConfig) -> None:
+    """`model.prepare` must resolve; without one, `model.path` must be a model directory."""
+    if model.prepare is not None:
+        check_reference("model.prepare", resolve_callable, model.prepare)
+    else:
+        check_reference("model.path", check_model_dir, model.path)
 
 
 def _check_reward_model(field: str, path: str) -> None:
@@ -561,7 +578,7 @@ def check_references(cfg: JobConfig) -> None:
                               f"{module}, or set {field}: false)")
     for i, fn in enumerate(cfg.reward.functions):
         if fn.name is not None:
-            loaded = _check_callable(f"reward.functions.{i}.name", fn.name)
+            loaded = check_reference(f"reward.functions.{i}.name", resolve_callable, fn.name)
             if fn.batch_size is not None and not (fn.batched or getattr(loaded, "batched", False)):
                 raise ConfigError(f"invalid config:\n  reward.functions.{i}.batch_size: applies to batched "
                                   "functions (batched: true, or fn.batched = True) and reward models")
@@ -570,17 +587,8 @@ def check_references(cfg: JobConfig) -> None:
     for field, src in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if src is None or src.source.startswith("datasets:"):
             continue  # a datasets source is checked as it loads (orchestrator.data), still before Ray starts
-        if ":" in src.source and not src.source.endswith((".jsonl", ".parquet")):
-            _check_callable(f"{field}.source", src.source)
-        elif not Path(src.source).is_file():
-            raise ConfigError(f"invalid config:\n  {field}.source: file {src.source!r} not found")
-    if cfg.model.prepare is not None:
-        _check_callable("model.prepare", cfg.model.prepare)
-    elif not (Path(cfg.model.path) / "config.json").is_file():
-        raise ConfigError(
-            f"invalid config:\n  model.path: {cfg.model.path!r} is not a model directory (no config.json); "
-            "give a Hugging Face checkpoint directory or a model.prepare function that builds one"
-        )
+        check_reference(f"{field}.source", check_source, src.source, (".jsonl", ".parquet"))
+    check_model(cfg.model)
     if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError(
             "invalid config:\n  rollout.engine: 'vllm' needs the vllm package (GPU only): pip install 'raylhf[gpu]'"

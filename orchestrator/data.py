@@ -36,7 +36,7 @@ def load_rows(src: DataSource) -> list[dict[str, Any]]:
     """All rows of a source, as dicts: a `.jsonl` or `.parquet` file, `datasets:<builder or path>`, or a
     "module:function" called with `src.kwargs`."""
     if src.source.endswith(".jsonl"):
-        return _read_jsonl(src.source)
+        return read_jsonl(src.source)[0]
     if src.source.endswith(".parquet"):
         return _read_parquet(src.source)
     if src.source.startswith(DATASETS_PREFIX):
@@ -45,8 +45,10 @@ def load_rows(src: DataSource) -> list[dict[str, Any]]:
     return list(rows)
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    rows = []
+def read_jsonl(path: str) -> tuple[list[Any], list[int]]:
+    """(parsed non-blank lines, their 1-based line numbers) of a JSONL file; a line that is not JSON is a
+    DataError naming its number."""
+    rows, lines = [], []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
@@ -54,7 +56,8 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
-    return rows
+                lines.append(i)
+    return rows, lines
 
 
 def _read_parquet(path: str) -> list[dict[str, Any]]:

@@ -25,8 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from actors.engines import SamplingParams
+from actors.evaluation import evaluate_greedy, greedy_sampling, is_correct
 from actors.records import Group, PromptRequest
-from orchestrator.config import ConfigError, JobConfig, RewardConfig, check_references, load_config
+from orchestrator.config import ConfigError, JobConfig, check_references, load_config
 from orchestrator.data import DataError, load_rows, prepare_prompts
 from orchestrator.export import CheckpointError, resolve_checkpoint
 
@@ -45,12 +46,6 @@ def mean_pass_at_k(correct_counts: list[int], n: int, k: int) -> float:
     return statistics.fmean(pass_at_k(n, c, k) for c in correct_counts)
 
 
-def is_correct(sample, reward: RewardConfig) -> bool:
-    """The training run's accuracy rule: the total (or the `accuracy_label` reward) reaches the threshold."""
-    score = sample.reward_parts[reward.accuracy_label] if reward.accuracy_label else sample.reward
-    return score >= reward.accuracy_threshold
-
-
 class Scorer:
     """Generates with one in-process RolloutWorker and scores with the job's reward workers, chunk by chunk."""
 
@@ -58,7 +53,7 @@ class Scorer:
         from actors.reward import RewardWorker
         from actors.reward_model import RewardModelWorker
         from actors.rollout import RolloutWorker
-        from orchestrator.ray_setup import reward_specs
+        from orchestrator.references import reward_specs
 
         r, rw = cfg.rollout, cfg.reward
         self.rollout = RolloutWorker(engine=r.engine, model_path=checkpoint, dtype=cfg.model.dtype,
@@ -96,34 +91,30 @@ def evaluate_checkpoint(cfg: JobConfig, checkpoint: str, requests: list[PromptRe
                         log: Callable[[str], None] = print) -> dict:
     """Greedy accuracy and pass@k (for each k in `ks`, from `samples` completions per problem) on `requests`
     (`orchestrator.data.prepare_prompts`); the result as a JSON-ready dict."""
-    r = cfg.rollout
-    greedy_sampling = SamplingParams(n=1, temperature=0.0, max_new_tokens=r.max_new_tokens, stop=tuple(r.stop))
+    r, rw = cfg.rollout, cfg.reward
     sampled = SamplingParams(n=samples, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                              stop=tuple(r.stop))
     start = time.perf_counter()
     scorer = Scorer(cfg, checkpoint)
     try:
-        greedy = scorer.groups(requests, greedy_sampling)
-        log(f"greedy: {len(greedy)} problems in {time.perf_counter() - start:.1f} s")
+        greedy = evaluate_greedy(scorer.groups, requests, greedy_sampling(r.max_new_tokens, tuple(r.stop)),
+                                 rw.accuracy_threshold, rw.accuracy_label)
+        log(f"greedy: {len(greedy.groups)} problems in {time.perf_counter() - start:.1f} s")
         t = time.perf_counter()
         groups = scorer.groups(requests, sampled)
         log(f"sampled: {samples} completions x {len(groups)} problems in {time.perf_counter() - t:.1f} s")
     finally:
         scorer.close()
-    counts = [sum(is_correct(s, cfg.reward) for s in g.samples) for g in groups]
-    greedy_ok = [is_correct(g.samples[0], cfg.reward) for g in greedy]
+    counts = [sum(is_correct(s, rw.accuracy_threshold, rw.accuracy_label) for s in g.samples) for g in groups]
     failures: dict[str, int] = {}
-    for g in greedy + groups:
+    for g in greedy.groups + groups:
         for label, n in g.reward_failures.items():
             failures[label] = failures.get(label, 0) + n
     return {
         "checkpoint": checkpoint,
         "problems": len(requests),
-        "greedy": {
-            "accuracy": statistics.fmean(greedy_ok),
-            "reward_mean": statistics.fmean(g.samples[0].reward for g in greedy),
-            "response_length_mean": statistics.fmean(len(g.samples[0].response_ids) for g in greedy),
-        },
+        "greedy": {"accuracy": greedy.accuracy, "reward_mean": greedy.reward,
+                   "response_length_mean": greedy.response_length},
         "sampling": {"n": samples, "temperature": r.temperature, "top_p": r.top_p,
                      "accuracy": sum(counts) / (samples * len(counts)),
                      "reward_mean": statistics.fmean(s.reward for g in groups for s in g.samples)},
@@ -131,7 +122,7 @@ def evaluate_checkpoint(cfg: JobConfig, checkpoint: str, requests: list[PromptRe
         "reward_failures": {x.label: failures.get(x.label, 0) for x in cfg.reward.functions},
         "seconds": time.perf_counter() - start,
         "per_problem": [{"prompt": g.prompt, "greedy_completion": g.samples[0].text, "greedy_correct": ok,
-                         "correct_samples": c} for g, ok, c in zip(greedy, greedy_ok, counts)],
+                         "correct_samples": c} for g, ok, c in zip(greedy.groups, greedy.correct, counts)],
     }
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from orchestrator.config import ConfigError, JobConfig, dump_config
+from orchestrator.references import prepare_model
 
 
 def make_run_dir(cfg: JobConfig, override: str | None) -> Path:
@@ -19,16 +20,6 @@ def make_run_dir(cfg: JobConfig, override: str | None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg) + "\n")
     return run_dir
-
-
-def prepare_model(cfg: JobConfig) -> str:
-    """The absolute model directory, built first by `model.prepare` when the config names one."""
-    path = str(Path(cfg.model.path).expanduser().resolve())
-    if cfg.model.prepare:
-        from rewards.loader import load_function
-
-        load_function(cfg.model.prepare)(path)
-    return path
 
 
 def find_resume(cfg: JobConfig, override: str | None) -> tuple[Path, Path]:
@@ -70,7 +61,7 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None, resume: bool 
     else:
         run_dir = make_run_dir(cfg, run_dir_override)
     print(f"raylhf: run directory {run_dir}", file=sys.stderr)
-    model_path = prepare_model(cfg)
+    model_path = prepare_model(cfg.model)
     try:
         data = load_data(cfg, model_path)
     except DataError as e:

@@ -44,7 +44,7 @@ class Run:
 def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: Data,
           resume: Path | None = None) -> RunResult:
     """Run `cfg.loop.steps` steps; write metrics, checkpoints and the final policy. `rewards`: resolved
-    `RewardSpec`s (`orchestrator.ray_setup.reward_specs`); `resume`: a checkpoint directory to continue from."""
+    `RewardSpec`s (`orchestrator.references.reward_specs`); `resume`: a checkpoint directory to continue from."""
     start, loop, lg, threads = time.perf_counter(), cfg.loop, cfg.logging, torch.get_num_threads()
     state = checkpoint.load_state(resume) if resume else checkpoint.LoopState()
     writer = MetricsWriter(run_dir, lg.tensorboard, first_step=state.step + 1 if resume else 0, wandb=lg.wandb,

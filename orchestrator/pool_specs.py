@@ -80,7 +80,7 @@ def _device(gpus: float) -> str:
 
 def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> list[PoolSpec]:
     """Every pool of the job, in start-up order (an empty pool has no workers). `rewards`: the resolved reward
-    entries (`orchestrator.ray_setup.reward_specs`)."""
+    entries (`orchestrator.references.reward_specs`)."""
     m, r, s, t, c, rw = cfg.model, cfg.rollout, cfg.scoring, cfg.trainer, cfg.critic, cfg.reward
     common = dict(model_path=model_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
     functions = [x for x in rewards if x.model is None]

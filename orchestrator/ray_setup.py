@@ -13,22 +13,7 @@ from pathlib import Path
 
 from actors.records import RewardSpec
 from orchestrator.config import JobConfig
-
-
-def _absolute_file_spec(spec: str) -> str:
-    """'rel/file.py:fn' → '/abs/rel/file.py:fn' so actors find it whatever their working directory."""
-    target, _, attr = spec.partition(":")
-    if (target.endswith(".py") or "/" in target) and Path(target).is_file():
-        return f"{Path(target).resolve()}:{attr}"
-    return spec
-
-
-def reward_specs(cfg: JobConfig) -> list[RewardSpec]:
-    """The config's rewards as the actors take them: file and model paths absolute, labels resolved."""
-    return [RewardSpec(label=f.label, name=f.name and _absolute_file_spec(f.name), weight=f.weight,
-                       model=f.model and str(Path(f.model).expanduser().resolve()), batched=f.batched,
-                       batch_size=f.batch_size, num_gpus=f.num_gpus)
-            for f in cfg.reward.functions]
+from orchestrator.references import reward_specs
 
 
 def ship_reward_files(specs: list[RewardSpec], staging: Path) -> tuple[list[RewardSpec], list[str]]:

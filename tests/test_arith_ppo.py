@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from orchestrator.config import JobConfig, read_config
-from orchestrator.preference_config import RewardModelConfig
+from orchestrator.offline.config import RewardModelConfig
 
 
 def test_example_ppo_config_is_reward_model_only_ppo_with_kl_in_the_reward():

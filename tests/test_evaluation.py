@@ -109,3 +109,56 @@ def test_eval_cli_bad_checkpoint_and_chat_rows_exit_2(tmp_path, tiny_model, caps
     assert main(["eval", job, "--checkpoint", tiny_model, "--set", f"data.eval.source={tmp_path / 'chat.jsonl'}",
                  "--set", "data.eval.kwargs={}"]) == 2
     assert "data.eval: row 0 is a chat row" in capsys.readouterr().err
+
+
+def _spread(prompt, completion, **fields):
+    """0, 1 or 2 by the completion's length: a spread of rewards from a random policy."""
+    return float(len(completion) % 3)
+
+
+def _digits(prompt, completion, answer, **fields):
+    return float(sum(ch.isdigit() for ch in completion) + len(answer) % 2)
+
+
+def test_the_greedy_evaluator_equals_rollout_metrics_and_a_brute_force_count(tiny_model):
+    """Every greedy evaluator (loop, `raylhf eval`, DPO, the examples, the TRL benchmark) goes through
+    actors.evaluation; its numbers must equal rollout_metrics' bit for bit and a plain `generate` recount."""
+    import torch
+
+    from actors.evaluation import evaluate_greedy, greedy_eval, greedy_sampling, in_process, requests_from_rows
+    from actors.modeling import load_causal_lm, load_tokenizer
+    from orchestrator.metrics import rollout_metrics
+
+    torch.set_num_threads(1)
+    model, tok = load_causal_lm(tiny_model).train(), load_tokenizer(tiny_model)
+    tok.padding_side = "right"
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in ((1, 2), (35, 7), (400, 99), (8, 88), (5, 5))]
+    rewards = [("spread", _spread, 0.5), ("digits", _digits, 2.0)]
+    requests, sampling = requests_from_rows(rows, tok), greedy_sampling(6)
+    rng = torch.random.get_rng_state()
+    for label, threshold in ((None, 1.0), ("spread", 1.0), ("digits", 2.0)):
+        result = evaluate_greedy(in_process(model, tok, rewards, batch_size=2), requests, sampling, threshold, label)
+        m = rollout_metrics(result.groups, threshold, label)
+        numbers = greedy_eval(in_process(model, tok, rewards, batch_size=2), requests, sampling, threshold, label)
+        assert numbers == {"accuracy": m["accuracy"], "reward": m["reward/mean"],
+                           "response_length": m["response_length/mean"]}
+        # Brute force: one left-padded HF generate over all prompts, cut after EOS, rewards summed by hand.
+        side, tok.padding_side = tok.padding_side, "left"
+        enc = tok([r["prompt"] for r in rows], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.eval().generate(**enc, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id,
+                                        eos_token_id=tok.eos_token_id)[:, enc["input_ids"].shape[1]:].tolist()
+        model.train()
+        tok.padding_side = side
+        ids = [o[: o.index(tok.eos_token_id) + 1] if tok.eos_token_id in o else o for o in out]
+        texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
+        assert [g.samples[0].text for g in result.groups] == texts
+        parts = [{name: fn(r["prompt"], t, **{"answer": r["answer"]}) for name, fn, _ in rewards}
+                 for r, t in zip(rows, texts)]
+        totals = [sum(w * p[name] for name, _, w in rewards) for p in parts]
+        judged = [p[label] for p in parts] if label else totals
+        assert numbers["accuracy"] == sum(j >= threshold for j in judged) / len(rows)
+        assert numbers["reward"] == pytest.approx(sum(totals) / len(rows), abs=1e-12)
+        assert numbers["response_length"] == sum(map(len, ids)) / len(rows)
+    # The caller's training state is untouched: RNG stream, padding side, train mode.
+    assert torch.equal(rng, torch.random.get_rng_state()) and tok.padding_side == "right" and model.training

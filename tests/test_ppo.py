@@ -306,7 +306,7 @@ def test_ppo_with_a_critic_trains_end_to_end(ray_local, tiny_model, tmp_path, mo
     from orchestrator.config import JobConfig
     from orchestrator.data import load_data
     from orchestrator.loop import train
-    from orchestrator.ray_setup import reward_specs
+    from orchestrator.references import reward_specs
 
     threads, real_step = [], loop.train_step
     monkeypatch.setattr(loop, "train_step",

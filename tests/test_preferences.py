@@ -8,7 +8,7 @@ import pytest
 
 from examples.arith import preferences as arith_prefs
 from examples.arith.task import verify
-from orchestrator.preferences import PreferenceError, encode_responses, load_preferences
+from orchestrator.offline.preferences import PreferenceError, encode_responses, load_preferences
 
 ROWS = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "5+5=", "answer": "10"}, {"prompt": "7+1=", "answer": "8"}]
 SAMPLES = [
@@ -177,7 +177,7 @@ def test_cli_exits_2_on_a_bad_config_value_naming_the_field(tmp_path, capsys):
 
 
 def test_example_configs_are_valid():
-    from orchestrator.preference_config import DPOConfig, RewardModelConfig, load_preference_config
+    from orchestrator.offline.config import DPOConfig, RewardModelConfig, load_preference_config
 
     rm = load_preference_config(RewardModelConfig, "examples/arith_rm.yaml")
     dpo = load_preference_config(DPOConfig, "examples/arith_dpo.yaml")

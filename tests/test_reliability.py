@@ -106,7 +106,7 @@ def test_a_dead_trainer_rank_stops_the_run_and_says_how_to_resume(ray_local, tin
     from orchestrator.failures import ActorDied
     from orchestrator.loop import train
     from orchestrator.pools import Pools
-    from orchestrator.ray_setup import reward_specs
+    from orchestrator.references import reward_specs
     from tests.conftest import base_config
 
     cfg = JobConfig.model_validate(base_config(

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from orchestrator.train_dpo import sequence_logprobs
+from orchestrator.offline.train_dpo import sequence_logprobs
 
 
 def _model_and_tokenizer(path):
@@ -77,11 +77,16 @@ def test_train_dpo_cli_end_to_end(tmp_path, tiny_model, capsys):
 
 
 def test_greedy_accuracy_uses_the_rule_verifier(tiny_model, monkeypatch):
-    from orchestrator import train_dpo
-    from orchestrator.preference_config import GreedyEvalConfig
+    from orchestrator.offline import train_dpo
+    from orchestrator.offline.config import GreedyEvalConfig
 
     model, tok = _model_and_tokenizer(tiny_model)
     rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": "4"}, {"prompt": "5+5=", "answer": "10"}]
-    monkeypatch.setattr(train_dpo, "greedy_completions", lambda *a, **k: ["#### 3", "#### 5", "x #### 10"])
+    from actors.engines import Completion
+    from actors.engines.hf import HFEngine
+
+    texts = iter(["#### 3", "#### 5", "x #### 10"])
+    monkeypatch.setattr(HFEngine, "generate", lambda self, prompts, sampling, seed: [
+        [Completion([1], next(texts), [0.0], "stop")] for _ in prompts])
     cfg = GreedyEvalConfig(prompts={"source": "unused.jsonl"})
     assert train_dpo.greedy_accuracy(model, tok, rows, cfg) == pytest.approx(2 / 3)

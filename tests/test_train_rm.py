@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from algorithms.losses import kwise_reward_model_loss, reward_model_loss
-from orchestrator.train_rm import load_reward_model, preference_loss, ranking_accuracy
+from orchestrator.offline.train_rm import load_reward_model, preference_loss, ranking_accuracy
 
 
 def test_preference_loss_is_bradley_terry_for_pairs_and_the_per_prompt_kwise_mean_otherwise():
@@ -118,9 +118,9 @@ def test_train_rm_cli_end_to_end_into_reward_model_worker(tmp_path, tiny_model, 
 
 
 def test_kwise_loss_trains_on_rankings(tmp_path, tiny_model):
-    from orchestrator.preference_config import RewardModelConfig, load_preference_config
-    from orchestrator.preferences import load_preferences
-    from orchestrator.train_rm import train_reward_model
+    from orchestrator.offline.config import RewardModelConfig, load_preference_config
+    from orchestrator.offline.preferences import load_preferences
+    from orchestrator.offline.train_rm import train_reward_model
 
     train = _write_jsonl(tmp_path / "train.jsonl", _easy_rows(64, seed=0, ranked=True))
     held_out = _write_jsonl(tmp_path / "eval.jsonl", _easy_rows(32, seed=1, ranked=True))
@@ -154,7 +154,7 @@ def test_lm_loss_is_the_causal_lms_next_token_loss_on_the_response_and_scores_ar
 
     from examples.arith.model import tiny_config
     from examples.arith.tokenizer import build_tokenizer
-    from orchestrator.train_rm import LMHead, TextScorer, _pad
+    from orchestrator.offline.train_rm import LMHead, TextScorer, _pad
 
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -183,9 +183,9 @@ def test_lm_loss_is_the_causal_lms_next_token_loss_on_the_response_and_scores_ar
 
 
 def test_train_rm_with_the_lm_loss_still_learns_the_preferences(tmp_path, tiny_model):
-    from orchestrator.preference_config import RewardModelConfig, load_preference_config
-    from orchestrator.preferences import load_preferences
-    from orchestrator.train_rm import train_reward_model
+    from orchestrator.offline.config import RewardModelConfig, load_preference_config
+    from orchestrator.offline.preferences import load_preferences
+    from orchestrator.offline.train_rm import train_reward_model
 
     train = _write_jsonl(tmp_path / "train.jsonl", _easy_rows(96, seed=0))
     held_out = _write_jsonl(tmp_path / "eval.jsonl", _easy_rows(64, seed=1))

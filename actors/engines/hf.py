@@ -18,17 +18,28 @@ SAMPLERS = ("loop", "generate")
 
 
 class HFEngine:
-    """Holds one model and its tokenizer; `generate` takes prompt strings and returns completions.
+    """Holds one model and its tokenizer; `generate` takes prompts' token ids and returns completions.
     `sampler`: "loop" (our cache loop, falls back to "generate" for caches it cannot reshape) or
     "generate" (Hugging Face `model.generate`)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu",
                  sampler: str = "loop"):
+        self._serve(load_causal_lm(model_path, dtype, trust_remote_code, device).eval(),
+                    load_tokenizer(model_path, trust_remote_code), device, sampler)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, sampler: str = "loop") -> HFEngine:
+        """An engine around a model already in memory (nothing loaded or copied), for in-process evaluation.
+        The tokenizer is switched to left padding; the caller restores it if it pads otherwise."""
+        engine = cls.__new__(cls)
+        engine._serve(model, tokenizer, str(next(model.parameters()).device), sampler)
+        return engine
+
+    def _serve(self, model, tokenizer, device: str, sampler: str) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.tokenizer, self.model = tokenizer, model
         self.tokenizer.padding_side = "left"
-        self.model = load_causal_lm(model_path, dtype, trust_remote_code, device).eval()
         self.device, self.sampler = device, sampler
         # Prefill needs only the last position's logits; not every remote-code model takes the argument.
         self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters

@@ -1,42 +1,16 @@
-"""Held-out greedy accuracy of a policy on the arithmetic task, via batched HF `generate`."""
+"""Held-out greedy accuracy of a policy in memory on the arithmetic task, by raylhf's one greedy evaluator."""
 
 from __future__ import annotations
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from actors.evaluation import greedy_eval, greedy_sampling, in_process, requests_from_rows
 from examples.arith.task import verify
 
 
-@torch.no_grad()
-def greedy_completions(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    max_new_tokens: int,
-    batch_size: int = 256,
-) -> list[str]:
-    """Greedy completions of `prompts` (left-padded batches), decoded without special tokens."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True)
-            gen = model.generate(
-                **enc,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )  # [b, T_prompt + T_new]
-            new = gen[:, enc["input_ids"].shape[1] :]  # [b, T_new]
-            out += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return out
+def answer_reward(prompt: str, completion: str, answer: str, **_) -> float:
+    """The task's reward: 1.0 iff the completion's last `#### N` is the answer."""
+    return verify(completion, answer)
 
 
 def greedy_accuracy(
@@ -46,7 +20,6 @@ def greedy_accuracy(
     max_new_tokens: int,
     batch_size: int = 256,
 ) -> float:
-    """Fraction of `rows` whose greedy completion `verify`s against the row's answer."""
-    prompts = [r["prompt"] for r in rows]
-    completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
-    return sum(verify(c, r["answer"]) for c, r in zip(completions, rows)) / max(len(rows), 1)
+    """Fraction of `rows` whose greedy completion `verify`s against the row's answer (reward 1.0)."""
+    run_groups = in_process(model, tokenizer, [("answer", answer_reward, 1.0)], batch_size)
+    return greedy_eval(run_groups, requests_from_rows(rows, tokenizer), greedy_sampling(max_new_tokens), 1.0)["accuracy"]

@@ -2,7 +2,7 @@
 
 The warm-started policy samples several completions per prompt (temperature ~1, the project's HF
 `generate` engine); the rule verifier labels them, and a correct answer is preferred to a wrong one.
-Rows come in the two forms `orchestrator/preferences.py` reads:
+Rows come in the two forms `orchestrator/offline/preferences.py` reads:
 
 * pairs  `{"prompt", "chosen", "rejected"}` — a correct completion against a wrong one (survey 3.1, 3.8);
 * ranked `{"prompt", "responses": [best, ..., worst]}` — for InstructGPT's K-wise loss (survey 3.3.1):

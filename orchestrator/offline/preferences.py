@@ -14,13 +14,13 @@ loading, before any model is built.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from orchestrator.data import DataError, read_jsonl
 from rewards.loader import RewardLoadError, load_function
 
 Form = Literal["pairs", "ranked"]
@@ -63,20 +63,13 @@ def _call_source(source: str, kwargs: dict[str, Any]) -> list:
 
 
 def _read_jsonl(path: str) -> tuple[list, list[int]]:
-    """(parsed non-blank lines, their 1-based line numbers); a line that is not JSON names its number."""
+    """(rows, 1-based line numbers) by `orchestrator.data.read_jsonl`, its errors as PreferenceError."""
     if not Path(path).is_file():
         raise PreferenceError(f"{path}: file not found")
-    rows, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise PreferenceError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            lines.append(number)
-    return rows, lines
+    try:
+        return read_jsonl(path)
+    except DataError as e:
+        raise PreferenceError(str(e)) from None
 
 
 def row_problem(row: Any, form: Form) -> str | None:

@@ -21,17 +21,17 @@ saved checkpoint is the same one-output sequence classifier.
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import torch
 
 from actors.modeling import load_tokenizer, set_threads, token_logprobs
 from algorithms.losses import kwise_reward_model_loss, reward_model_loss
-from orchestrator.offline import (StepProgress, batch_indices, chunks, load_job, make_optimizer, prepare_model,
-                                  save_atomically)
-from orchestrator.preference_config import RewardModelConfig
-from orchestrator.preferences import Form, response_texts
+from orchestrator.offline.common import (StepProgress, batch_indices, chunks, finish, load_job, make_optimizer,
+                                         say)
+from orchestrator.offline.config import RewardModelConfig
+from orchestrator.offline.preferences import Form, response_texts
+from orchestrator.references import prepare_model
 
 OFFSET_KEY = "reward_offset"  # config field RewardModelWorker subtracts from every score
 
@@ -305,13 +305,12 @@ def train_reward_model(cfg: RewardModelConfig, train_rows: list[dict], eval_rows
     distinct = list(dict.fromkeys(texts))
     offset = float(scorer.scores(model, distinct, bs).mean()) if cfg.normalize else 0.0
     setattr(model.config, OFFSET_KEY, offset)
-    summary.update(reward_offset=offset, seconds=round(time.time() - start, 1))
-    summary["output_dir"] = save_atomically(model, tokenizer, cfg.output_dir, summary)
-    return summary
+    summary["reward_offset"] = offset
+    return finish(model, tokenizer, cfg.output_dir, summary, start)
 
 
 def _say(text: str) -> None:
-    print(f"[train-rm] {text}", file=sys.stderr, flush=True)
+    say("train-rm", text)
 
 
 def main(config: str, overrides: list[str]) -> int:

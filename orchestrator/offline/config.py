@@ -6,25 +6,22 @@ raised before any data or model is touched.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from orchestrator.config import ConfigError, DataSource, ModelConfig, read_config
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from orchestrator.config import (DataSource, ModelConfig, ProgressConfig, Section, check_model, check_reference,
+                                 read_config)
+from orchestrator.references import check_source, resolve_callable
 
 
-class PreferenceData(_Section):
+class PreferenceData(Section):
     train: DataSource = Field(description='Training preferences: a .jsonl file or a "module:function" returning rows.')
     eval: DataSource | None = Field(None, description="Held-out preferences (disjoint prompts) for accuracy reports.")
     max_length: int = Field(128, gt=0, description="Longest prompt + response in tokens; longer rows are an error.")
 
 
-class OptimConfig(_Section):
+class OptimConfig(Section):
     lr: float = Field(gt=0, description="Peak learning rate of AdamW.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
@@ -40,12 +37,11 @@ class OptimConfig(_Section):
     eval_batch_size: int = Field(256, gt=0, description="Rows per forward pass when scoring without gradients.")
 
 
-class LoggingConfig(_Section):
-    progress: bool = Field(True, description="Show a progress bar (plain lines every log_every steps otherwise).")
+class LoggingConfig(ProgressConfig):
     log_every: int = Field(50, gt=0, description="Steps between plain-text progress lines when progress is off.")
 
 
-class RewardModelConfig(_Section):
+class RewardModelConfig(Section):
     """`raylhf train-rm`: a reward model r_θ(x, y) trained on preferences (survey 3.2.1, 3.3.1)."""
 
     model: ModelConfig = Field(description="The causal LM the reward model starts from (the warm-started policy).")
@@ -73,7 +69,7 @@ class RewardModelConfig(_Section):
         return "pairs" if self.loss == "pairwise" else "ranked"
 
 
-class GreedyEvalConfig(_Section):
+class GreedyEvalConfig(Section):
     prompts: DataSource = Field(description="Held-out problems: rows with the prompt and the reward function's fields.")
     prompt_key: str = Field("prompt", description="Row field holding the prompt text.")
     reward: str = Field("rewards.final_answer:hash_answer",
@@ -83,7 +79,7 @@ class GreedyEvalConfig(_Section):
     batch_size: int = Field(256, gt=0, description="Prompts per generate call.")
 
 
-class DPOConfig(_Section):
+class DPOConfig(Section):
     """`raylhf train-dpo`: offline DPO (survey 3.4, eq. 3.8) against a frozen copy of the starting policy."""
 
     model: ModelConfig = Field(description="The starting policy; a frozen copy of it is the reference π_ref.")
@@ -117,26 +113,8 @@ def check_references(cfg: RewardModelConfig | DPOConfig) -> None:
     sources = [("data.train", cfg.data.train), ("data.eval", cfg.data.eval)]
     if isinstance(cfg, DPOConfig) and cfg.eval is not None:
         sources.append(("eval.prompts", cfg.eval.prompts))
-        _check_callable("eval.reward", cfg.eval.reward)
+        check_reference("eval.reward", resolve_callable, cfg.eval.reward)
     for field, src in sources:
-        if src is None:
-            continue
-        if src.source.endswith(".jsonl"):
-            if not Path(src.source).is_file():
-                raise ConfigError(f"invalid config:\n  {field}.source: file {src.source!r} not found")
-        else:
-            _check_callable(f"{field}.source", src.source)
-    if cfg.model.prepare is not None:
-        _check_callable("model.prepare", cfg.model.prepare)
-    elif not (Path(cfg.model.path) / "config.json").is_file():
-        raise ConfigError(f"invalid config:\n  model.path: {cfg.model.path!r} is not a model directory "
-                          "(no config.json); give a Hugging Face checkpoint directory or a model.prepare function that builds one")
-
-
-def _check_callable(field: str, spec: str) -> None:
-    from rewards.loader import RewardLoadError, load_function
-
-    try:
-        load_function(spec)
-    except RewardLoadError as e:
-        raise ConfigError(f"invalid config:\n  {field}: {e}") from None
+        if src is not None:
+            check_reference(f"{field}.source", check_source, src.source, (".jsonl",))
+    check_model(cfg.model)

@@ -16,12 +16,14 @@ import time
 
 import torch
 
+from actors.evaluation import greedy_eval, greedy_sampling, in_process, requests_from_rows
 from actors.modeling import load_causal_lm, load_tokenizer, set_threads, token_logprobs
 from algorithms.losses import dpo_loss
-from orchestrator.offline import (StepProgress, batch_indices, chunks, load_job, make_optimizer, prepare_model,
-                                  save_atomically)
-from orchestrator.preference_config import DPOConfig, GreedyEvalConfig
-from orchestrator.preferences import PreferenceError, encode_responses
+from orchestrator.offline.common import (StepProgress, batch_indices, chunks, finish, load_job, make_optimizer,
+                                         say)
+from orchestrator.offline.config import DPOConfig, GreedyEvalConfig
+from orchestrator.offline.preferences import PreferenceError, encode_responses
+from orchestrator.references import prepare_model
 
 
 def sequence_logprobs(model, tokenizer, pairs: list[tuple[str, str]], max_length: int,
@@ -59,35 +61,16 @@ def preference_metrics(model, tokenizer, rows: list[dict], ref: tuple[torch.Tens
     return {"loss": loss.item(), **{k: v.item() for k, v in stats.items()}}
 
 
-@torch.no_grad()
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy completions (left-padded batches of HF `generate`), decoded without special tokens."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    try:
-        for s in chunks(len(prompts), batch_size):
-            enc = tokenizer(prompts[s], return_tensors="pt", padding=True)  # [b, P]
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, temperature=None,
-                                 top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)  # [b, P + T]
-            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return out
+ABOVE_ZERO = math.ulp(0.0)  # the smallest positive float: a score reaches it exactly when it is > 0
 
 
 def greedy_accuracy(model, tokenizer, rows: list[dict], cfg: GreedyEvalConfig) -> float:
-    """Fraction of rows whose greedy completion the rule verifier scores above 0."""
+    """Fraction of rows whose greedy completion the rule verifier scores above 0 (actors.evaluation)."""
     from rewards.loader import load_function
 
-    verifier = load_function(cfg.reward)
-    prompts = [r[cfg.prompt_key] for r in rows]
-    completions = greedy_completions(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size)
-    fields = [{k: v for k, v in r.items() if k != cfg.prompt_key} for r in rows]
-    return sum(verifier(p, c, **f) > 0 for p, c, f in zip(prompts, completions, fields)) / len(rows)
+    run_groups = in_process(model, tokenizer, [("verifier", load_function(cfg.reward), 1.0)], cfg.batch_size)
+    requests = requests_from_rows(rows, tokenizer, cfg.prompt_key)
+    return greedy_eval(run_groups, requests, greedy_sampling(cfg.max_new_tokens), ABOVE_ZERO)["accuracy"]
 
 
 def load_eval_prompts(cfg: GreedyEvalConfig) -> list[dict]:
@@ -154,13 +137,11 @@ def train_dpo(cfg: DPOConfig, train_rows: list[dict], eval_rows: list[dict] | No
         summary["eval_after"] = preference_metrics(policy, tokenizer, eval_rows, ref_eval, cfg)
     if eval_prompts:
         summary["greedy_accuracy_after"] = greedy_accuracy(policy, tokenizer, eval_prompts, cfg.eval)
-    summary["seconds"] = round(time.time() - start, 1)
-    summary["output_dir"] = save_atomically(policy, tokenizer, cfg.output_dir, summary)
-    return summary
+    return finish(policy, tokenizer, cfg.output_dir, summary, start)
 
 
 def _say(text: str) -> None:
-    print(f"[train-dpo] {text}", file=sys.stderr, flush=True)
+    say("train-dpo", text)
 
 
 def main(config: str, overrides: list[str]) -> int:

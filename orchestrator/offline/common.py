@@ -9,22 +9,21 @@ import random
 import shutil
 import sys
 import tempfile
-from pathlib import Path
+import time
 from typing import Iterator
 
 import torch
 
 from actors.trainer import lr_lambda
-from orchestrator.config import ModelConfig
-from orchestrator.preference_config import LoggingConfig, OptimConfig
+from orchestrator.offline.config import LoggingConfig, OptimConfig
 
 
 def load_job(kind, config: str, overrides: list[str], form: str):
     """(config, training rows, held-out rows or None) of an offline command, or the exit code 2 after
     printing why (a bad config or bad preference data), before any model is loaded."""
     from orchestrator.config import ConfigError
-    from orchestrator.preference_config import load_preference_config
-    from orchestrator.preferences import PreferenceError, load_preferences
+    from orchestrator.offline.config import load_preference_config
+    from orchestrator.offline.preferences import PreferenceError, load_preferences
 
     try:
         cfg = load_preference_config(kind, config, overrides)
@@ -38,16 +37,6 @@ def load_job(kind, config: str, overrides: list[str], form: str):
         print(f"raylhf: data error: {e}", file=sys.stderr)
         return 2
     return cfg, train_rows, eval_rows
-
-
-def prepare_model(model: ModelConfig) -> str:
-    """The absolute model directory, built first by `model.prepare` when the config names one."""
-    path = str(Path(model.path).expanduser().resolve())
-    if model.prepare:
-        from rewards.loader import load_function
-
-        load_function(model.prepare)(path)
-    return path
 
 
 def batch_indices(n_rows: int, cfg: OptimConfig) -> list[list[int]]:
@@ -97,6 +86,18 @@ class StepProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def say(command: str, text: str) -> None:
+    """A progress line of an offline command on stderr, e.g. "[train-dpo] ..."."""
+    print(f"[{command}] {text}", file=sys.stderr, flush=True)
+
+
+def finish(model, tokenizer, path: str, summary: dict, start: float) -> dict:
+    """`summary` with the wall time and the output directory, after saving the model there with it."""
+    summary["seconds"] = round(time.time() - start, 1)
+    summary["output_dir"] = save_atomically(model, tokenizer, path, summary)
+    return summary
 
 
 def save_atomically(model, tokenizer, path: str, info: dict) -> str:
