@@ -1,5 +1,5 @@
 """docs/ cannot drift: every ```python snippet runs, every ```yaml snippet is a valid job config fragment,
-every `raylhf ...` command line parses, every `section.field` key exists and every relative link resolves.
+every `raylhf ...` command line parses and every relative link resolves (config keys: tests/test_docs_config.py).
 
 Python snippets of one page run in order in one namespace, in a scratch directory that holds a link to the
 repository's examples/; a snippet whose first line is `# name.py` is written there as that file instead.
@@ -71,10 +71,7 @@ def test_command_lines_parse(page):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_config_keys_and_links_exist(page):
+def test_links_exist(page):
     text = page.read_text()
-    for section, field in re.findall(r"`([a-z_]+)\.([a-z_]+)`", text):
-        if section in JobConfig.model_fields:
-            assert field in JobConfig.model_fields[section].annotation.model_fields, f"{page.name}: {section}.{field}"
     for target in re.findall(r"\]\(([^)#:]+)\)", text):
         assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
