@@ -13,7 +13,7 @@ What counts as a config key in README.md, docs/*.md, benchmarks/README.md and de
 A dotted name ending in a file extension (`data.py`) is a file, not a key. Below a dict-valued field
 (`rollout.resources`, `data.train.kwargs`) any sub-key is allowed: the dict is the user's. A paragraph about
 `raylhf train-rm` / `train-dpo` (it names the command or its example config) may also use the keys of those
-commands' own configs (orchestrator/preference_config.py).
+commands' own configs (orchestrator/offline/config.py).
 
 The printed keys come from `dump_config` of the example job (what `raylhf config show` prints); a test checks
 that the example prints every field of the schema, so no key is missed because the example leaves it unset.
@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel
 
 from orchestrator.config import JobConfig, dump_config, load_config
-from orchestrator.preference_config import DPOConfig, RewardModelConfig
+from orchestrator.offline.config import DPOConfig, RewardModelConfig
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md",
