@@ -1,5 +1,5 @@
 """The records that cross each boundary, in the order a sample meets them: a `PromptRequest` (a dataset row,
-tokenized once) → a `Group` of G `Sample`s (generated, rewarded, scored) → a `TrainBatch` of tensors (padded,
+tokenized once) → the engine's `Completion`s under `SamplingParams` → a `Group` of G `Sample`s (generated, rewarded, scored) → a `TrainBatch` of tensors (padded,
 with advantages) → a `Shard`, one rank's rows of one mini-batch. `RewardSpec` is one configured reward."""
 
 from __future__ import annotations
@@ -20,6 +20,27 @@ class PromptRequest:
     prompt: str
     prompt_ids: list[int]
     row: dict[str, Any]  # the dataset row's other fields, passed to reward functions
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample: `n` completions per prompt; temperature 0 means greedy."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    """One generated completion: its tokens, text, per-token log-probs and why it ended."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    finish_reason: str
 
 
 @dataclass

@@ -6,9 +6,9 @@ import os
 import time
 import zlib
 
-from actors.engines import SamplingParams, make_engine
+from actors.engines import make_engine
+from actors.records import Group, PromptRequest, Sample, SamplingParams
 from actors.modeling import set_threads
-from actors.records import Group, PromptRequest, Sample
 
 
 class RolloutWorker:

@@ -28,7 +28,7 @@ def main() -> None:
 
     import torch
 
-    from actors.engines import SamplingParams
+    from actors.records import SamplingParams
     from actors.engines.hf import HFEngine
     from actors.modeling import encode_prompts
     from examples.arith.task import make_rows

@@ -31,7 +31,7 @@ def main() -> None:
 
     import ray
 
-    from actors.engines import SamplingParams
+    from actors.records import SamplingParams
     from examples.arith.warmstart import prepare
     from orchestrator.config import JobConfig
     from orchestrator.data import load_data

@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 import torch
 
-from actors.engines import SamplingParams
+from actors.records import SamplingParams
 from orchestrator import checkpoint
 from orchestrator.batching import build_batch, kl_controller, loss_kl_coef, sequence_kl, shard
 from orchestrator.collect import Ahead, collect_groups, evaluate, sampling_params

@@ -13,8 +13,7 @@ from pathlib import Path
 import ray
 
 from actors.batch import compact
-from actors.engines import SamplingParams
-from actors.records import Group, PromptRequest, RewardSpec, Shard
+from actors.records import Group, PromptRequest, RewardSpec, SamplingParams, Shard
 from orchestrator.config import JobConfig
 from orchestrator.placement import Placement, PlacementError, wait_constructed
 from orchestrator.pool_specs import PoolSpec, pool_specs

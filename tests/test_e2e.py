@@ -105,7 +105,7 @@ def test_rollout_workers_serve_the_trainers_weights_after_every_step(ray_local, 
 
 def test_one_or_two_rollout_workers_draw_the_same_samples(ray_local, tiny_model):
     """Scaling the rollout pool changes throughput, not results: seeds follow prompts and policy version."""
-    from actors.engines import SamplingParams
+    from actors.records import SamplingParams
     from orchestrator.config import JobConfig
     from orchestrator.data import load_data
     from orchestrator.pools import Pools

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from actors.batch import collate
-from actors.engines import SamplingParams
+from actors.records import SamplingParams
 from actors.engines.hf import HFEngine
 from actors.modeling import encode_prompts, response_logprobs
 

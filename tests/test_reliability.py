@@ -59,7 +59,7 @@ def test_a_worker_killed_mid_step_is_replaced_and_no_group_is_lost_or_doubled(ra
     import signal
     import threading
 
-    from actors.engines import SamplingParams
+    from actors.records import SamplingParams
     from orchestrator.config import JobConfig
     from orchestrator.data import load_data
     from orchestrator.pools import Pools

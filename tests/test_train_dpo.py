@@ -82,7 +82,7 @@ def test_greedy_accuracy_uses_the_rule_verifier(tiny_model, monkeypatch):
 
     model, tok = _model_and_tokenizer(tiny_model)
     rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": "4"}, {"prompt": "5+5=", "answer": "10"}]
-    from actors.engines import Completion
+    from actors.records import Completion
     from actors.engines.hf import HFEngine
 
     texts = iter(["#### 3", "#### 5", "x #### 10"])

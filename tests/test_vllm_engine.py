@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from actors.engines import Completion, SamplingParams, make_engine
+from actors.engines import make_engine
+from actors.records import Completion, SamplingParams
 from actors.engines import vllm as vllm_engine
 from actors.engines.vllm import (VLLMEngine, WeightMeta, completion_from_output, completions_from_outputs,
                                  packed_checksum, request_seeds, weight_group_ranks)

@@ -1,32 +1,10 @@
-"""Generation engines behind one interface: `generate(prompts, sampling, seed)` and `load_weights`.
+"""Generation engines behind one interface: `generate(prompt_ids, sampling, seed)` and `load_weights`
+(`SamplingParams` and `Completion` are in `actors.records`).
 
 `hf` runs Hugging Face `generate` (CPU or GPU); `vllm` (GPU) is imported only when asked for.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to sample: `n` completions per prompt; temperature 0 means greedy."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class Completion:
-    """One generated completion: its tokens, text, per-token log-probs and why it ended."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    finish_reason: str
 
 
 def make_engine(kind: str, **kwargs):

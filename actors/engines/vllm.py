@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.engines import Completion, SamplingParams
+from actors.records import Completion, SamplingParams
 
 VLLM_VERSION = "0.33.0"  # what this module is written against; deploy/Dockerfile pins it (with torch 2.14.0)
 INSTALL_HINT = (f"pip install vllm=={VLLM_VERSION} on a Linux machine with a CUDA GPU (it installs its own "

@@ -77,7 +77,7 @@ def sample_completions(policy: str, prompts: list[str], n: int, temperature: flo
                        prompts_per_call: int = 128) -> list[list[str]]:
     """`n` sampled completions per prompt from the checkpoint at `policy`, one thread and a seed per call so
     the same arguments give the same samples."""
-    from actors.engines import SamplingParams
+    from actors.records import SamplingParams
     from actors.engines.hf import HFEngine
     from actors.modeling import encode_prompts
 
