@@ -88,29 +88,12 @@ class Pools:
         self.sync = WeightSync(self, r.vllm.weight_sync if r.engine == "vllm" else "object_store",
                                zero3=cfg.trainer.zero_stage == 3)
 
-    @property
-    def rollout(self) -> list:
-        return self.workers["rollout"]
-
-    @property
-    def reward(self) -> list:
-        return self.workers["reward"]
-
-    @property
-    def reward_models(self) -> list:
-        return self.workers["reward_model"]
-
-    @property
-    def scoring(self) -> list:
-        return self.workers["scoring"]
-
-    @property
-    def trainers(self) -> list:
-        return self.workers["trainer"]
-
-    @property
-    def critics(self) -> list:
-        return self.workers["critic"]
+    rollout = property(lambda self: self.workers["rollout"], doc="RolloutWorkers")
+    reward = property(lambda self: self.workers["reward"], doc="RewardWorkers (none when every reward is a model)")
+    reward_models = property(lambda self: self.workers["reward_model"], doc="one RewardModelWorker per reward model")
+    scoring = property(lambda self: self.workers["scoring"], doc="ScoringWorkers (none when they have no work)")
+    trainers = property(lambda self: self.workers["trainer"], doc="PolicyTrainer ranks")
+    critics = property(lambda self: self.workers["critic"], doc="CriticTrainer ranks (PPO with GAE)")
 
     def _start(self, spec: PoolSpec, index: int):
         """Worker `index` of a pool as a Ray actor, with its resources, inside its bundle."""

@@ -308,3 +308,28 @@ def test_shards_leave_out_zero_advantage_rows_but_keep_their_units_and_fill_each
             for r in range(2):
                 assert len(got[r]) == max(min_rows, trained_signal[r])  # filler only up to min_rows
                 assert parts[r][m].global_units == plain[r][m].global_units == float(mask[m * 32 : (m + 1) * 32].sum())
+
+
+def test_a_replaced_rollout_worker_ends_nccl_sync_once_said_and_counted(monkeypatch, capsys):
+    """A replacement cannot join the NCCL group of the others: it gets the current weights from the object store,
+    and from then on so does every rollout worker; said once on stderr, counted once in sync/fallbacks."""
+    import orchestrator.weight_sync as sync_module
+    from orchestrator.weight_sync import WeightSync
+
+    calls: list = []
+    pools = SimpleNamespace(trainers=[RecordingActor("trainer0", calls)], critics=[], scoring=[], policy_scorers=[],
+                            scoring_holds_policy=False, version=3,
+                            rollout=[RecordingActor("rollout0", calls), RecordingActor("rollout1", calls)])
+    sync = WeightSync(pools, "nccl", zero3=False)
+    monkeypatch.setattr(sync_module.ray, "get", lambda refs: refs)
+    sync.bring_up("rollout", pools.rollout[1])
+    sync.bring_up("rollout", pools.rollout[0])  # a second replacement: nothing more to fall back from
+    assert (sync.method, sync.fallbacks) == ("object_store", 1)
+    assert capsys.readouterr().err.count("sync/fallbacks") == 1
+    assert [(name, args) for name, method, args in calls if method == "load_weights"] == [
+        ("rollout1", ("trainer0.state_dict", 3)), ("rollout0", ("trainer0.state_dict", 3))]
+    calls.clear()
+    monkeypatch.setattr(sync_module.ray, "get", lambda refs: [4] * len(refs) if isinstance(refs, list) else refs)
+    assert sync.sync(4) == [4, 4] and pools.version == 4
+    assert [name for name, method, _ in calls if method == "load_weights"] == ["rollout0", "rollout1"]
+    assert not [c for c in calls if c[1] in ("receive_weights", "weight_meta", "send_weights")]  # no broadcast

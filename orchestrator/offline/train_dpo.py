@@ -10,6 +10,7 @@ pairs, and held-out greedy accuracy under a rule verifier before and after train
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -24,6 +25,8 @@ from orchestrator.offline.common import (StepProgress, batch_indices, chunks, fi
 from orchestrator.offline.config import DPOConfig, GreedyEvalConfig
 from orchestrator.offline.preferences import PreferenceError, encode_responses
 from orchestrator.references import prepare_model
+
+_say = functools.partial(say, "train-dpo")  # a progress line of this command
 
 
 def sequence_logprobs(model, tokenizer, pairs: list[tuple[str, str]], max_length: int,
@@ -138,10 +141,6 @@ def train_dpo(cfg: DPOConfig, train_rows: list[dict], eval_rows: list[dict] | No
     if eval_prompts:
         summary["greedy_accuracy_after"] = greedy_accuracy(policy, tokenizer, eval_prompts, cfg.eval)
     return finish(policy, tokenizer, cfg.output_dir, summary, start)
-
-
-def _say(text: str) -> None:
-    say("train-dpo", text)
 
 
 def main(config: str, overrides: list[str]) -> int:

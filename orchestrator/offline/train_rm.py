@@ -20,6 +20,7 @@ saved checkpoint is the same one-output sequence classifier.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -34,6 +35,8 @@ from orchestrator.offline.preferences import Form, response_texts
 from orchestrator.references import prepare_model
 
 OFFSET_KEY = "reward_offset"  # config field RewardModelWorker subtracts from every score
+
+_say = functools.partial(say, "train-rm")  # a progress line of this command
 
 
 def load_reward_model(path: str, seed: int, head_layers: int = 0, trust_remote_code: bool = False):
@@ -307,10 +310,6 @@ def train_reward_model(cfg: RewardModelConfig, train_rows: list[dict], eval_rows
     setattr(model.config, OFFSET_KEY, offset)
     summary["reward_offset"] = offset
     return finish(model, tokenizer, cfg.output_dir, summary, start)
-
-
-def _say(text: str) -> None:
-    say("train-rm", text)
 
 
 def main(config: str, overrides: list[str]) -> int:
