@@ -19,7 +19,7 @@ from orchestrator.placement import Placement, PlacementError, wait_constructed
 from orchestrator.pool_specs import PoolSpec, pool_specs
 from orchestrator.weight_sync import WeightSync
 
-__all__ = ["Pools", "PlacementError", "gather"]
+__all__ = ["Pools", "PlacementError"]
 
 
 def _alive(actor, timeout_s: float = 60.0) -> bool:
@@ -247,7 +247,3 @@ class Pools:
             ray.kill(a)  # a RewardWorker's subprocesses die with it (PR_SET_PDEATHSIG)
         self.placement.remove()
 
-
-def gather(refs: list[ray.ObjectRef]) -> list[Group]:
-    """Results of chained calls, flattened to groups in request order (deterministic batches)."""
-    return [g for chunk in ray.get(refs) for g in chunk]
