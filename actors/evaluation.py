@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.records import Group, PromptRequest, Sample, SamplingParams
 from actors.engines.hf import HFEngine
-from actors.rollout import RolloutWorker
 from actors.modeling import encode_prompts
+from actors.records import Group, PromptRequest, Sample, SamplingParams
+from actors.rollout import RolloutWorker
 
 RunGroups = Callable[[list[PromptRequest], SamplingParams], list[Group]]
 Reward = tuple[str, Callable[..., float], float]  # (label, fn(prompt, completion, **row fields), weight)

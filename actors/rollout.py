@@ -7,8 +7,8 @@ import time
 import zlib
 
 from actors.engines import make_engine
-from actors.records import Group, PromptRequest, Sample, SamplingParams
 from actors.modeling import set_threads
+from actors.records import Group, PromptRequest, Sample, SamplingParams
 
 
 class RolloutWorker:

@@ -21,7 +21,7 @@ from actors.batch import expand
 from actors.modeling import load_causal_lm, load_tokenizer, response_logprobs, set_threads
 from actors.records import TrainBatch
 from actors.weights import pack_state_dict, weights_checksum
-from algorithms.losses import policy_loss_with_kl, entropy, tis_weights
+from algorithms.losses import entropy, policy_loss_with_kl, tis_weights
 
 
 def free_port() -> int:

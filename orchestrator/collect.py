@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from actors.records import Group, PromptRequest, SamplingParams
 from actors.evaluation import greedy_eval, greedy_sampling
+from actors.records import Group, PromptRequest, SamplingParams
 from orchestrator.config import JobConfig, RolloutConfig
 from orchestrator.data import PromptStream
 from orchestrator.pools import InFlight, Pools

@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from actors.records import Group, PromptRequest, SamplingParams
 from actors.evaluation import evaluate_greedy, greedy_sampling, is_correct
+from actors.records import Group, PromptRequest, SamplingParams
 from orchestrator.config import ConfigError, JobConfig, check_references, load_config
 from orchestrator.data import DataError, load_rows, prepare_prompts
 from orchestrator.export import CheckpointError, resolve_checkpoint

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from actors.engines import make_engine
-from actors.records import Completion, SamplingParams
 from actors.engines import vllm as vllm_engine
 from actors.engines.vllm import (VLLMEngine, WeightMeta, completion_from_output, completions_from_outputs,
                                  packed_checksum, request_seeds, weight_group_ranks)
-from actors.weights import pack_state_dict, weights_checksum
 from actors.modeling import encode_prompts, load_tokenizer
+from actors.records import Completion, SamplingParams
+from actors.weights import pack_state_dict, weights_checksum
 
 # ----------------------------------------------------------------------------- import
 

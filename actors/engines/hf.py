@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import StoppingCriteria
 
-from actors.records import Completion, SamplingParams
 from actors.modeling import cache_argument, load_causal_lm, load_tokenizer, position_ids, token_logprobs
+from actors.records import Completion, SamplingParams
 from actors.weights import load_packed, weights_checksum
 
 SAMPLERS = ("loop", "generate")
