@@ -129,7 +129,6 @@ class TrainBatch:
     old_logp: torch.Tensor | None = None  # [B, T] pi_old of the PPO ratio (2.4.3)
     ref_logp: torch.Tensor | None = None  # [B, T] the reference's, for the KL term
     advantages: torch.Tensor | None = None  # [B, T] per token
-    scores: torch.Tensor | None = None  # [B] total reward per sample
     old_values: torch.Tensor | None = None  # [B, T] PPO: V(s_t) at rollout time
     returns: torch.Tensor | None = None  # [B, T] PPO: lambda-returns (2.17)
 

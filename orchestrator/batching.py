@@ -15,16 +15,16 @@ from algorithms.kl_control import AdaptiveKLController, FixedKLController
 from orchestrator.config import AlgorithmConfig
 
 
-def sequence_advantages(scores: torch.Tensor, group_size: int, alg: AlgorithmConfig) -> torch.Tensor:
-    """One advantage per sample from its score, by the configured estimator: `[N]`."""
+def sequence_advantages(rewards: torch.Tensor, group_size: int, alg: AlgorithmConfig) -> torch.Tensor:
+    """One advantage per sample from its total reward, by the configured estimator: `[N]`."""
     if alg.estimator == "grpo":
-        return group_normalized(scores, group_size, std_normalize=alg.std_normalize)
+        return group_normalized(rewards, group_size, std_normalize=alg.std_normalize)
     if alg.estimator == "dr_grpo":
-        return group_normalized(scores, group_size, std_normalize=False)
+        return group_normalized(rewards, group_size, std_normalize=False)
     if alg.estimator == "rloo":
-        return rloo(scores, group_size)
+        return rloo(rewards, group_size)
     if alg.estimator == "reinforce_pp":
-        return reinforce_pp(scores)
+        return reinforce_pp(rewards)
     raise ValueError(f"unknown estimator {alg.estimator!r}")
 
 
@@ -56,20 +56,20 @@ def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: fl
                              "old policy")
         old_logp = pad_rows([s.old_logp for s in samples], width)  # [B, T]
     ref_logp = pad_rows([s.ref_logp for s in samples], width) if samples[0].ref_logp is not None else None  # [B, T]
-    scores = torch.tensor([s.reward for s in samples], dtype=torch.float32)  # [B]
-    batch = dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp, scores=scores)
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)  # [B] each sample's total reward
+    batch = dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp)
     in_reward = alg.kl_placement == "reward" and beta > 0 and ref_logp is not None
     if alg.estimator == "gae":
         values = pad_rows([s.values for s in samples], width)  # [B, T]
-        rewards = kl_shaped_token_rewards(scores, old_logp, ref_logp if ref_logp is not None else old_logp, mask,
-                                          beta if in_reward else 0.0, alg.kl_kind)  # [B, T]
-        advantages, returns = gae(rewards, values, mask, alg.gamma, alg.lam)  # [B, T] each
+        token_rewards = kl_shaped_token_rewards(rewards, old_logp, ref_logp if ref_logp is not None else old_logp,
+                                                mask, beta if in_reward else 0.0, alg.kl_kind)  # [B, T]
+        advantages, returns = gae(token_rewards, values, mask, alg.gamma, alg.lam)  # [B, T] each
         advantages = whiten(advantages, mask) if alg.whiten_advantages else advantages
         return dataclasses.replace(batch, advantages=advantages, old_values=values, returns=returns)
-    if in_reward:  # a sequence-level estimator sees the score minus beta times the sequence's summed KL
+    if in_reward:  # a sequence-level estimator sees the reward minus beta times the sequence's summed KL
         kl = kl_estimate(old_logp, ref_logp, alg.kl_kind, mask)  # [B, T]
-        scores = scores - beta * torch.where(mask.bool(), kl, 0).sum(-1)  # [B]
-    advantages = broadcast_to_tokens(sequence_advantages(scores, group_size, alg), mask)  # [B, T]
+        rewards = rewards - beta * torch.where(mask.bool(), kl, 0).sum(-1)  # [B]
+    advantages = broadcast_to_tokens(sequence_advantages(rewards, group_size, alg), mask)  # [B, T]
     return dataclasses.replace(batch, advantages=advantages)
 
 

@@ -291,7 +291,8 @@ def test_shards_leave_out_zero_advantage_rows_but_keep_their_units_and_fill_each
     signal = torch.zeros(n, dtype=torch.bool)
     signal[torch.randperm(n, generator=g)[:21]] = True  # 21 rows with signal: 2 mini-batches x 2 ranks, uneven
     advantages = torch.where(signal[:, None], torch.randn((n, 1), generator=g), 0.0).expand_as(mask) * mask
-    batch = dataclasses.replace(batch, advantages=advantages, scores=torch.arange(n))  # scores: each row's id
+    row_id = torch.arange(n, dtype=torch.float32)[:, None].expand_as(mask).clone()  # [B, T]: each row's id, column 0
+    batch = dataclasses.replace(batch, advantages=advantages, old_values=row_id)
     assert inert_rows(batch).tolist() == (~signal).tolist()
 
     plain = shard(batch, 2, 2, "token-mean")
@@ -300,7 +301,7 @@ def test_shards_leave_out_zero_advantage_rows_but_keep_their_units_and_fill_each
         for m in range(2):
             mb_rows = set(range(m * 32, (m + 1) * 32))
             mb_signal = {i for i in mb_rows if signal[i]}
-            got = [parts[r][m].rows.scores.tolist() for r in range(2)]
+            got = [parts[r][m].rows.old_values[:, 0].long().tolist() for r in range(2)]
             assert set(got[0]).isdisjoint(got[1]) and set(got[0]) | set(got[1]) <= mb_rows
             assert mb_signal <= set(got[0]) | set(got[1])
             trained_signal = [len(mb_signal & set(x)) for x in got]
