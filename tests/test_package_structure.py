@@ -1,5 +1,6 @@
-"""The package's import graph: no cycle anywhere (imports inside functions included), and the arrows of DESIGN.md:
-algorithms imports nothing of the project, actors and rewards never import the orchestrator, examples neither."""
+"""The package's shape: no import cycle anywhere (imports inside functions included), the arrows of DESIGN.md
+(algorithms imports nothing of the project; actors, rewards and examples never import the orchestrator), a loop
+that fits on a screen, and no module above 500 lines but the config schema."""
 
 from __future__ import annotations
 
@@ -96,3 +97,10 @@ def test_imports_point_one_way():
              if (a.startswith("algorithms") and not b.startswith("algorithms"))
              or (a.startswith(("actors", "rewards", "examples")) and b.startswith("orchestrator"))]
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_loop_fits_on_a_screen_and_no_module_grows_past_500_lines():
+    lines = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    assert lines["orchestrator.loop"] <= 150, lines["orchestrator.loop"]
+    too_long = {name: n for name, n in lines.items() if n > 500 and name != "orchestrator.config"}
+    assert not too_long, too_long
