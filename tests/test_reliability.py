@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -32,12 +33,11 @@ def test_a_nan_micro_batch_is_skipped_and_moves_nothing(ray_local, tiny_model):
 
     vocab = AutoModelForCausalLM.from_pretrained(tiny_model).config.vocab_size
     batch = synthetic_batch(24, vocab=vocab, seed=5)
-    poisoned, zeroed = dict(batch), dict(batch)
     rows = slice(18, 24)  # rank 1's first micro-batch of the second mini-batch
-    poisoned["advantages"] = batch["advantages"].clone()
-    poisoned["advantages"][rows] = float("nan")
-    zeroed["advantages"] = batch["advantages"].clone()
-    zeroed["advantages"][rows] = 0.0
+    poisoned = dataclasses.replace(batch, advantages=batch.advantages.clone())
+    poisoned.advantages[rows] = float("nan")
+    zeroed = dataclasses.replace(batch, advantages=batch.advantages.clone())
+    zeroed.advantages[rows] = 0.0
     got, stats = run_ranks(2, poisoned, tiny_model, "seq-mean-token-mean")
     want, clean = run_ranks(2, zeroed, tiny_model, "seq-mean-token-mean")
     assert [s["nonfinite_microbatches"] for s in stats] == [0.0, 2.0]  # once per epoch, on the rank that had it
