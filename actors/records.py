@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # only annotations name torch: a RewardWorker, which never touches tensors, does not load it
+    import torch
 
 
 @dataclass

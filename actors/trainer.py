@@ -229,7 +229,7 @@ class PolicyTrainer(DeepSpeedRank):
         self.kl_coef = 0.0  # β of this step's KL-in-loss term: an argument of `train_step`
         self._mismatch = [0.0, 0.0, 0.0]  # sum |logp - rollout_logp|, tokens, max over this step's first mini-batch
 
-    def train_step(self, shards: list[dict], kl_coef: float = 0.0) -> dict[str, float]:
+    def train_step(self, shards: list[dict], kl_coef: float) -> dict[str, float]:
         """`DeepSpeedRank.train_step` with β = `kl_coef` in the loss (3.14; 0 when the KL is in the reward or off,
         set by the driver's KL controller), plus the rollout/trainer log-prob mismatch of the sampled tokens:
         `mismatch/logprob_abs_mean` and `_max` of |log π_trainer − log π_rollout| over the response tokens of

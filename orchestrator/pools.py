@@ -191,13 +191,13 @@ class Pools:
                                + text.rstrip())
         return out
 
-    def start_train(self, shards: list[list[Shard]] | None, critic_shards: list[list[Shard]] | None = None,
-                    kl_coef: float = 0.0) -> tuple[list, list]:
+    def start_train(self, shards: list[list[Shard]] | None, critic_shards: list[list[Shard]] | None,
+                    kl_coef: float) -> tuple[list, list]:
         """Start one training step on every policy rank (β of its KL-in-loss term: `kl_coef`) and (PPO) every
         critic rank, side by side (`finish_train` waits for it). `shards` None leaves the policy as it is (critic
         warm-up)."""
-        policy = [tr.train_step.remote([compact(mb) for mb in sh], kl_coef) for tr, sh in zip(self.trainers, shards or [])]
-        critic = [cr.train_step.remote([compact(mb) for mb in sh]) for cr, sh in zip(self.critics, critic_shards or [])]
+        policy = [tr.train_step.remote([compact(s) for s in sh], kl_coef) for tr, sh in zip(self.trainers, shards or [])]
+        critic = [cr.train_step.remote([compact(s) for s in sh]) for cr, sh in zip(self.critics, critic_shards or [])]
         # `.remote()` returns before Ray's own threads have sent the task; when this thread went straight on to
         # Python work (the caller's metrics), the trainers started ~2 ms later than when it slept 1 ms first.
         # The caller waits for the trainers anyway, so the pause costs nothing.

@@ -196,7 +196,7 @@ def test_four_epochs_clip_and_move_further_each_epoch(ray_local, tiny_model):
     policy = _ranks(PolicyTrainer, tiny_model, {"lr": 2e-3, "micro_batch_size": 16, "epochs": 4, "grad_clip": 1e9},
                     alg, 1.0, 8, 1, 1, 0)
     try:
-        stats = ray_local.get(policy.train_step.remote([_wire(batch)]))
+        stats = ray_local.get(policy.train_step.remote([_wire(batch)], 0.0))
     finally:
         ray_local.kill(policy)
     kls = [stats[f"epoch{e}/approx_kl"] for e in range(1, 5)]

@@ -48,7 +48,7 @@ def run_ranks(world: int, batch: TrainBatch, model_path: str, agg: str, zero_sta
     addr, port = ray.get(ranks[0].rendezvous.remote())
     ray.get([r.setup.remote(addr, port) for r in ranks])
     shards = shard(batch, 2, world, agg, skip_inert, grad_accum)
-    stats = ray.get([r.train_step.remote([compact(x) for x in s]) for r, s in zip(ranks, shards)])
+    stats = ray.get([r.train_step.remote([compact(x) for x in s], 0.0) for r, s in zip(ranks, shards)])
     assert all(s["grad_norm"] > 0 for s in stats)
     # all ranks at once: under ZeRO-3 reading the weights gathers every rank's shard
     states = [unpack_state_dict(x) for x in ray.get([r.state_dict.remote() for r in ranks])]
