@@ -308,10 +308,11 @@ def top_entropy_mask(entropies: Tensor, mask: Tensor, quantile: float) -> Tensor
     Entropies are per-token S[π](s_t) of (survey 2.18), e.g. from `token_entropy`; training only on the
     highest-entropy "forking" tokens follows Wang et al. 2025, "Beyond the 80/20 Rule: High-Entropy Minority
     Tokens Drive Effective Reinforcement Learning for LLM Reasoning" (top 20% per batch). Of n valid tokens,
-    k = ⌈quantile·n⌉ (the product rounded to 6 decimals first, so 0.3·10 is 3) are kept: every valid token
-    whose entropy is ≥ the k-th largest. Ties at that threshold are all kept, so more than k tokens may be
-    kept, never fewer, and the result does not depend on token order. quantile = 1.0 keeps every valid
-    token; padding is always 0. Returns the entropies' dtype, detached.
+    k = ⌈quantile·n⌉ are kept (quantile·n is rounded to 6 decimals first: 0.07·100 is 7.000000000000001 in
+    floating point, and k is 7, not 8): every valid token whose entropy is ≥ the k-th largest. Ties at that
+    threshold are all kept, so more than k tokens may be kept, never fewer, and the result does not depend on
+    token order. quantile = 1.0 keeps every valid token; padding is always 0. Returns the entropies' dtype,
+    detached.
     """
     if not 0 < quantile <= 1:
         raise ValueError(f"top_entropy_quantile must be in (0, 1], got {quantile}")
