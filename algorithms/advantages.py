@@ -132,7 +132,7 @@ def distillation_advantages(student_logp: Tensor, teacher_logp: Tensor, mask: Te
     On tokens sampled from the student, log π_student − log π_teacher is the k1 estimate of the reverse KL
     KL[π_student ‖ π_teacher] (survey 2.1); its negative is the per-token reward that minimises it, i.e.
     `kl_shaped_token_rewards` with β = 1, k1 and no outcome score (3.5.1), used as the advantage without
-    discounting (Agarwal et al. 2024, GKD; Lu et al. 2025, Thinking Machines "On-Policy Distillation").
+    discounting (Agarwal et al. 2024, GKD; Thinking Machines Lab 2025, "On-Policy Distillation").
     It is a constant for the policy loss (detached); 0 on padding.
     """
     valid = mask.bool()  # [B, T]

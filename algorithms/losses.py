@@ -117,7 +117,7 @@ def cispo_loss(
     norm_length: int | None = None,
     token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """CISPO loss −aggregate(sg(clip(r, 1−clip_low, 1+clip_high))·A·log π) (MiniMax-M1, Chen et al. 2025, eq. 4).
+    """CISPO loss −aggregate(sg(clip(r, 1−clip_low, 1+clip_high))·A·log π) (MiniMax-M1 report, MiniMax 2025, §3.1).
 
     The off-policy gradient of (survey 2.13), ratio·A·∇log π, with the ratio r = π/π_old clipped and detached:
     ∂loss/∂logp_t = −sg(clip(r_t))·A_t / normalizer, where the normalizer is the aggregation's (#valid tokens
@@ -206,12 +206,13 @@ def seq_mask_weights(
     geometric-mean ratio ρ_i = exp(mean_t log(π_old/π_rollout)) over its valid tokens leaves [low, high], else 1.
 
     The sequence-level importance ratio Π_t π_old/π_rollout of (survey 2.8–2.9) is a product of |o_i| noisy
-    factors; its |o_i|-th root (as GSPO's s_i) keeps every length on one scale. Source: the "geometric" level
-    with "mask" mode of verl's rollout importance-sampling helper (rollout_is_level="geometric",
-    rollout_is_mode="mask", later verl's geometric rejection sampling), which cites Liu, Li et al. 2025, "When
-    Speed Kills Stability: Demystifying RL Collapse from the Training-Inference Mismatch". verl also keeps ρ_i
-    as an importance weight on kept sequences; these weights are 0/1 only (combine with `tis_weights` to
-    reweight). Bounds are inclusive, compared in log space. Padding, and all-padding rows, get weight 0.
+    factors; its |o_i|-th root (as GSPO's s_i) keeps every length on one scale. Source: verl's rollout-correction
+    helper (trainer/ppo/mismatch_helper.py, 2025) with rollout_is_level="geometric" and rollout_is_mode="mask",
+    which rejects sequences whose ρ_i leaves [lower, upper] (inclusive; lower defaults to 1/upper there) and
+    cites Liu, Li et al. 2025, "When Speed Kills Stability: Demystifying RL Collapse from the
+    Training-Inference Mismatch". verl also keeps ρ_i as an importance weight on kept sequences; these weights
+    are 0/1 only (combine with `tis_weights` to reweight). Bounds are inclusive, compared in log space.
+    Padding, and all-padding rows, get weight 0.
     stats: seq_mask_frac (non-empty sequences dropped) and seq_mask_weight_mean (valid tokens kept).
     """
     if not 0 <= low <= high:
