@@ -1,5 +1,6 @@
 """Advantage estimators: GAE, group-relative (GRPO / Dr.GRPO / GPG), RLOO, REINFORCE baselines,
-process-reward advantages and KL-shaped token rewards (survey 2.2.4, 2.3, 3.5, A.3).
+process-reward advantages, KL-shaped token rewards and on-policy distillation's per-token signal
+(survey 2.1, 2.2.4, 2.3, 3.5, A.3).
 
 Token tensors are [B, T], right-padded, with a 0/1 `mask` (float or bool); padded positions of every
 output are 0 and never influence a valid one. Per-sample tensors are [N].
@@ -123,6 +124,19 @@ def kl_shaped_token_rewards(
     last = torch.where(valid, positions, -1).amax(dim=-1)  # [B]  −1 for an empty row
     outcome = torch.where(last >= 0, scores, 0).to(rewards.dtype)  # [B]
     return rewards.scatter_add(1, last.clamp(min=0)[:, None], outcome[:, None])
+
+
+def distillation_advantages(student_logp: Tensor, teacher_logp: Tensor, mask: Tensor) -> Tensor:
+    """On-policy distillation advantage A_t = log π_teacher(o_t) − log π_student(o_t) per sampled token → [B, T].
+
+    On tokens sampled from the student, log π_student − log π_teacher is the k1 estimate of the reverse KL
+    KL[π_student ‖ π_teacher] (survey 2.1); its negative is the per-token reward that minimises it, i.e.
+    `kl_shaped_token_rewards` with β = 1, k1 and no outcome score (3.5.1), used as the advantage without
+    discounting (Agarwal et al. 2024, GKD; Thinking Machines Lab 2025, "On-Policy Distillation").
+    It is a constant for the policy loss (detached); 0 on padding.
+    """
+    valid = mask.bool()  # [B, T]
+    return torch.where(valid, teacher_logp.detach() - student_logp.detach(), 0)  # [B, T]
 
 
 def broadcast_to_tokens(adv: Tensor, mask: Tensor) -> Tensor:

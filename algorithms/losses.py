@@ -1,5 +1,6 @@
 """Losses to minimise: one generalized clipped policy loss (PPO / GRPO / DAPO clip-higher / dual-clip /
-GSPO sequence ratio), value, entropy, SFT, DPO and reward-model losses (survey 2.4, 3.1–3.5, A.10).
+GSPO sequence ratio), CISPO, value, entropy, SFT, DPO and reward-model losses (survey 2.4, 3.1–3.5, A.10);
+train/inference-mismatch weights (TIS, ICEPOP, sequence masking) and high-entropy token selection.
 
 Token tensors are [B, T], right-padded, with a 0/1 `mask` (float or bool); padded entries are replaced
 by 0 before any arithmetic, so they never change a loss, a statistic or a gradient (which is 0 there).
@@ -7,6 +8,8 @@ Statistics are detached 0-dim tensors.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +106,55 @@ def policy_loss(
     return loss, stats
 
 
+def cispo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_low: float,
+    clip_high: float,
+    agg: str,
+    norm_length: int | None = None,
+    token_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO loss −aggregate(sg(clip(r, 1−clip_low, 1+clip_high))·A·log π) (MiniMax-M1 report, MiniMax 2025, §3.1).
+
+    The off-policy gradient of (survey 2.13), ratio·A·∇log π, with the ratio r = π/π_old clipped and detached:
+    ∂loss/∂logp_t = −sg(clip(r_t))·A_t / normalizer, where the normalizer is the aggregation's (#valid tokens
+    for "token-mean", the paper's 1/Σ|o_i|). Unlike PPO's min(r·A, clip(r)·A) (2.4.3, 3.9), which gives a
+    token whose ratio left the range toward its advantage a zero gradient, clipping here only bounds the
+    weight: every valid token keeps a gradient. clip_low ≥ 1 leaves no lower bound (the paper only tunes
+    clip_high). The loss value itself is not a surrogate of the return; only its gradient is meaningful.
+    Log-ratios are clamped to ±MAX_LOG_RATIO before exp; token_weights [B, T] (e.g. `icepop_weights`)
+    multiply each token's loss as constants.
+    stats: clip_frac (valid tokens whose ratio lies outside [1−clip_low, 1+clip_high], i.e. whose weight was
+    clipped; their gradient is not zero), approx_kl (token-mean k3 estimate of KL[π_old ‖ π]), ratio_mean,
+    ratio_max.
+    """
+    if clip_low < 0 or clip_high < 0:
+        raise ValueError(f"need clip_low >= 0 and clip_high >= 0, got {clip_low}, {clip_high}")
+    valid = mask.bool()  # [B, T]
+    logp = torch.where(valid, logp, 0)  # [B, T]
+    old_logp = torch.where(valid, old_logp, 0)  # [B, T]
+    advantages = torch.where(valid, advantages, 0)  # [B, T]
+    ratio = torch.exp((logp - old_logp).detach().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T] constant
+    weight = ratio.clamp(min=1 - clip_low, max=1 + clip_high)  # [B, T] sg(clip(r))
+    per_token = -weight * advantages * logp  # [B, T]
+    if token_weights is not None:
+        per_token = per_token * torch.where(valid, token_weights.detach(), 0)  # [B, T]
+    loss = aggregate(per_token, valid, agg, norm_length)
+
+    with torch.no_grad():
+        clipped = (ratio < 1 - clip_low) | (ratio > 1 + clip_high)  # [B, T]
+        stats = {
+            "clip_frac": aggregate(clipped.to(ratio.dtype), valid, "token-mean"),
+            "approx_kl": aggregate(kl_estimate(old_logp, logp, "k3"), valid, "token-mean"),
+            "ratio_mean": aggregate(ratio, valid, "token-mean"),
+            "ratio_max": torch.where(valid, ratio, 0).max(),
+        }
+    return loss, stats
+
+
 def tis_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cap: float) -> tuple[Tensor, dict[str, Tensor]]:
     """Truncated importance sampling weights min(π_old / π_rollout, C) per token, detached: (weights [B, T], stats).
 
@@ -120,6 +172,61 @@ def tis_weights(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cap: float
     weights = torch.where(valid, ratio.clamp(max=cap), 0)  # [B, T]
     stats = {"tis_weight_mean": aggregate(weights, valid, "token-mean"),
              "tis_clip_frac": aggregate((ratio > cap).to(ratio.dtype), valid, "token-mean")}
+    return weights, stats
+
+
+def icepop_weights(
+    old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, low: float, high: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """ICEPOP weights per token, detached: r = π_old / π_rollout where low ≤ r ≤ high, else 0 (weights [B, T], stats).
+
+    The importance ratio of (survey 2.13) between the trainer's π_old and the rollout engine's π_rollout, as
+    in `tis_weights`, but masked on both sides instead of truncated: a token whose two numerics disagree
+    beyond [low, high] is dropped from the gradient rather than kept at the cap (IcePop, in the Ring-1T
+    report, Ling Team 2025). Both bounds are inclusive, compared in log space (log low ≤ log r ≤ log high)
+    so a ratio built at a bound is kept whatever exp rounds to. Padding gets weight 0.
+    stats: icepop_weight_mean (token mean of the weights) and icepop_mask_frac (valid tokens dropped).
+    """
+    if not 0 <= low <= high:
+        raise ValueError(f"need 0 <= low <= high for the ICEPOP bounds, got low={low}, high={high}")
+    valid = mask.bool()  # [B, T]
+    log_ratio = torch.where(valid, old_logp.detach() - rollout_logp.detach(), 0)  # [B, T]
+    inside = (log_ratio >= _log(low)) & (log_ratio <= _log(high))  # [B, T]
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, T]
+    weights = torch.where(valid & inside, ratio, 0)  # [B, T]
+    stats = {"icepop_weight_mean": aggregate(weights, valid, "token-mean"),
+             "icepop_mask_frac": aggregate((~inside).to(ratio.dtype), valid, "token-mean")}
+    return weights, stats
+
+
+def seq_mask_weights(
+    old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, low: float, high: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sequence masking of the train/inference mismatch: weight 0 for every token of sequence i when its
+    geometric-mean ratio ρ_i = exp(mean_t log(π_old/π_rollout)) over its valid tokens leaves [low, high], else 1.
+
+    The sequence-level importance ratio Π_t π_old/π_rollout of (survey 2.8–2.9) is a product of |o_i| noisy
+    factors; its |o_i|-th root (as GSPO's s_i) keeps every length on one scale. Source: verl's rollout-correction
+    helper (trainer/ppo/mismatch_helper.py, 2025) with rollout_is_level="geometric" and rollout_is_mode="mask",
+    which rejects sequences whose ρ_i leaves [lower, upper] (inclusive; lower defaults to 1/upper there) and
+    cites Liu, Li et al. 2025, "When Speed Kills Stability: Demystifying RL Collapse from the
+    Training-Inference Mismatch". verl also keeps ρ_i as an importance weight on kept sequences; these weights
+    are 0/1 only (combine with `tis_weights` to reweight). Bounds are inclusive, compared in log space.
+    Padding, and all-padding rows, get weight 0.
+    stats: seq_mask_frac (non-empty sequences dropped) and seq_mask_weight_mean (valid tokens kept).
+    """
+    if not 0 <= low <= high:
+        raise ValueError(f"need 0 <= low <= high for the sequence mask bounds, got low={low}, high={high}")
+    valid = mask.bool()  # [B, T]
+    log_ratio = torch.where(valid, old_logp.detach() - rollout_logp.detach(), 0)  # [B, T]
+    n_tokens = valid.sum(dim=-1)  # [B]
+    seq_log_ratio = log_ratio.sum(dim=-1) / n_tokens.clamp(min=1)  # [B] log ρ_i
+    keep = (seq_log_ratio >= _log(low)) & (seq_log_ratio <= _log(high))  # [B]
+    weights = (valid & keep[:, None]).to(log_ratio.dtype)  # [B, T]
+    non_empty = n_tokens > 0  # [B]
+    dropped = (non_empty & ~keep).sum().to(log_ratio.dtype)
+    stats = {"seq_mask_frac": dropped / non_empty.sum().clamp(min=1).to(log_ratio.dtype),
+             "seq_mask_weight_mean": aggregate(weights, valid, "token-mean")}
     return weights, stats
 
 
@@ -196,6 +303,31 @@ def entropy(logits: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
     return aggregate(token_entropy(logits), valid, agg)
 
 
+def top_entropy_mask(entropies: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """0/1 mask [B, T] of the valid tokens among the top `quantile` fraction by entropy across the whole batch.
+
+    Entropies are per-token S[π](s_t) of (survey 2.18), e.g. from `token_entropy`; training only on the
+    highest-entropy "forking" tokens follows Wang et al. 2025, "Beyond the 80/20 Rule: High-Entropy Minority
+    Tokens Drive Effective Reinforcement Learning for LLM Reasoning" (top 20% per batch). Of n valid tokens,
+    k = ⌈quantile·n⌉ are kept (quantile·n is rounded to 6 decimals first: 0.07·100 is 7.000000000000001 in
+    floating point, and k is 7, not 8): every valid token whose entropy is ≥ the k-th largest. Ties at that
+    threshold are all kept, so more than k tokens may be kept, never fewer, and the result does not depend on
+    token order. quantile = 1.0 keeps every valid token; padding is always 0. Returns the entropies' dtype,
+    detached.
+    """
+    if not 0 < quantile <= 1:
+        raise ValueError(f"top_entropy_quantile must be in (0, 1], got {quantile}")
+    valid = mask.bool()  # [B, T]
+    entropies = entropies.detach()
+    n_valid = int(valid.sum())
+    if n_valid == 0:
+        return torch.zeros_like(entropies)
+    k = min(n_valid, max(1, math.ceil(round(quantile * n_valid, 6))))
+    scores = torch.where(valid, entropies, -torch.inf)  # [B, T] padding never selected
+    threshold = scores.flatten().topk(k).values[-1]  # k-th largest valid entropy
+    return (valid & (scores >= threshold)).to(entropies.dtype)  # [B, T]
+
+
 def sft_loss(logp: Tensor, mask: Tensor, agg: str = "token-mean") -> Tensor:
     """Negative log-likelihood −E[log π(x)], the pretraining-mix term of InstructGPT's objective (survey 3.3.2)."""
     return aggregate(-logp, mask, agg)
@@ -257,3 +389,8 @@ def _clipped_surrogate(
         dual_capped = (advantages < 0) & (loss > cap)
         loss = torch.where(dual_capped, cap, loss)
     return loss, clipped, dual_capped
+
+
+def _log(bound: float) -> float:
+    """log of a ratio bound ≥ 0, with log 0 = −inf."""
+    return math.log(bound) if bound > 0 else -math.inf

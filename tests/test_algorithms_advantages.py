@@ -8,8 +8,10 @@ import torch
 
 from algorithms import (
     broadcast_to_tokens,
+    distillation_advantages,
     gae,
     group_normalized,
+    kl_estimate,
     kl_shaped_token_rewards,
     process_reward_advantages,
     reinforce_baseline,
@@ -215,3 +217,26 @@ def test_broadcast_to_tokens():
     got = broadcast_to_tokens(torch.tensor([2.0, -1.0], dtype=F64), torch.tensor([[1, 1, 0], [1, 0, 0]]))
     assert got.tolist() == [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]
     assert got.dtype == F64
+
+
+def test_distillation_advantages_hand_worked():
+    """A_t = log π_teacher − log π_student on valid tokens, 0 on padding (the 99s sit on padding)."""
+    student = torch.tensor([[-1.0, -2.0, -0.25], [-0.5, 99.0, 99.0]], dtype=F64, requires_grad=True)
+    teacher = torch.tensor([[-0.5, -3.0, -0.25], [-2.0, -99.0, 99.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    adv = distillation_advantages(student, teacher, mask)
+    assert adv.tolist() == [[0.5, -1.0, 0.0], [-1.5, 0.0, 0.0]]
+    assert adv.dtype == F64 and not adv.requires_grad  # a constant for the policy loss
+    # The teacher prefers token (0, 0) more than the student does: positive advantage pushes it up.
+    assert adv[0, 0] > 0 and adv[0, 1] < 0
+
+
+def test_distillation_advantages_are_minus_the_k1_reverse_kl_and_kl_shaped_rewards_without_a_score():
+    gen = torch.Generator().manual_seed(8)
+    student = -torch.rand(4, 6, generator=gen, dtype=F64) * 4
+    teacher = -torch.rand(4, 6, generator=gen, dtype=F64) * 4
+    mask = (torch.arange(6)[None, :] < torch.tensor([6, 2, 0, 5])[:, None]).to(F64)
+    adv = distillation_advantages(student, teacher, mask)
+    torch.testing.assert_close(adv, -kl_estimate(student, teacher, "k1", mask), rtol=0, atol=0)
+    shaped = kl_shaped_token_rewards(torch.zeros(4, dtype=F64), student, teacher, mask, beta=1.0, kind="k1")
+    torch.testing.assert_close(adv, shaped, rtol=0, atol=1e-15)

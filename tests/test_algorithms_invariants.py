@@ -9,7 +9,10 @@ import algorithms as A
 
 B, T, V, K = 4, 6, 5, 2
 LENGTHS = [6, 3, 1, 4]
-TOKEN_KEYS = ("logp", "old_logp", "ref_logp", "advantages", "rewards", "values", "old_values", "returns")
+TOKEN_KEYS = (
+    "logp", "old_logp", "ref_logp", "rollout_logp", "advantages", "rewards", "values", "old_values", "returns",
+    "entropies",
+)
 
 
 def _inputs(dtype: torch.dtype = torch.float64, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -19,6 +22,8 @@ def _inputs(dtype: torch.dtype = torch.float64, seed: int = 0) -> dict[str, torc
     for key in ("logp", "old_logp", "ref_logp"):
         inp[key] = -inp[key].abs() - 0.1
     inp["old_logp"] = inp["logp"] + 0.3 * rand(B, T)  # a mix of clipped and unclipped tokens
+    inp["rollout_logp"] = inp["old_logp"] + 0.2 * rand(B, T)  # a mix of kept and masked tokens
+    inp["entropies"] = inp["entropies"].abs()
     inp["mask"] = (torch.arange(T)[None, :] < torch.tensor(LENGTHS)[:, None]).to(dtype)  # [B, T]
     inp["logits"] = 3 * rand(B, T, V)
     inp["scores"] = rand(B)
@@ -78,6 +83,38 @@ MASKED: dict[str, tuple[Callable, tuple[str, ...]]] = {
         for level in A.RATIO_LEVELS
         for agg in A.AGG_MODES
     },
+    **{
+        f"cispo_loss_{agg}": (
+            lambda x, agg=agg: _with_stats(
+                A.cispo_loss(x["logp"], x["old_logp"], x["advantages"], x["mask"], 0.2, 0.28, agg)
+            ),
+            (),
+        )
+        for agg in A.AGG_MODES
+    },
+    "cispo_loss_token_weights": (
+        lambda x: _with_stats(
+            A.cispo_loss(
+                x["logp"], x["old_logp"], x["advantages"], x["mask"], 0.2, 0.28, "token-mean",
+                token_weights=x["values"],
+            )
+        ),
+        (),
+    ),
+    "tis_weights": (lambda x: _with_weights(A.tis_weights(x["old_logp"], x["rollout_logp"], x["mask"], 1.2)), ("w",)),
+    "icepop_weights": (
+        lambda x: _with_weights(A.icepop_weights(x["old_logp"], x["rollout_logp"], x["mask"], 0.8, 1.25)),
+        ("w",),
+    ),
+    "seq_mask_weights": (
+        lambda x: _with_weights(A.seq_mask_weights(x["old_logp"], x["rollout_logp"], x["mask"], 0.98, 1.04)),
+        ("w",),
+    ),
+    "distillation_advantages": (
+        lambda x: {"adv": A.distillation_advantages(x["logp"], x["ref_logp"], x["mask"])},
+        ("adv",),
+    ),
+    "top_entropy_mask": (lambda x: {"m": A.top_entropy_mask(x["entropies"], x["mask"], 0.5)}, ("m",)),
     "policy_loss_with_kl": (
         lambda x: _with_stats(
             A.policy_loss_with_kl(x["logp"], x["old_logp"], x["ref_logp"], x["advantages"], x["mask"], 0.2, 0.2, 0.04)
@@ -112,6 +149,11 @@ def _with_stats(result: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> dict[st
     return {"loss": loss, **stats}
 
 
+def _with_weights(result: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    weights, stats = result
+    return {"w": weights, **stats}
+
+
 @pytest.mark.parametrize("name", sorted(MASKED))
 def test_padding_never_changes_an_output(name):
     fn, token_outputs = MASKED[name]
@@ -142,6 +184,7 @@ def test_float_and_bool_masks_agree(name):
     [
         ("logp", "policy_loss"),
         ("logp", "policy_loss_with_kl"),
+        ("logp", "cispo_loss"),
         ("values", "value_loss"),
         ("logits", "entropy"),
         ("logp", "sft_loss"),
@@ -154,6 +197,9 @@ def test_gradients_ignore_padding(key, fn_name):
         )[0],
         "policy_loss_with_kl": lambda x: A.policy_loss_with_kl(
             x["logp"], x["old_logp"], x["ref_logp"], x["advantages"], x["mask"], 0.2, 0.2, 0.1, ratio_level="sequence"
+        )[0],
+        "cispo_loss": lambda x: A.cispo_loss(
+            x["logp"], x["old_logp"], x["advantages"], x["mask"], 0.2, 0.28, "seq-mean-token-mean"
         )[0],
         "value_loss": lambda x: A.value_loss(x["values"], x["old_values"], x["returns"], x["mask"], 0.2)[0],
         "entropy": lambda x: A.entropy(x["logits"], x["mask"]),

@@ -7,15 +7,19 @@ import torch
 
 from algorithms import (
     aggregate,
+    cispo_loss,
     dpo_loss,
     entropy,
+    icepop_weights,
     policy_loss_with_kl,
     kwise_reward_model_loss,
     policy_loss,
     reward_model_loss,
+    seq_mask_weights,
     sft_loss,
     tis_weights,
     token_entropy,
+    top_entropy_mask,
     value_loss,
 )
 
@@ -349,3 +353,220 @@ def test_policy_loss_with_tis_weights_scales_each_token_and_carries_no_gradient_
     unweighted, _ = policy_loss(logp, old, adv, MASK_2x3, 0.2, 0.2, "token-mean",
                                 token_weights=torch.ones_like(adv))
     assert unweighted.item() == pytest.approx(policy_loss(logp, old, adv, MASK_2x3, 0.2, 0.2, "token-mean")[0].item())
+
+
+# ---- CISPO -----------------------------------------------------------------------------------------
+
+
+def test_cispo_loss_hand_worked_2x3():
+    """loss = −Σ clip(r)·A·logp / normaliser; clip range [0.8, 1.28]; the 7s and 9s sit on padding."""
+    logp, old = _ratios_to_logps([[1.5, 0.5, 7.0], [1.1, 7.0, 7.0]])
+    adv = torch.tensor([[1.0, -1.0, 9.0], [2.0, 9.0, 9.0]], dtype=F64)
+    # old = −0.5, −1.0 | −2.0 on the valid tokens (linspace), logp = old + log r.
+    terms = [
+        1.28 * 1.0 * (-0.5 + math.log(1.5)),  # r = 1.5 clipped to 1.28
+        0.8 * -1.0 * (-1.0 + math.log(0.5)),  # r = 0.5 clipped to 0.8
+        1.1 * 2.0 * (-2.0 + math.log(1.1)),  # r = 1.1 inside
+    ]
+    loss, stats = cispo_loss(logp, old, adv, MASK_2x3, 0.2, 0.28, "token-mean")
+    assert loss.item() == pytest.approx(-sum(terms) / 3, rel=1e-12)
+    seq, _ = cispo_loss(logp, old, adv, MASK_2x3, 0.2, 0.28, "seq-mean-token-mean")
+    assert seq.item() == pytest.approx(-((terms[0] + terms[1]) / 2 + terms[2]) / 2, rel=1e-12)
+    assert stats["clip_frac"].item() == pytest.approx(2 / 3)  # r = 1.5 and r = 0.5 leave [0.8, 1.28]
+    assert stats["ratio_mean"].item() == pytest.approx((1.5 + 0.5 + 1.1) / 3)
+    assert stats["ratio_max"].item() == pytest.approx(1.5)
+    k3 = [(r - 1) - math.log(r) for r in (1.5, 0.5, 1.1)]
+    assert stats["approx_kl"].item() == pytest.approx(sum(k3) / 3, rel=1e-12)
+    assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
+
+
+def test_cispo_on_policy_is_reinforce():
+    """At r = 1 (first step on fresh samples) the weight is 1: loss = −mean(A·logp), the vanilla PG loss (2.12)."""
+    logp = torch.tensor([[-0.3, -1.2, -4.0], [-2.5, -0.1, 0.0]], dtype=F64)
+    adv = torch.tensor([[0.5, -2.0, 3.0], [1.5, 0.0, 0.0]], dtype=F64)
+    loss, stats = cispo_loss(logp, logp.clone(), adv, MASK_2x3, 0.2, 0.2, "token-mean")
+    assert loss.item() == pytest.approx(-(0.5 * -0.3 + -2.0 * -1.2 + 1.5 * -2.5) / 3, rel=1e-12)
+    assert stats["clip_frac"].item() == 0 and stats["approx_kl"].item() == 0
+
+
+def test_cispo_gradient_is_clipped_weight_times_advantage_even_where_ppo_gives_zero():
+    """∂loss/∂logp_t = −clip(r_t)·A_t / normaliser for every valid token, the clipped ones included."""
+    logp, old, adv, mask, ppo_clipped = _mixed_clip_case()
+    logp.requires_grad_(True)
+    valid = mask.bool()
+    r = torch.tensor([[1.5, 0.5, 1.05, 0.95, 4.0], [0.6, 1.4, 1.1, 0.7, 1.0]], dtype=F64)
+    weight = r.clamp(0.8, 1.28)  # clip_low 0.2, clip_high 0.28
+    normaliser = {"token-mean": torch.full((2, 1), 8.0, dtype=F64),  # 8 valid tokens
+                  "seq-mean-token-mean": torch.tensor([[5.0 * 2], [3.0 * 2]], dtype=F64)}  # n_i · 2 rows
+    for agg, norm in normaliser.items():
+        (grad,) = torch.autograd.grad(cispo_loss(logp, old, adv, mask, 0.2, 0.28, agg)[0], logp)
+        want = torch.where(valid, -weight * adv / norm, 0)
+        torch.testing.assert_close(grad, want, rtol=1e-12, atol=0)
+    (grad,) = torch.autograd.grad(cispo_loss(logp, old, adv, mask, 0.2, 0.28, "token-mean")[0], logp)
+    assert (grad[valid] != 0).all() and (grad[~valid] == 0).all()
+    # The contrast with PPO: the two tokens PPO clips toward their advantage get no PPO gradient, while CISPO
+    # gives them −1.28·(+1)/8 (r = 1.5) and −0.8·(−1)/8 (r = 0.5).
+    (ppo_grad,) = torch.autograd.grad(policy_loss(logp, old, adv, mask, 0.2, 0.28, "token-mean")[0], logp)
+    assert (ppo_grad[ppo_clipped] == 0).all()
+    assert grad[0, 0].item() == pytest.approx(-1.28 / 8) and grad[0, 1].item() == pytest.approx(0.8 / 8)
+    # r = 4 with A = −1 is not PPO-clipped (PPO's gradient is −A·r/8 = 4/8); CISPO bounds its weight at 1.28.
+    assert ppo_grad[0, 4].item() == pytest.approx(4.0 / 8) and grad[0, 4].item() == pytest.approx(1.28 / 8)
+    # Inside the range CISPO's gradient is the (2.13) importance-weighted gradient, the same as PPO's.
+    inside = valid & (r >= 0.8) & (r <= 1.28)
+    torch.testing.assert_close(grad[inside], ppo_grad[inside], rtol=1e-12, atol=0)
+
+
+def test_cispo_gradient_matches_finite_differences_of_the_weighted_log_likelihood():
+    """With the weights frozen at their values, loss(logp) = −Σ w·A·logp / N: central differences of that."""
+    logp, old, adv, mask, _ = _mixed_clip_case()
+    logp.requires_grad_(True)
+    (grad,) = torch.autograd.grad(cispo_loss(logp, old, adv, mask, 0.2, 0.28, "token-mean")[0], logp)
+    w = torch.exp(logp.detach() - old).clamp(0.8, 1.28)  # [B, T] frozen
+    frozen = lambda x: -(torch.where(mask.bool(), w * adv * x, 0)).sum() / 8  # noqa: E731
+    h = 1e-6
+    numeric = torch.zeros_like(grad)
+    with torch.no_grad():
+        for b in range(2):
+            for t in range(5):
+                bump = torch.zeros_like(logp)
+                bump[b, t] = h
+                numeric[b, t] = (frozen(logp + bump) - frozen(logp - bump)) / (2 * h)
+    torch.testing.assert_close(grad, numeric, rtol=1e-7, atol=1e-10)
+
+
+def test_cispo_no_lower_bound_token_weights_and_bad_clip():
+    logp, old = _ratios_to_logps([[0.5, 2.0]])
+    adv = torch.tensor([[-1.0, 1.0]], dtype=F64)
+    ones = torch.ones(1, 2)
+    leaf = logp.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(cispo_loss(leaf, old, adv, ones, 1.5, 0.2, "token-mean")[0], leaf)
+    assert grad.tolist()[0] == pytest.approx([0.5 / 2, -1.2 / 2])  # clip_low ≥ 1: r = 0.5 keeps weight 0.5
+    tw = torch.tensor([[3.0, 0.5]], dtype=F64, requires_grad=True)
+    (grad_w,) = torch.autograd.grad(cispo_loss(leaf, old, adv, ones, 1.5, 0.2, "token-mean", token_weights=tw)[0], leaf)
+    assert grad_w.tolist()[0] == pytest.approx([3.0 * 0.5 / 2, 0.5 * -1.2 / 2])
+    with pytest.raises(ValueError, match="clip"):
+        cispo_loss(logp, old, adv, ones, -0.1, 0.2, "token-mean")
+
+
+# ---- ICEPOP and sequence masking ---------------------------------------------------------------------
+
+
+def _rollout_and_old(log_ratios: list[list[float]], rollout: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(old_logp, rollout_logp) with old − rollout = the given log-ratios (exactly where rollout is 0)."""
+    roll = torch.tensor(rollout, dtype=F64)
+    return roll + torch.tensor(log_ratios, dtype=F64), roll
+
+
+def test_icepop_weights_hand_worked_bounds_inclusive():
+    """w = r where 0.5 ≤ r ≤ 2 (bounds kept), else 0; 0 on padding; rollout 0 makes the boundary log-ratios exact."""
+    ratios = [[0.5, 2.0, 1.25, 100.0], [0.4999, 2.01, 1.0, 100.0]]  # the 100s sit on padding
+    old, roll = _rollout_and_old([[math.log(r) for r in row] for row in ratios], [[0.0, 0.0, -1.0, -2.0]] * 2)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    w, stats = icepop_weights(old, roll, mask, low=0.5, high=2.0)
+    torch.testing.assert_close(w, torch.tensor([[0.5, 2.0, 1.25, 0.0], [0.0, 0.0, 1.0, 0.0]], dtype=F64))
+    assert w[0, 0] > 0 and w[0, 1] > 0  # exactly at low and at high: kept
+    assert stats["icepop_mask_frac"].item() == pytest.approx(2 / 6)
+    assert stats["icepop_weight_mean"].item() == pytest.approx((0.5 + 2.0 + 1.25 + 1.0) / 6)
+    # TIS keeps the r = 2.01 token at its cap; ICEPOP drops it.
+    tis, _ = tis_weights(old, roll, mask, cap=2.0)
+    assert tis[1, 1].item() == pytest.approx(2.0) and w[1, 1] == 0
+    assert w.dtype == F64 and not w.requires_grad
+    assert not icepop_weights(old.requires_grad_(True), roll, mask, 0.5, 2.0)[0].requires_grad
+    with pytest.raises(ValueError, match="low <= high"):
+        icepop_weights(old, roll, mask, low=2.0, high=0.5)
+
+
+def test_seq_mask_weights_hand_worked_bounds_inclusive():
+    """Row i kept (weight 1) iff 0.5 ≤ exp(mean_t log r_t) ≤ 2 over its valid tokens; 0 on padding."""
+    ln = math.log
+    log_ratios = [
+        [ln(2.0), ln(2.0), 0.0],  # geometric mean exactly 2 = high: kept
+        [ln(0.5), ln(0.5), 0.0],  # exactly 0.5 = low: kept
+        [ln(3.0), ln(1.0), 0.0],  # √3 ≈ 1.73: kept, though token r = 3 is out of range
+        [ln(2.0), ln(2.5), 0.0],  # √5 ≈ 2.24: dropped, though token r = 2 is in range
+        [ln(0.3), 50.0, 50.0],  # one valid token, 0.3 < 0.5: dropped; padding's e^50 never counts
+        [ln(0.3), ln(1.0), 50.0],  # √0.3 ≈ 0.548: kept
+        [50.0, 50.0, 50.0],  # all padding
+    ]
+    mask = torch.tensor([[1, 1, 0]] * 4 + [[1, 0, 0], [1, 1, 0], [0, 0, 0]])
+    old, roll = _rollout_and_old(log_ratios, [[0.0, 0.0, -1.0]] * 7)
+    w, stats = seq_mask_weights(old, roll, mask, low=0.5, high=2.0)
+    kept = torch.tensor([1, 1, 1, 0, 0, 1, 0], dtype=F64)
+    torch.testing.assert_close(w, kept[:, None] * mask.to(F64), rtol=0, atol=0)
+    assert stats["seq_mask_frac"].item() == pytest.approx(2 / 6)  # 6 non-empty rows, 2 dropped
+    assert stats["seq_mask_weight_mean"].item() == pytest.approx(8 / 11)  # 11 valid tokens, 8 kept
+    # Nudge row 0's geometric mean just above 2 and it goes.
+    nudge = torch.zeros_like(old)
+    nudge[0, 0] = 1e-9
+    nudged, _ = seq_mask_weights(old + nudge, roll, mask, 0.5, 2.0)
+    assert (nudged[0] == 0).all() and torch.equal(nudged[1:], w[1:])
+    assert w.dtype == F64 and not w.requires_grad
+    with pytest.raises(ValueError, match="low <= high"):
+        seq_mask_weights(old, roll, mask, low=3.0, high=2.0)
+
+
+def test_seq_mask_weights_match_a_loop_over_sequences():
+    gen = torch.Generator().manual_seed(21)
+    B, T = 12, 7
+    lengths = torch.randint(0, T + 1, (B,), generator=gen).tolist()
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).to(F64)
+    roll = -torch.rand(B, T, generator=gen, dtype=F64) * 3
+    old = roll + 0.4 * torch.randn(B, T, generator=gen, dtype=F64)
+    w, stats = seq_mask_weights(old, roll, mask, low=0.9, high=1.15)
+    kept_rows = 0
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert (w[b] == 0).all()
+            continue
+        diffs = [old[b, t].item() - roll[b, t].item() for t in range(n)]
+        geo = math.exp(sum(diffs) / n)
+        keep = 0.9 <= geo <= 1.15
+        kept_rows += keep
+        assert w[b].tolist() == [float(keep)] * n + [0.0] * (T - n)
+    non_empty = sum(n > 0 for n in lengths)
+    assert 0 < kept_rows < non_empty  # the bounds split this batch
+    assert stats["seq_mask_frac"].item() == pytest.approx((non_empty - kept_rows) / non_empty)
+
+
+# ---- high-entropy token selection --------------------------------------------------------------------
+
+
+def test_top_entropy_mask_hand_worked():
+    entropies = torch.tensor([[0.1, 0.9, 0.5, 9.0], [0.7, 0.3, 0.2, 9.0]], dtype=F64)  # the 9s sit on padding
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]])
+    cases = {
+        1.0: [[1, 1, 1, 0], [1, 1, 1, 0]],  # every valid token
+        0.5: [[0, 1, 1, 0], [1, 0, 0, 0]],  # k = 3: 0.9, 0.7, 0.5
+        0.2: [[0, 1, 0, 0], [1, 0, 0, 0]],  # k = ⌈1.2⌉ = 2: 0.9, 0.7
+        1 / 6: [[0, 1, 0, 0], [0, 0, 0, 0]],  # k = 1
+    }
+    for quantile, want in cases.items():
+        got = top_entropy_mask(entropies, mask, quantile)
+        assert got.tolist() == want, quantile
+        assert got.dtype == F64 and not got.requires_grad
+    assert torch.equal(top_entropy_mask(entropies, torch.zeros(2, 4), 0.5), torch.zeros(2, 4, dtype=F64))
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="quantile"):
+            top_entropy_mask(entropies, mask, bad)
+
+
+def test_top_entropy_mask_keeps_all_ties_at_the_threshold_and_rounds_k():
+    tied = torch.tensor([[0.5, 0.5, 0.1, 0.5]], dtype=F64)
+    assert top_entropy_mask(tied, torch.ones(1, 4), 0.5).tolist() == [[1, 1, 0, 1]]  # k = 2, three tied at 0.5
+    # 0.07·100 is 7.000000000000001 in floating point; k must be 7, not 8.
+    distinct = torch.arange(100, dtype=F64).reshape(4, 25)
+    got = top_entropy_mask(distinct, torch.ones(4, 25), 0.07)
+    assert got.sum().item() == 7 and (got.flatten()[93:] == 1).all()
+
+
+def test_top_entropy_mask_matches_sorting_by_hand():
+    gen = torch.Generator().manual_seed(22)
+    entropies = torch.rand(5, 9, generator=gen, dtype=F64) * 4
+    lengths = [9, 4, 0, 7, 1]
+    mask = (torch.arange(9)[None, :] < torch.tensor(lengths)[:, None])
+    valid = [(entropies[b, t].item(), b, t) for b in range(5) for t in range(lengths[b])]
+    for quantile in (0.05, 0.2, 0.5, 0.9, 1.0):
+        k = math.ceil(round(quantile * len(valid), 6))
+        chosen = {(b, t) for _, b, t in sorted(valid, reverse=True)[:k]}
+        got = top_entropy_mask(entropies, mask, quantile)
+        assert {(b, t) for b in range(5) for t in range(9) if got[b, t] == 1} == chosen
