@@ -95,15 +95,21 @@ def policy_loss(
     loss = aggregate(per_token, valid, agg, norm_length)
 
     with torch.no_grad():
-        stats = {
-            "clip_frac": aggregate(clipped.to(ratio.dtype), valid, "token-mean"),
-            "approx_kl": aggregate(kl_estimate(old_logp, logp, "k3"), valid, "token-mean"),
-            "ratio_mean": aggregate(ratio, valid, "token-mean"),
-            "ratio_max": torch.where(valid, ratio, 0).max(),
-        }
+        stats = _ratio_stats(ratio, logp, old_logp, valid, clipped)
         if dual_clip is not None:
             stats["dual_clip_frac"] = aggregate(dual_capped.to(ratio.dtype), valid, "token-mean")
     return loss, stats
+
+
+def _ratio_stats(ratio: Tensor, logp: Tensor, old_logp: Tensor, valid: Tensor, clipped: Tensor) -> dict[str, Tensor]:
+    """The ratio statistics both clipped losses report, over valid tokens: clip_frac, approx_kl (token-mean k3
+    estimate of KL[π_old ‖ π], 2.1), ratio_mean, ratio_max."""
+    return {
+        "clip_frac": aggregate(clipped.to(ratio.dtype), valid, "token-mean"),
+        "approx_kl": aggregate(kl_estimate(old_logp, logp, "k3"), valid, "token-mean"),
+        "ratio_mean": aggregate(ratio, valid, "token-mean"),
+        "ratio_max": torch.where(valid, ratio, 0).max(),
+    }
 
 
 def cispo_loss(
@@ -146,12 +152,7 @@ def cispo_loss(
 
     with torch.no_grad():
         clipped = (ratio < 1 - clip_low) | (ratio > 1 + clip_high)  # [B, T]
-        stats = {
-            "clip_frac": aggregate(clipped.to(ratio.dtype), valid, "token-mean"),
-            "approx_kl": aggregate(kl_estimate(old_logp, logp, "k3"), valid, "token-mean"),
-            "ratio_mean": aggregate(ratio, valid, "token-mean"),
-            "ratio_max": torch.where(valid, ratio, 0).max(),
-        }
+        stats = _ratio_stats(ratio, logp, old_logp, valid, clipped)
     return loss, stats
 
 
