@@ -12,11 +12,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 class ActorDied(RuntimeError):
-    """A worker or trainer rank died in the middle of a step; the message says how to resume."""
+    """An actor the run cannot do without died (a trainer or critic rank, or a worker that kept dying after it
+    was replaced); the message names it and says how to resume."""
 
     @classmethod
-    def at(cls, step: int, error: Exception, run_dir: Path) -> ActorDied:
-        return cls(f"step {step}: an actor died ({type(error).__name__}: {str(error).splitlines()[0]}). "
+    def at(cls, step: int, error: Exception, run_dir: Path, who: str = "an actor") -> ActorDied:
+        """`who`: the actor, as `orchestrator.pools.Pools.describe` names it."""
+        return cls(f"step {step}: {who} died ({type(error).__name__}: {str(error).splitlines()[0]}). "
                    + resume_hint(run_dir))
 
 

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import torch
 
 from actors.records import SamplingParams
@@ -23,7 +22,7 @@ from orchestrator.data import Data
 from orchestrator.failures import ActorDied, nonfinite_streak
 from orchestrator.metrics import MetricsWriter, batch_metrics, sample_records, step_times, trainer_metrics
 from orchestrator.pool_specs import TrainPlan, job_demands
-from orchestrator.pools import Pools
+from orchestrator.pools import WORKER_LOST, Pools
 from orchestrator.progress import Progress
 from orchestrator.summary import RunResult
 
@@ -74,10 +73,7 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
         for step in range(state.step + 1, loop.steps + 1):
             moves = step > cfg.critic.warmup_steps or not pools.critics  # critic warm-up: the policy waits
             state.version += moves
-            try:
-                metrics, samples = train_step(run, state.version, train_policy=moves, prefetch=step < loop.steps)
-            except ray.exceptions.RayActorError as e:
-                raise ActorDied.at(step, e, run_dir) from e
+            metrics, samples = train_step(run, state.version, train_policy=moves, prefetch=step < loop.steps)
             if evals and ((loop.eval_every and step % loop.eval_every == 0) or step == loop.steps):
                 metrics |= evaluate(pools, cfg, evals, progress.note)  # the newest weights, synced above
                 state.eval_after = metrics["eval/accuracy"]
@@ -91,6 +87,8 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == loop.steps):
                 checkpoint.save(run_dir, state, pools.save_checkpoint, cfg.checkpoint.keep)
         final = Path(pools.save_policy(str(run_dir / "final_policy")))
+    except WORKER_LOST as e:  # a trainer rank, or a worker that died again each time it was replaced
+        raise ActorDied.at(state.step + 1, e, run_dir, pools.describe(e)) from e
     finally:
         torch.set_num_threads(threads)
         progress.close()

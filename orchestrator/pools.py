@@ -22,13 +22,24 @@ from orchestrator.weight_sync import WeightSync
 __all__ = ["Pools", "PlacementError"]
 
 
-def _alive(actor, timeout_s: float = 60.0) -> bool:
-    """Whether an actor answers (a dead one raises at once; a busy one answers when its queue reaches it)."""
-    try:
-        ray.get(actor.__ray_ready__.remote(), timeout=timeout_s)
-        return True
-    except ray.exceptions.RayActorError:
-        return False
+# How a dead worker shows: its call raises, or (for a result that lived only in its memory) the result is lost.
+WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+REPLACEABLE = ("rollout", "reward", "reward_model", "scoring")  # pools whose dead workers are replaced
+
+
+def _dead(workers: list, busy_s: float = 5.0) -> list[int]:
+    """Indices of the dead `workers`: all are pinged at once; a dead one fails at once, and a busy one (its ping
+    queued behind work) counts as alive when `busy_s` passes without an answer."""
+    pings = [w.__ray_ready__.remote() for w in workers]
+    ready, _ = ray.wait(pings, num_returns=len(pings), timeout=busy_s)
+    dead = []
+    for i, ping in enumerate(pings):
+        if ping in ready:
+            try:
+                ray.get(ping)
+            except ray.exceptions.RayActorError:
+                dead.append(i)
+    return dead
 
 
 def _join(ranks: list) -> int:
@@ -69,6 +80,7 @@ class Pools:
         self.placement = Placement(self.demands, cfg.placement.colocate, cfg.placement.strategy,
                                    cfg.ray.startup_timeout_s, fail_fast=embedded)
         self.workers: dict[str, list] = {spec.name: [] for spec in specs}
+        self._names: dict[str, str] = {}  # actor id (hex) -> "rollout worker 1", "trainer rank 0", ...
         self.scoring_holds_policy = cfg.algorithm.old_logprobs == "recompute"  # else pi_old is the rollout's
         try:
             for spec in specs:
@@ -83,7 +95,7 @@ class Pools:
         self._cycle = {name: itertools.count() for name in ("rollout", "reward", "scoring")}
         self._errors_shown: set[str] = set()
         self.version = 0  # the policy version every rollout and scoring worker serves
-        self.restarts = {name: 0 for name in ("rollout", "reward", "scoring")}  # workers replaced after they died
+        self.restarts = {name: 0 for name in REPLACEABLE}  # workers replaced after they died
         r = cfg.rollout
         self.sync = WeightSync(self, r.vllm.weight_sync if r.engine == "vllm" else "object_store",
                                zero3=cfg.trainer.zero_stage == 3)
@@ -102,7 +114,19 @@ class Pools:
         actor = ray.remote(spec.actor).options(num_cpus=cpus, num_gpus=gpus, resources=need or None,
                                                runtime_env=spec.runtime_env,
                                                **self.placement.options(spec.name, index))
-        return actor.remote(**spec.kwargs[index])
+        handle = actor.remote(**spec.kwargs[index])
+        role = "rank" if spec.name in ("trainer", "critic") else "worker"
+        self._names[handle._actor_id.hex()] = f"{spec.name.replace('_', ' ')} {role} {index}"
+        return handle
+
+    def describe(self, error: BaseException) -> str:
+        """Which actor of this job `error` (a dead actor's) came from: "rollout worker 1", "trainer rank 0", ...;
+        "an actor" when Ray does not say."""
+        return self._names.get(getattr(error, "actor_id", None) or "", "an actor")
+
+    def replaceable(self, error: BaseException) -> bool:
+        """Whether `error` is a worker lost from a pool whose workers are replaced (not a trainer or critic rank)."""
+        return isinstance(error, WORKER_LOST) and not self.describe(error).startswith(("trainer ", "critic "))
 
     def run_groups(self, requests: list[PromptRequest], sampling: SamplingParams, prompts_per_call: int,
                    score: bool = True, max_rounds: int = 3) -> list[Group]:
@@ -121,7 +145,8 @@ class Pools:
         """The groups of `flight`, in request order. When a rollout, reward or scoring worker dies (killed, OOM,
         node lost), it is replaced, gets the current weights, and the chunks that had not come back are issued
         again, up to `max_rounds` times: no group is lost and none is counted twice (a chunk's groups are taken
-        whole, from the one attempt that finished)."""
+        whole, from the one attempt that finished). The dead worker may already have been replaced by the time
+        its chunks fail (a prefetched round outlives a weight sync): they are issued again all the same."""
         chunks = flight.chunks
         done: dict[int, list[Group]] = {}
         for attempt in range(max_rounds + 1):
@@ -132,27 +157,33 @@ class Pools:
             for i, ref in zip(todo, refs):
                 try:
                     done[i] = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
+                except WORKER_LOST as e:
                     failed = e
             if failed is None:
                 break
-            if not self.replace_dead() or attempt == max_rounds:
+            if attempt == max_rounds:
                 raise failed
+            self.replace_dead()
         return [g for i in range(len(chunks)) for g in done[i]]
 
-    def replace_dead(self) -> list[str]:
-        """Start a fresh worker for every dead rollout, reward and scoring worker, serving the current
-        weights; the pools that lost one (empty when all are alive)."""
+    def replace_dead(self, tries: int = 3) -> list[str]:
+        """Start a fresh worker for every dead rollout, reward, reward-model and scoring worker and bring it to the
+        current weights (a replacement that dies on the way is replaced again, `tries` times); the pools that lost
+        one (empty when all are alive)."""
         replaced = []
-        for name in ("rollout", "reward", "scoring"):
+        for name in REPLACEABLE:
             workers = self.workers[name]
-            for i, w in enumerate(workers):
-                if _alive(w):
-                    continue
-                workers[i] = self._start(self.specs[name], i)
-                self.restarts[name] += 1
+            for i in _dead(workers) if workers else []:
+                for attempt in range(tries):
+                    workers[i] = self._start(self.specs[name], i)
+                    self.restarts[name] += 1
+                    try:
+                        self.sync.bring_up(name, workers[i])
+                        break
+                    except WORKER_LOST:
+                        if attempt == tries - 1:
+                            raise
                 replaced.append(name)
-                self.sync.bring_up(name, workers[i])
         return replaced
 
     def _next(self, name: str):

@@ -22,9 +22,27 @@ class WeightSync:
         self.fallbacks = 0
         self._nccl_ready = False  # the NCCL group is formed at the first sync
 
-    def sync(self, version: int, policy: bool = True) -> list[int]:
+    def sync(self, version: int, policy: bool = True, tries: int = 3) -> list[int]:
         """Policy weights to every rollout worker and policy-holding scoring worker (unless `policy` is False:
-        critic warm-up), the critic's to every scoring worker's critic copy; the versions now served (all `version`)."""
+        critic warm-up), the critic's to every scoring worker's critic copy; the versions now served (all `version`).
+        A receiver that dies on the way is replaced and brought up to the new weights (`Pools.replace_dead`); then
+        every receiver is asked again which version it serves (`tries` rounds in all)."""
+        p = self.pools
+        for attempt in range(tries):
+            try:
+                versions = self._push(version, policy) if attempt == 0 else [v for v, _ in p.served_versions()]
+                break
+            except Exception as e:  # noqa: BLE001 - only a lost rollout/reward/scoring worker is survived
+                if not p.replaceable(e) or attempt == tries - 1:
+                    raise
+                if policy:
+                    p.version = version  # the weights every replacement must now be brought to
+                p.replace_dead()
+        assert set(versions) <= {version}, f"workers serve versions {versions} after syncing version {version}"
+        return versions
+
+    def _push(self, version: int, policy: bool) -> list[int]:
+        """One pass of `sync`; the versions the receivers report."""
         p = self.pools
         critic = self.rank0(p.critics, "state_dict") if p.critics else None
         waits = [w.load_value_weights.remote(critic) for w in p.scoring] if critic is not None else []
@@ -40,7 +58,6 @@ class WeightSync:
         else:
             versions = [v for v, _ in p.served_versions()]
         ray.get(waits)
-        assert set(versions) <= {version}, f"workers serve versions {versions} after syncing version {version}"
         return versions
 
     def bring_up(self, pool: str, worker) -> None:

@@ -1,4 +1,5 @@
-"""Reliability: a NaN/inf loss is skipped on every rank and counted; too many in a row stop the run."""
+"""Reliability: a NaN/inf loss is skipped on every rank and counted, too many in a row stop the run; a worker that dies
+in any call is replaced without losing a group, a dead trainer rank stops the run naming itself and the resume."""
 
 from __future__ import annotations
 
@@ -50,48 +51,150 @@ def test_a_nan_micro_batch_is_skipped_and_moves_nothing(ray_local, tiny_model):
 TOY = str(Path(__file__).parent / "data" / "toy_rewards.py")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("victim", ["rollout", "reward"])
-def test_a_worker_killed_mid_step_is_replaced_and_no_group_is_lost_or_doubled(ray_local, tiny_model, victim):
-    """SIGKILL a rollout (or reward) worker's process while a step's chunks are in flight: a fresh worker
-    takes its place with the current weights, unfinished chunks run again, every prompt comes back once."""
-    import os
-    import signal
-    import threading
+KILL_AT = ("generate", "handoff", "reward", "sync", "eval")  # the calls a worker is killed in
 
-    from actors.records import SamplingParams
+
+class Killer:
+    """SIGKILLs one worker's process at the call `schedule[step]` names (step 0: the evaluation before RL; none
+    past the schedule's end): "generate" the rollout worker a chunk was just submitted to, "handoff" that worker
+    once the chunk's generation is done (its reward is due), "reward" the reward worker a chunk was just
+    submitted to, "sync" a rollout worker as the weight sync starts, "eval" one as an evaluation starts. In the
+    first `exact` steps the kill is made before the call goes on (so it lands in that call); later ones come from
+    a thread after a random delay of up to 50 ms, to land at different points of it."""
+
+    def __init__(self, schedule: list[str], exact: int, seed: int = 0):
+        import random
+
+        self.schedule, self.exact, self.rng = schedule, exact, random.Random(seed)
+        self.step, self.pids, self.fired, self.chosen = -1, {}, [], {}
+
+    def new_step(self, step: int, pools) -> None:
+        """Note the step and the pid of every rollout and reward worker (idle between steps: they answer at once)."""
+        import ray
+
+        self.step, self.pids = step, {}
+        for pool in ("rollout", "reward"):
+            self.pids[pool] = []
+            for w in getattr(pools, pool):
+                try:
+                    self.pids[pool].append(ray.get(w.pid.remote(), timeout=30))
+                except ray.exceptions.RayActorError:
+                    self.pids[pool].append(None)  # killed during the last evaluation, not replaced yet
+
+    def maybe(self, kind: str, index: int = 0, after=None) -> None:
+        """Kill worker `index` of the pool (another one if that one is already dead) if `kind` is due now."""
+        import os
+        import signal
+        import threading
+
+        import ray
+
+        due = 0 <= self.step < len(self.schedule) and self.schedule[self.step] == kind
+        if not due or any(s == self.step for s, _ in self.fired):
+            return
+        pids = self.pids["reward" if kind == "reward" else "rollout"]
+        pid = pids[index] or next(p for p in pids if p)
+        self.fired.append((self.step, kind))
+        exact, delay = self.step < self.exact, self.rng.uniform(0, 0.05)
+
+        def kill():
+            if after is not None:
+                ray.wait([after], fetch_local=False)
+            if not exact:
+                time.sleep(delay)
+            os.kill(pid, signal.SIGKILL)
+
+        if exact and after is None:
+            kill()
+        else:
+            threading.Thread(target=kill, daemon=True).start()
+
+
+@pytest.mark.slow
+def test_workers_killed_at_every_kind_of_call_never_stop_the_run(ray_local, tiny_model, tmp_path, monkeypatch):
+    """SIGKILL a rollout worker's process in the evaluation before RL, then in each step: while it generates,
+    when its output goes to the reward worker, as the weight sync loads it, as it evaluates; a reward worker while
+    it scores; twice round. The run finishes; every step trains exactly the prompts the stream gave it, each group
+    whole (none lost, none trained twice); every death is counted in `restarts/<pool>`, and each kill made in a
+    call is recovered inside that call (the step, the sync, the evaluation)."""
+    import json
+
+    from orchestrator import loop
     from orchestrator.config import JobConfig
     from orchestrator.data import load_data
     from orchestrator.pools import Pools
+    from orchestrator.references import reward_specs
+    from orchestrator.weight_sync import WeightSync
     from tests.conftest import base_config
 
-    cfg = JobConfig.model_validate(base_config(tiny_model, rollout={"num_workers": 2, "prompts_per_call": 2},
-                                               reward={"num_workers": 2}))
+    schedule = ["eval"] + list(KILL_AT) * 2
+    steps = len(schedule)  # the last step kills nothing: every death has been found and replaced by its end
+    cfg = JobConfig.model_validate(base_config(
+        tiny_model, rollout={"num_workers": 2, "prompts_per_call": 2}, reward={"num_workers": 2},
+        loop={"steps": steps, "prompts_per_step": 4, "eval_size": 8, "eval_every": 1},
+        logging={"progress": False, "tensorboard": False}))
+    killer = Killer(schedule, exact=1 + len(KILL_AT))
+    trained: list[list[tuple[str, int]]] = []
+    recovered: list[tuple[int, str]] = []  # (step, call) where a replacement happened inside the call
+
+    def watched(call: str, fn, pools, *a, **kw):
+        before = sum(pools.restarts.values())
+        out = fn(*a, **kw)
+        if sum(pools.restarts.values()) > before:
+            recovered.append((killer.step, call))
+        return out
+
+    def train_step(run, version, **kw):
+        killer.new_step(killer.step + 1, run.pools)
+        return watched("step", real_train_step, run.pools, run, version, **kw)
+
+    def build_batch(groups, *a):
+        trained.append([(g.uid, len(g.samples)) for g in groups])
+        return real_build_batch(groups, *a)
+
+    def _next(self, name):
+        worker = real_next(self, name)
+        killer.chosen[name] = next(i for i, w in enumerate(self.workers[name]) if w is worker)
+        return worker
+
+    def submit_groups(self, requests, sampling, per_call, score=True, generated=None):
+        generated = [] if generated is None else generated
+        refs = real_submit(self, requests, sampling, per_call, score, generated)
+        killer.maybe("generate", killer.chosen["rollout"])
+        killer.maybe("reward", killer.chosen["reward"])
+        killer.maybe("handoff", killer.chosen["rollout"], after=generated[-1])
+        return refs
+
+    def sync(self, version, *a, **kw):
+        killer.maybe("sync")
+        return watched("sync", real_sync, self.pools, self, version, *a, **kw)
+
+    def evaluate(pools, *a):
+        if killer.step == -1:
+            killer.new_step(0, pools)
+        killer.maybe("eval")
+        return watched("eval", real_evaluate, pools, pools, *a)
+
+    real_train_step, real_build_batch, real_evaluate = loop.train_step, loop.build_batch, loop.evaluate
+    real_next, real_submit, real_sync = Pools._next, Pools.submit_groups, WeightSync.sync
+    for module, name, fn in ((loop, "train_step", train_step), (loop, "build_batch", build_batch),
+                             (loop, "evaluate", evaluate), (Pools, "_next", _next),
+                             (Pools, "submit_groups", submit_groups), (WeightSync, "sync", sync)):
+        monkeypatch.setattr(module, name, fn)
+
+    loop.train(cfg, tmp_path, tiny_model, reward_specs(cfg), load_data(cfg, tiny_model))
+
     stream = load_data(cfg, tiny_model).stream
-    pools = Pools(cfg, tiny_model, [("length", f"{TOY}:length_reward", 1.0)])
-    try:
-        pools.sync_weights(1)  # a replacement must be brought to version 1, not the checkpoint it starts from
-        sampling = SamplingParams(n=4, max_new_tokens=32)
-        steps = [stream.next(48), stream.next(48)]
-        results = []
-        target = getattr(pools, victim)[0]
-        pid = ray_local.get(target.pid.remote())
-        worker = threading.Thread(target=lambda: results.append(pools.run_groups(steps[0], sampling, 2)))
-        worker.start()
-        time.sleep(0.5)
-        os.kill(pid, signal.SIGKILL)
-        worker.join(timeout=300)
-        results.append(pools.run_groups(steps[1], sampling, 2))  # the kill may have landed after step 1's end
-        for requests, groups in zip(steps, results):
-            assert [g.uid for g in groups] == [r.uid for r in requests]  # each once, in order
-            assert all(len(g.samples) == 4 and g.policy_version == 1 for g in groups)
-            assert all(s.reward_parts == {"length": s.reward} for g in groups for s in g.samples)
-        assert pools.restarts[victim] == 1 and sum(pools.restarts.values()) == 1
-        assert ray_local.get(getattr(pools, victim)[0].pid.remote()) != pid
-        if victim == "rollout":
-            assert {v for v, _ in pools.served_versions()} == {1}
-    finally:
-        pools.shutdown()
+    assert [[uid for uid, _ in step] for step in trained] == [[r.uid for r in stream.next(4)] for _ in range(steps)]
+    assert all(n == 4 for step in trained for _, n in step)
+    assert killer.fired == list(enumerate(schedule))
+    exact = [(0, "eval")] + [(i, "sync" if k == "sync" else "eval" if k == "eval" else "step")
+                             for i, k in enumerate(KILL_AT, start=1)]
+    assert set(exact) <= set(recovered), recovered
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == steps
+    assert last["restarts/reward"] == schedule.count("reward")
+    assert last["restarts/rollout"] == len(schedule) - schedule.count("reward")
 
 
 @pytest.mark.slow
@@ -135,6 +238,7 @@ def test_a_dead_trainer_rank_stops_the_run_and_says_how_to_resume(ray_local, tin
         Pools.__init__ = real_init
     assert len(errors) == 1 and isinstance(errors[0], ActorDied), errors
     message = str(errors[0])
+    assert "trainer rank 0 died" in message, message
     assert "--resume" in message and str(checkpoint.latest(tmp_path)) in message
 
 
