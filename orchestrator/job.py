@@ -39,6 +39,7 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None, resume: bool 
     """The `raylhf train` command on a loaded config; its exit code."""
     import ray
 
+    from actors.deepspeed_ops import OpLockTimeout
     from orchestrator.checkpoint import truncate_metrics
     from orchestrator.data import DataError, load_data
     from orchestrator.failures import ActorDied, NonFiniteLoss
@@ -71,7 +72,7 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None, resume: bool 
         started, rewards = connect_ray(cfg, Path(staging))
         try:
             result = train(cfg, run_dir, model_path, rewards, data, resume=checkpoint)
-        except (NonFiniteLoss, ActorDied, PlacementError) as e:
+        except (NonFiniteLoss, ActorDied, PlacementError, OpLockTimeout) as e:
             print(f"raylhf: {e}", file=sys.stderr)
             return 1
         finally:
