@@ -1,6 +1,6 @@
 """`raylhf train`: the run directory (new, or the one to resume), the model and data checked before Ray starts,
 Ray, the training loop, and the summary. Exit codes: 0 done, 1 the run stopped (with the next step said),
-2 a bad config, data or resume request."""
+2 a bad config, data or resume request, 130 Ctrl-C (`orchestrator.cli`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Start-up never waits without a bound: a lock a killed start-up left behind, a build another live process holds."""
+"""Start-up never waits without a bound: a lock a killed start-up left behind, a build another live process holds,
+and Ctrl-C while the actors start."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ def _train(tmp_path, tiny_model, env: dict | None = None, **popen) -> subprocess
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(cfg_path), "--run-dir",
                              str(tmp_path / "run")], cwd=REPO, text=True, start_new_session=True,
                             env={**os.environ, **(env or {})}, **popen)
+
+
+def _session_processes(sid: int) -> list[int]:
+    """Pids of the processes still in session `sid` (the CLI and everything it started: Ray and its actors)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after the name: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 @pytest.mark.slow
@@ -91,3 +105,35 @@ def test_a_trainer_that_times_out_on_the_build_lock_reaches_the_driver_as_one_me
         _join([rank])
     assert type(e.value) is OpLockTimeout and str(e.value).startswith("waited 1 s for /x/build.lock")
     ray_local.kill(rank)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_startup_prints_one_line_and_leaves_nothing_running(tmp_path, tiny_model):
+    """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) while the actors start: exit 130,
+    `raylhf: interrupted` and no traceback on stderr, and no process of the run left."""
+    proc = _train(tmp_path, tiny_model, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while "raylhf: run directory" not in proc.stderr.readline():
+            assert proc.poll() is None and time.monotonic() < deadline
+        while not any("PolicyTrainer" in _cmdline(pid) for pid in _session_processes(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, "no trainer started"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err[-3000:]
+        assert "Traceback" not in err and err.rstrip().endswith("raylhf: interrupted"), err[-3000:]
+        deadline = time.monotonic() + 30
+        while _session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _session_processes(proc.pid) == [], [_cmdline(p) for p in _session_processes(proc.pid)]
+    finally:
+        for pid in _session_processes(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
