@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	# DeepSpeed ships as an sdist whose build imports torch: build it against the torch above.
 	$(PY) -m pip install -q --no-build-isolation deepspeed
 	$(PY) -m pip install -q -e '.[test]'
+	# DeepSpeed's CPU comm op, built now (a few minutes on 2 cores) so that no trainer start has to build it.
+	DS_ACCELERATOR=cpu $(PY) -m actors.deepspeed_ops
 	touch $@
 
 demo: install

@@ -18,6 +18,7 @@ import time
 import torch
 
 from actors.batch import expand
+from actors.deepspeed_ops import load_shm_comm
 from actors.modeling import load_causal_lm, load_tokenizer, response_logprobs, set_threads
 from actors.records import TrainBatch
 from actors.weights import pack_state_dict, weights_checksum
@@ -105,6 +106,7 @@ class DeepSpeedRank:
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         import deepspeed
 
+        load_shm_comm()  # else DeepSpeed JIT-loads it behind a lock file a killed process leaves (deepspeed_ops)
         deepspeed.init_distributed("gloo" if self.device == "cpu" else "nccl")
         torch.manual_seed(self.seed)
         m, c = self.model_cfg, self.cfg

@@ -89,7 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code. Ctrl-C ends any command with one line and 130 (the actors a
+    `train` started are shut down on the way out)."""
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("raylhf: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command in ("train-rm", "train-dpo"):  # offline preference training: own configs, no Ray
         from orchestrator.offline import train_dpo, train_rm
 

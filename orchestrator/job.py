@@ -1,6 +1,6 @@
 """`raylhf train`: the run directory (new, or the one to resume), the model and data checked before Ray starts,
 Ray, the training loop, and the summary. Exit codes: 0 done, 1 the run stopped (with the next step said),
-2 a bad config, data or resume request."""
+2 a bad config, data or resume request, 130 Ctrl-C (`orchestrator.cli`)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None, resume: bool 
     """The `raylhf train` command on a loaded config; its exit code."""
     import ray
 
+    from actors.deepspeed_ops import OpLockTimeout
     from orchestrator.checkpoint import truncate_metrics
     from orchestrator.data import DataError, load_data
     from orchestrator.failures import ActorDied, NonFiniteLoss
@@ -71,7 +72,7 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None, resume: bool 
         started, rewards = connect_ray(cfg, Path(staging))
         try:
             result = train(cfg, run_dir, model_path, rewards, data, resume=checkpoint)
-        except (NonFiniteLoss, ActorDied, PlacementError) as e:
+        except (NonFiniteLoss, ActorDied, PlacementError, OpLockTimeout) as e:
             print(f"raylhf: {e}", file=sys.stderr)
             return 1
         finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 import ray
 
 from actors.batch import compact
+from actors.deepspeed_ops import OpLockTimeout
 from actors.records import Group, PromptRequest, RewardSpec, SamplingParams, Shard
 from orchestrator.config import JobConfig
 from orchestrator.placement import Placement, PlacementError, wait_constructed
@@ -43,9 +44,15 @@ def _dead(workers: list, busy_s: float = 5.0) -> list[int]:
 
 
 def _join(ranks: list) -> int:
-    """Rank 0 picks the rendezvous; every rank joins the process group and builds its engine. Parameters."""
+    """Rank 0 picks the rendezvous; every rank joins the process group and builds its engine. Parameters.
+    OpLockTimeout (a rank waited too long for another process building DeepSpeed's op) arrives as itself."""
     addr, port = ray.get(ranks[0].rendezvous.remote())
-    return ray.get([r.setup.remote(addr, port) for r in ranks])[0]
+    try:
+        return ray.get([r.setup.remote(addr, port) for r in ranks])[0]
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, OpLockTimeout):
+            raise e.cause from None
+        raise
 
 
 @dataclass
