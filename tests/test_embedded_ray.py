@@ -1,0 +1,113 @@
+"""The embedded Ray of `raylhf train` (`orchestrator.ray_setup.init_ray`): every socket it listens on is bound to
+the loopback address, and none of its processes outlives a driver killed with SIGKILL."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+DRIVER = REPO / "tests" / "data" / "embedded_ray_driver.py"
+
+
+def alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def session_processes(session: str) -> list[psutil.Process]:
+    """Processes whose command line names this Ray session (a worker still starting up, before it renames itself)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(session in arg for arg in p.info["cmdline"] or []) and alive(p):
+            found.append(p)
+    return found
+
+
+def session_name(tree: list[psutil.Process]) -> str:
+    """The Ray session of the driver's tree, read from the GCS server's command line."""
+    for p in tree:
+        for arg in p.cmdline():
+            if arg.startswith("--session-name="):
+                return arg.split("=", 1)[1]
+    raise AssertionError("no gcs_server under the driver")
+
+
+@contextlib.contextmanager
+def embedded_ray_driver():
+    """tests/data/embedded_ray_driver.py in a session of its own, once it printed "ready"; whatever is left of it
+    and its Ray is killed on the way out, so a failing test leaves nothing running."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(DRIVER)], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[psutil.Process] = []
+    session = None
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", proc.stderr.read()[-3000:] if proc.poll() is not None else line
+        seen = psutil.Process(proc.pid).children(recursive=True)
+        session = session_name(seen)
+        yield proc, session
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        for p in seen + (session_processes(session) if session else []):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+def test_every_socket_of_the_embedded_ray_listens_on_loopback_only():
+    """GCS, raylet, dashboard agent, runtime-env agent, autoscaler monitor, the driver and every worker: each
+    listening TCP socket (IPv4 and IPv6) of the driver's process tree is bound to a loopback address."""
+    with embedded_ray_driver() as (proc, _):
+        time.sleep(1)  # let the agents and the two starting workers open their servers
+        driver = psutil.Process(proc.pid)
+        listening, exposed = [], []
+        for p in [driver, *driver.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                name = " ".join(p.cmdline())[:60].strip()
+                for c in p.net_connections(kind="inet"):
+                    if c.status == psutil.CONN_LISTEN:
+                        listening.append(f"{name} {c.laddr.ip}:{c.laddr.port}")
+                        ip = ipaddress.ip_address(c.laddr.ip)
+                        ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is loopback
+                        if not ip.is_loopback:
+                            exposed.append(listening[-1])
+    print("\n".join(listening))
+    assert len(listening) >= 5, listening  # GCS, raylet (2), driver, a worker at least
+    assert not exposed, "listening beyond loopback:\n" + "\n".join(exposed)
+
+
+def test_no_process_of_the_embedded_ray_outlives_a_killed_driver():
+    """SIGKILL the driver's process group while one actor runs and two actors' workers are still starting: within
+    5 s no process of its Ray is left (GCS, raylet, agents, workers, starting workers)."""
+    with embedded_ray_driver() as (proc, session):
+        deadline = time.monotonic() + 10
+        while not any("default_worker.py" in " ".join(p.cmdline()) for p in session_processes(session)):
+            if time.monotonic() > deadline:
+                break  # the workers came up already; the kill below still has to take every process with it
+            time.sleep(0.05)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        names = {p.pid: " ".join(p.cmdline())[:60].strip() for p in tree}
+        os.killpg(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while time.monotonic() - killed < 5:
+            left = {p.pid: p for p in tree + session_processes(session) if alive(p)}
+            if not left:
+                break
+            time.sleep(0.1)
+        left = {pid: names.get(pid) or " ".join(p.cmdline())[:60] for pid, p in left.items()}
+        assert not left, f"alive 5 s after the driver was killed: {sorted(left.values())}"
