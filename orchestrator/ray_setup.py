@@ -1,6 +1,6 @@
-"""Ray start-up for `raylhf train`: join a cluster (`ray.address`, `RAY_ADDRESS`) or start an embedded Ray bound to
-127.0.0.1, and make the job's reward entries usable by its actors (paths absolute; reward files shipped to a
-remote cluster as `py_modules`, or named inside a `ray job submit` working directory)."""
+"""Ray start-up for `raylhf train`: join a cluster (`ray.address`, `RAY_ADDRESS`) or start an embedded Ray that
+listens on 127.0.0.1 only, and make the job's reward entries usable by its actors (paths absolute;
+reward files shipped to a remote cluster as `py_modules`, or named inside a `ray job submit` working directory)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def connect_ray(cfg: JobConfig, staging: Path) -> tuple[bool, list[RewardSpec]]:
 
 def init_ray(cfg: JobConfig, runtime_env: dict | None = None) -> bool:
     """Connect to `ray.address` or `RAY_ADDRESS` (see `cluster_address`) with the job's `runtime_env`, or start an
-    embedded Ray bound to 127.0.0.1; False if already connected."""
+    embedded Ray (see `start_embedded_ray`); False if already connected."""
     import ray
 
     from orchestrator.pool_specs import custom_resources_needed, logical_cpus_needed
@@ -111,8 +111,30 @@ def init_ray(cfg: JobConfig, runtime_env: dict | None = None) -> bool:
         return True
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(logical_cpus_needed(cfg)))
     # One box plays every node type: it offers the custom resources (rollout_node, ...) the pools ask for.
-    # address="local": a new instance even when another Ray runs on this machine (ray.init() would join that one).
-    ray.init(address="local", num_cpus=num_cpus, resources=custom_resources_needed(cfg) or None,
-             include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=cfg.logging.worker_logs, configure_logging=True, logging_level="WARNING")
+    start_embedded_ray(num_cpus=num_cpus, resources=custom_resources_needed(cfg) or None,
+                       log_to_driver=cfg.logging.worker_logs, configure_logging=True)
     return True
+
+
+def start_embedded_ray(**init_kwargs) -> None:
+    """`ray.init` a new Ray on this machine alone (`init_kwargs`: num_cpus, resources, log_to_driver, ...) that
+    listens on 127.0.0.1 only, without a dashboard.
+
+    address="local": a new instance even when another Ray runs here (ray.init() would join that one).
+    Loopback: Ray's servers (GCS, raylet, object manager, workers, agents, metrics) bind to loopback when the node
+    IP is a loopback address, else to every interface (the runtime-env agent to the node IP). But on Linux
+    `ray.init` replaces a loopback `_node_ip_address` by the host's outward address unless Ray's single-machine
+    mode is on (`ray_constants.ENABLE_RAY_CLUSTER` false: the default on macOS and Windows, read from
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported, so too late to set as an environment variable here).
+    We turn it on for this call only; the node IP then stays 127.0.0.1 for every process of this Ray."""
+    import ray
+    from ray._private import ray_constants
+
+    saved_mode = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+                 **init_kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_mode
+

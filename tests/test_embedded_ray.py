@@ -20,6 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "tests" / "data" / "embedded_ray_driver.py"
 
 
+def label(p: psutil.Process) -> str:
+    """gcs_server, raylet, ray::Echo, monitor.py ...: what the process is, in a word."""
+    cmd = p.cmdline() or [p.name()]
+    return next((Path(a).name for a in cmd if a.startswith("ray::") or a.endswith((".py", "/gcs_server", "/raylet"))),
+                Path(cmd[0]).name)
+
+
 def alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -70,15 +77,16 @@ def embedded_ray_driver():
 
 
 def test_every_socket_of_the_embedded_ray_listens_on_loopback_only():
-    """GCS, raylet, dashboard agent, runtime-env agent, autoscaler monitor, the driver and every worker: each
-    listening TCP socket (IPv4 and IPv6) of the driver's process tree is bound to a loopback address."""
+    """GCS, raylet, dashboard agent, runtime-env agent, the driver and every worker (and the autoscaler monitor's
+    and dashboard's metrics servers, when no other Ray on this machine holds their fixed ports 44217 and 44227):
+    each listening TCP socket (IPv4 and IPv6) of the driver's process tree is bound to a loopback address."""
     with embedded_ray_driver() as (proc, _):
         time.sleep(1)  # let the agents and the two starting workers open their servers
         driver = psutil.Process(proc.pid)
         listening, exposed = [], []
         for p in [driver, *driver.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                name = " ".join(p.cmdline())[:60].strip()
+                name = label(p)
                 for c in p.net_connections(kind="inet"):
                     if c.status == psutil.CONN_LISTEN:
                         listening.append(f"{name} {c.laddr.ip}:{c.laddr.port}")
@@ -101,7 +109,7 @@ def test_no_process_of_the_embedded_ray_outlives_a_killed_driver():
                 break  # the workers came up already; the kill below still has to take every process with it
             time.sleep(0.05)
         tree = psutil.Process(proc.pid).children(recursive=True)
-        names = {p.pid: " ".join(p.cmdline())[:60].strip() for p in tree}
+        names = {p.pid: label(p) for p in tree}
         os.killpg(proc.pid, signal.SIGKILL)
         killed = time.monotonic()
         while time.monotonic() - killed < 5:
@@ -109,5 +117,5 @@ def test_no_process_of_the_embedded_ray_outlives_a_killed_driver():
             if not left:
                 break
             time.sleep(0.1)
-        left = {pid: names.get(pid) or " ".join(p.cmdline())[:60] for pid, p in left.items()}
+        left = {pid: names.get(pid) or label(p) for pid, p in left.items()}
         assert not left, f"alive 5 s after the driver was killed: {sorted(left.values())}"
