@@ -43,7 +43,7 @@ def tiny_reward_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray started as `raylhf train` starts one (on 127.0.0.1 only), with enough
+    """A local Ray started as `raylhf train` starts one (on 127.0.0.1 only, dying with this process), with enough
     logical CPUs for the pools the tests start."""
     import ray
 
