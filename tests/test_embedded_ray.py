@@ -1,5 +1,6 @@
 """The embedded Ray of `raylhf train` (`orchestrator.ray_setup.init_ray`): every socket it listens on is bound to
-the loopback address, and none of its processes outlives a driver killed with SIGKILL."""
+the loopback address, and none of its processes outlives a driver killed with SIGKILL; the CPU trainer ranks'
+process group listens on loopback too."""
 
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def label(p: psutil.Process) -> str:
     cmd = p.cmdline() or [p.name()]
     return next((Path(a).name for a in cmd if a.startswith("ray::") or a.endswith((".py", "/gcs_server", "/raylet"))),
                 Path(cmd[0]).name)
+
+
+def loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip)
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback  # ::ffff:127.0.0.1 is loopback
 
 
 def alive(p: psutil.Process) -> bool:
@@ -90,9 +96,7 @@ def test_every_socket_of_the_embedded_ray_listens_on_loopback_only():
                 for c in p.net_connections(kind="inet"):
                     if c.status == psutil.CONN_LISTEN:
                         listening.append(f"{name} {c.laddr.ip}:{c.laddr.port}")
-                        ip = ipaddress.ip_address(c.laddr.ip)
-                        ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is loopback
-                        if not ip.is_loopback:
+                        if not loopback(c.laddr.ip):
                             exposed.append(listening[-1])
     print("\n".join(listening))
     assert len(listening) >= 5, listening  # GCS, raylet (2), driver, a worker at least
@@ -119,3 +123,28 @@ def test_no_process_of_the_embedded_ray_outlives_a_killed_driver():
             time.sleep(0.1)
         left = {pid: names.get(pid) or label(p) for pid, p in left.items()}
         assert not left, f"alive 5 s after the driver was killed: {sorted(left.values())}"
+
+
+def test_two_cpu_trainer_ranks_listen_on_loopback_only(ray_local, tiny_model):
+    """Two PolicyTrainer ranks on CPU, set up: their gloo group and its store (rank 0's TCPStore, which listened on
+    every interface when it bound its own port) listen on loopback only."""
+    import ray
+
+    from actors.trainer import PolicyTrainer
+    from orchestrator.config import AlgorithmConfig, ModelConfig, TrainerConfig
+
+    trainer = TrainerConfig(num_workers=2, micro_batch_size=4).model_dump()
+    alg, model = AlgorithmConfig().model_dump(), ModelConfig(path=tiny_model).model_dump()
+    ranks = [ray.remote(PolicyTrainer).options(num_cpus=1, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}).remote(
+        r, 2, model, trainer, alg, 1.0, 8, 1, 1, 0) for r in range(2)]
+    try:
+        addr, port = ray.get(ranks[0].rendezvous.remote())
+        ray.get([r.setup.remote(addr, port) for r in ranks])
+        pids = ray.get([r.__ray_call__.remote(lambda self: os.getpid()) for r in ranks])
+        exposed = [f"rank {rank} {c.laddr.ip}:{c.laddr.port}" for rank, pid in enumerate(pids)
+                   for c in psutil.Process(pid).net_connections(kind="inet")
+                   if c.status == psutil.CONN_LISTEN and not loopback(c.laddr.ip)]
+        assert not exposed, exposed
+    finally:
+        for r in ranks:
+            ray.kill(r)
