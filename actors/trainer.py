@@ -91,11 +91,17 @@ class DeepSpeedRank:
         self.rank, self.world_size = rank, world_size
         self.model_cfg, self.cfg = model, trainer
         self.grad_accum, self.total_steps, self.seed, self.device = grad_accum, total_steps, seed, device
+        self._store_listener: socket.socket | None = None  # rank 0 on CPU: see `rendezvous`
         set_threads(trainer.get("threads"))
 
     def rendezvous(self) -> tuple[str, int]:
-        """(address, port) for the process group; called on rank 0."""
-        return "127.0.0.1" if self.device == "cpu" else socket.gethostbyname(socket.gethostname()), free_port()
+        """(address, port) for the process group; called on rank 0. On CPU (ranks on one machine) rank 0 binds the
+        store's listening socket to 127.0.0.1 here and hands it to torch in `setup`: a TCPStore that binds its own
+        port listens on every interface."""
+        if self.device == "cpu":
+            self._store_listener = socket.create_server(("127.0.0.1", 0))
+            return "127.0.0.1", self._store_listener.getsockname()[1]
+        return socket.gethostbyname(socket.gethostname()), free_port()
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -107,6 +113,11 @@ class DeepSpeedRank:
         import deepspeed
 
         load_shm_comm()  # else DeepSpeed JIT-loads it behind a lock file a killed process leaves (deepspeed_ops)
+        if self.device == "cpu":  # every rank on the store rank 0 serves on 127.0.0.1 (DeepSpeed then uses this group)
+            listener = self._store_listener.detach() if self._store_listener else None  # the store owns it now
+            store = torch.distributed.TCPStore(master_addr, master_port, self.world_size, is_master=self.rank == 0,
+                                               wait_for_workers=False, master_listen_fd=listener)
+            torch.distributed.init_process_group("gloo", store=store, rank=self.rank, world_size=self.world_size)
         deepspeed.init_distributed("gloo" if self.device == "cpu" else "nccl")
         torch.manual_seed(self.seed)
         m, c = self.model_cfg, self.cfg

@@ -1,6 +1,7 @@
-"""Ray start-up for `raylhf train`: join a cluster (`ray.address`, `RAY_ADDRESS`) or start an embedded Ray bound to
-127.0.0.1, and make the job's reward entries usable by its actors (paths absolute; reward files shipped to a
-remote cluster as `py_modules`, or named inside a `ray job submit` working directory)."""
+"""Ray start-up for `raylhf train`: join a cluster (`ray.address`, `RAY_ADDRESS`) or start an embedded Ray that
+listens on 127.0.0.1 only and dies with its driver, and make the job's reward entries usable by its actors (paths
+absolute; reward files shipped to a remote cluster as `py_modules`, or named inside a `ray job submit` working
+directory)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from actors.records import RewardSpec
+from orchestrator import ray_watchdog
 from orchestrator.config import JobConfig
 from orchestrator.references import reward_specs
 
@@ -97,7 +102,7 @@ def connect_ray(cfg: JobConfig, staging: Path) -> tuple[bool, list[RewardSpec]]:
 
 def init_ray(cfg: JobConfig, runtime_env: dict | None = None) -> bool:
     """Connect to `ray.address` or `RAY_ADDRESS` (see `cluster_address`) with the job's `runtime_env`, or start an
-    embedded Ray bound to 127.0.0.1; False if already connected."""
+    embedded Ray (see `start_embedded_ray`); False if already connected."""
     import ray
 
     from orchestrator.pool_specs import custom_resources_needed, logical_cpus_needed
@@ -111,8 +116,53 @@ def init_ray(cfg: JobConfig, runtime_env: dict | None = None) -> bool:
         return True
     num_cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(logical_cpus_needed(cfg)))
     # One box plays every node type: it offers the custom resources (rollout_node, ...) the pools ask for.
-    # address="local": a new instance even when another Ray runs on this machine (ray.init() would join that one).
-    ray.init(address="local", num_cpus=num_cpus, resources=custom_resources_needed(cfg) or None,
-             include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=cfg.logging.worker_logs, configure_logging=True, logging_level="WARNING")
+    start_embedded_ray(num_cpus=num_cpus, resources=custom_resources_needed(cfg) or None,
+                       log_to_driver=cfg.logging.worker_logs, configure_logging=True)
     return True
+
+
+def start_embedded_ray(**init_kwargs) -> None:
+    """`ray.init` a new Ray on this machine alone (`init_kwargs`: num_cpus, resources, log_to_driver, ...) that
+    listens on 127.0.0.1 only, without a dashboard, and whose processes die with this one.
+
+    address="local": a new instance even when another Ray runs here (ray.init() would join that one).
+    Loopback: Ray's servers (GCS, raylet, object manager, workers, agents, metrics) bind to loopback when the node
+    IP is a loopback address, else to every interface (the runtime-env agent to the node IP). But on Linux
+    `ray.init` replaces a loopback `_node_ip_address` by the host's outward address unless Ray's single-machine
+    mode is on (`ray_constants.ENABLE_RAY_CLUSTER` false: the default on macOS and Windows, read from
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported, so too late to set as an environment variable here).
+    We turn it on for this call only; the node IP then stays 127.0.0.1 for every process of this Ray.
+    Fate: see `orchestrator/ray_watchdog.py`; its mark is in the environment the GCS and raylet start with."""
+    import ray
+    from ray._private import ray_constants
+
+    mark = _start_watchdog()
+    saved_mode, saved_mark = ray_constants.ENABLE_RAY_CLUSTER, os.environ.get(ray_watchdog.MARK_VAR)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[ray_watchdog.MARK_VAR] = mark
+    try:
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING",
+                 **init_kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_mode
+        if saved_mark is None:
+            del os.environ[ray_watchdog.MARK_VAR]
+        else:
+            os.environ[ray_watchdog.MARK_VAR] = saved_mark
+
+
+_watchdogs: dict[int, tuple[str, subprocess.Popen | None]] = {}  # driver pid -> (mark, its watchdog)
+
+
+def _start_watchdog() -> str:
+    """The mark of this process's embedded Ray(s), starting their watchdog (one per driver process) the first time.
+    Linux only (it reads /proc); elsewhere Ray's own fate sharing is all there is."""
+    pid = os.getpid()
+    if pid not in _watchdogs:
+        mark, watchdog = f"{pid}-{secrets.token_hex(8)}", None
+        if sys.platform.startswith("linux"):
+            watchdog = subprocess.Popen([sys.executable, ray_watchdog.__file__, mark, str(pid)],
+                                        start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        _watchdogs[pid] = mark, watchdog
+    return _watchdogs[pid][0]

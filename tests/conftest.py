@@ -43,11 +43,13 @@ def tiny_reward_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray on 127.0.0.1 with enough logical CPUs for the pools the tests start."""
+    """A local Ray started as `raylhf train` starts one (on 127.0.0.1 only, dying with this process), with enough
+    logical CPUs for the pools the tests start."""
     import ray
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             logging_level="WARNING")
+    from orchestrator.ray_setup import start_embedded_ray
+
+    start_embedded_ray(num_cpus=8, log_to_driver=False)
     yield ray
     ray.shutdown()
 
