@@ -25,9 +25,10 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    """A config section: unknown keys and invalid assignments are errors."""
+    """A config section: unknown keys, invalid assignments and NaN or infinite numbers are errors (every float
+    field of every section, nested, listed or in a dict, must be finite)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _resources_field(pool: str) -> Any:
