@@ -27,7 +27,7 @@ from pathlib import Path
 from actors.evaluation import evaluate_greedy, greedy_sampling, is_correct
 from actors.records import Group, PromptRequest, SamplingParams
 from orchestrator.config import ConfigError, JobConfig, check_references, load_config
-from orchestrator.data import DataError, load_rows, prepare_prompts
+from orchestrator.data import DataError, load_rows_at, prepare_prompts
 from orchestrator.export import CheckpointError, resolve_checkpoint
 
 
@@ -165,8 +165,10 @@ def main(config: str, checkpoint: str, ks: list[int] | None = None, samples: int
         from actors.modeling import load_tokenizer
 
         tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-        requests = prepare_prompts(load_rows(cfg.data.eval)[: cfg.loop.eval_size], cfg.data.prompt_key,
-                                   "data.eval", tokenizer, cfg.data.max_prompt_tokens, uid_prefix="eval:")
+        rows, places = load_rows_at(cfg.data.eval)
+        n = cfg.loop.eval_size
+        requests = prepare_prompts(rows[:n], cfg.data.prompt_key, "data.eval", tokenizer,
+                                   cfg.data.max_prompt_tokens, uid_prefix="eval:", places=places[:n])
     except DataError as e:
         return _fail(f"data error: {e}")
     log = lambda text: print(f"raylhf: {text}", file=sys.stderr, flush=True)  # noqa: E731

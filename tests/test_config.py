@@ -106,9 +106,9 @@ def test_example_config_is_valid():
 
 
 @pytest.mark.parametrize("rows,expected", [
-    ([{"prompt": "1+2=", "answer": "3"}, {"question": "no prompt"}], "row 1"),
-    ([{"prompt": "", "answer": "3"}], "row 0"),
-    ([{"prompt": 12, "answer": "3"}], "row 0"),
+    ([{"prompt": "1+2=", "answer": "3"}, {"question": "no prompt"}], "line 2"),
+    ([{"prompt": "", "answer": "3"}], "line 1"),
+    ([{"prompt": 12, "answer": "3"}], "line 1"),
     ([{"prompt": "1+2=" * 100, "answer": "3"}], "max_prompt_tokens"),
 ], ids=["missing prompt", "empty prompt", "wrong type", "too long"])
 def test_bad_data_rows_exit_2_before_ray_starts(tmp_path, tiny_model, capsys, rows, expected):
