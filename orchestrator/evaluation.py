@@ -60,11 +60,12 @@ class Scorer:
                                      seed=cfg.loop.seed, device="cuda" if r.num_gpus > 0 else "cpu")
         specs = reward_specs(cfg)
         functions = [s for s in specs if s.model is None]
-        self.reward = RewardWorker(functions, rw.failure_score, rw.timeout_s, rw.num_processes) if functions else None
+        self.reward = RewardWorker(functions, rw.failure_score, rw.timeout_s, rw.num_processes, rw.max_abs_score,
+                                   rw.memory_mb) if functions else None
         self.reward_models = [
             RewardModelWorker(s.label, s.model, s.weight, s.batch_size or 32, rw.failure_score,
                               device="cuda" if s.num_gpus > 0 else "cpu", threads=None,
-                              trust_remote_code=cfg.model.trust_remote_code)
+                              trust_remote_code=cfg.model.trust_remote_code, max_abs_score=rw.max_abs_score)
             for s in specs if s.model is not None]
         self.sequences_per_call = r.prompts_per_call * r.group_size  # the batch size training generates with
 
