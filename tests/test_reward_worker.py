@@ -172,7 +172,7 @@ def test_a_reward_past_its_memory_limit_fails_alone_and_the_run_goes_on():
 
 def test_reward_processes_get_the_configured_or_default_address_space_limit():
     """RLIMIT_AS of each child: reward.memory_mb, or a quarter of the machine's memory when it is null."""
-    from actors.reward_pool import default_memory_mb
+    from actors.reward_limits import default_memory_mb
 
     assert 0 < default_memory_mb() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4 / 2**20 + 1
     for memory_mb, expected in ((300, 300), (None, default_memory_mb())):
