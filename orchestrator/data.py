@@ -292,10 +292,10 @@ def load_data(cfg: JobConfig, model_path: str) -> Data:
     prompts = prepare_prompts(rows, d.prompt_key, "data.train", tokenizer, d.max_prompt_tokens,
                               skipped["train"] if d.bad_rows == "skip" else None, places=places)
     eval_rows, eval_places = load_rows_at(d.eval) if d.eval else ([], [])
-    n = cfg.loop.eval_size
-    eval_prompts = prepare_prompts(eval_rows[:n], d.prompt_key, "data.eval", tokenizer, d.max_prompt_tokens,
+    size = cfg.loop.eval_size
+    eval_prompts = prepare_prompts(eval_rows[:size], d.prompt_key, "data.eval", tokenizer, d.max_prompt_tokens,
                                    skipped["eval"] if d.bad_rows == "skip" else None, "eval:",
-                                   eval_places[:n]) if eval_rows else []
+                                   eval_places[:size]) if eval_rows else []
     for split, counts in skipped.items():
         if counts:
             detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))

@@ -167,9 +167,9 @@ def main(config: str, checkpoint: str, ks: list[int] | None = None, samples: int
 
         tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
         rows, places = load_rows_at(cfg.data.eval)
-        n = cfg.loop.eval_size
-        requests = prepare_prompts(rows[:n], cfg.data.prompt_key, "data.eval", tokenizer,
-                                   cfg.data.max_prompt_tokens, uid_prefix="eval:", places=places[:n])
+        size = cfg.loop.eval_size
+        requests = prepare_prompts(rows[:size], cfg.data.prompt_key, "data.eval", tokenizer,
+                                   cfg.data.max_prompt_tokens, uid_prefix="eval:", places=places[:size])
     except DataError as e:
         return _fail(f"data error: {e}")
     log = lambda text: print(f"raylhf: {text}", file=sys.stderr, flush=True)  # noqa: E731
