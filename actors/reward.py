@@ -7,7 +7,8 @@ takes lists, `fn(prompts, completions, **columns) -> list`, each column a list w
 sample; an `async def` function is awaited, many samples at once. The calls run in the worker's
 `RewardProcessPool` (actors/reward_pool.py), so that a call that hangs is killed, not waited for.
 
-A call that raises, times out, kills its process, or returns NaN, infinity or a non-number scores
+A call that raises (a MemoryError past `memory_mb` included), times out, kills its process, or returns NaN,
+infinity, a number beyond +-`max_abs_score` or a non-number (the score or any other value of a dict) scores
 `failure_score` for its sample (for its whole batch when a batched call fails as a whole), is counted
 in `Group.reward_failures`, and the first traceback of each (reward, error type) is printed here and
 handed back once in `Group.reward_errors`, for the driver to show. The run goes on.
@@ -34,14 +35,17 @@ class RewardWorker:
     """Scores groups with reward functions run in `num_processes` subprocesses (ray.remote-ready)."""
 
     def __init__(self, functions: list[RewardSpec | tuple], failure_score: float = 0.0, timeout_s: float = 60.0,
-                 num_processes: int = 2):
-        """`functions`: RewardSpec of function entries (or `(label, spec, weight)` tuples); `timeout_s` per call."""
+                 num_processes: int = 2, max_abs_score: float = 1e6, memory_mb: int | None = None):
+        """`functions`: RewardSpec of function entries (or `(label, spec, weight)` tuples); `timeout_s` per call;
+        `max_abs_score` bounds every returned value; `memory_mb` the address space of each subprocess (None: a
+        quarter of the machine's memory)."""
         self.specs = [f if isinstance(f, RewardSpec) else RewardSpec(*f) for f in functions]
         if not self.specs or any(s.name is None for s in self.specs):
             raise ValueError("RewardWorker runs reward functions: every entry needs a `name` "
                              "(reward models have their own worker)")
         self.failure_score = failure_score
-        self.pool = RewardProcessPool({s.label: s.name for s in self.specs}, num_processes, timeout_s)
+        self.pool = RewardProcessPool({s.label: s.name for s in self.specs}, num_processes, timeout_s,
+                                      max_abs_score=max_abs_score, memory_mb=memory_mb)
         self._reported: set[str] = set()
 
     def reward(self, groups: list[Group]) -> list[Group]:

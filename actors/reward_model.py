@@ -28,11 +28,12 @@ class RewardModelWorker:
 
     def __init__(self, label: str, model_path: str, weight: float = 1.0, batch_size: int = 32,
                  failure_score: float = 0.0, device: str = "cpu", threads: int | None = 1,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, max_abs_score: float = 1e6):
         from transformers import AutoModelForSequenceClassification
 
         set_threads(threads)
         self.label, self.weight, self.batch_size, self.failure_score = label, weight, batch_size, failure_score
+        self.max_abs_score = max_abs_score  # a score beyond +- this fails, like a reward function's
         self.device = device
         self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.tokenizer.padding_side = "right"
@@ -71,13 +72,15 @@ class RewardModelWorker:
         return scores
 
     def reward(self, groups: list[Group]) -> list[Group]:
-        """Score prompt + completion of every sample; a non-finite score counts as a failure."""
+        """Score prompt + completion of every sample; a non-finite score, or one beyond +-max_abs_score, counts as
+        a failure."""
         start = time.perf_counter()
         pairs = [(g, s) for g in groups for s in g.samples]
         values = self.score_texts([g.prompt + s.text for g, s in pairs])
         for (g, s), value in zip(pairs, values):
-            if not math.isfinite(value):
-                g.note_reward_failure(self.label, "ValueError", f"reward model {self.label} returned {value}",
+            if not math.isfinite(value) or abs(value) > self.max_abs_score:
+                beyond = f", beyond reward.max_abs_score = {self.max_abs_score:g}" if math.isfinite(value) else ""
+                g.note_reward_failure(self.label, "ValueError", f"reward model {self.label} returned {value:g}{beyond}",
                                       self._reported)
                 value = self.failure_score
             s.add_reward(self.label, self.weight, value)

@@ -12,10 +12,11 @@ child that dies on its own (a crash, `os._exit`) is handled the same way. Work i
 the measured cost per call (about `TARGET_ITEM_S` each), so cheap rewards cost a round trip or two
 per batch and slow ones spread evenly over the processes. Children die with their parent
 (PR_SET_PDEATHSIG on Linux, and end of input on their command pipe), so none is left when the owning
-actor is killed.
+actor is killed. Each child's address space is limited (RLIMIT_AS, `memory_mb`) before it loads the reward
+modules: a reward that allocates too much gets a MemoryError (or its process dies), not the node's memory.
 
-Only the standard library is imported here: the children start fast and load nothing but the reward
-modules they are asked to run.
+Only the standard library (and actors.reward_limits, which imports nothing else) is imported here: the
+children start fast and load nothing but the reward modules they are asked to run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import collections
 import inspect
 import math
 import mmap
-import numbers
 import os
 import pickle
 import select
@@ -38,6 +38,8 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any
+
+from actors.reward_limits import check_value, default_memory_mb, limit_memory
 
 _PAGE_BYTES = 16  # two int64 slots: index of the running call in its work item, its start (CLOCK_MONOTONIC, ns)
 _HEADER = struct.Struct("<Q")  # length prefix of a pickled message
@@ -62,30 +64,6 @@ class Job:
     items: list[Item]
     batched: bool = False
     batch_size: int | None = None
-
-
-def check_value(value: Any) -> tuple[float, dict[str, float] | None]:
-    """(score, extras) from what a reward returned: a real number, or a dict with `score` and other numbers.
-
-    Raises TypeError for a non-number (bool included: a predicate should say `float(...)`) and ValueError
-    for NaN or infinity. Extras that are not finite numbers are dropped: only numbers are logged.
-    """
-    extras = None
-    if isinstance(value, dict):
-        if "score" not in value:
-            raise TypeError(f"reward returned a dict without a 'score' key (keys: {sorted(map(str, value))[:8]})")
-        extras = {str(k): float(v) for k, v in value.items() if k != "score" and _is_number(v) and math.isfinite(v)}
-        value = value["score"]
-    if not _is_number(value):
-        raise TypeError(f"reward returned {type(value).__name__} {str(value)[:80]!r}, expected a number")
-    score = float(value)
-    if not math.isfinite(score):
-        raise ValueError(f"reward returned {score}")
-    return score, extras or None
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -114,12 +92,18 @@ class RewardProcessPool:
     """`num_processes` children that run reward calls in parallel; each call is bounded by `timeout_s`."""
 
     def __init__(self, functions: dict[str, str], num_processes: int = 2, timeout_s: float = 60.0,
-                 max_chunk: int = 64):
-        """`functions`: label -> "module:function" or "/abs/file.py:function", imported by every child."""
+                 max_chunk: int = 64, max_abs_score: float = 1e6, memory_mb: int | None = None):
+        """`functions`: label -> "module:function" or "/abs/file.py:function", imported by every child.
+        A returned value beyond +-`max_abs_score` fails its call; each child may map `memory_mb` MiB of address
+        space (None: `default_memory_mb()`)."""
         if num_processes < 1 or timeout_s <= 0:
             raise ValueError(f"need num_processes >= 1 and timeout_s > 0, got {num_processes}, {timeout_s}")
+        if not 0 < max_abs_score < math.inf or (memory_mb is not None and memory_mb < 1):
+            raise ValueError(f"need 0 < max_abs_score < inf and memory_mb >= 1, got {max_abs_score}, {memory_mb}")
         self.functions = dict(functions)
         self.timeout_s = timeout_s
+        self.max_abs_score = max_abs_score
+        self.memory_mb = memory_mb if memory_mb is not None else default_memory_mb()
         self.max_chunk = max_chunk
         self.restarts = 0
         self._cost: dict[str, float] = {}  # label -> seconds per call as last measured (round trip included)
@@ -156,7 +140,8 @@ class RewardProcessPool:
         page.close()  # the mapping keeps the page alive
         child = _Child(proc, os.fdopen(cmd_w, "wb"), os.fdopen(res_r, "rb", buffering=0), mapped,
                        memoryview(mapped).cast("q"))
-        _send(child.to_child, {"functions": self.functions, "timeout_s": self.timeout_s})
+        _send(child.to_child, {"functions": self.functions, "timeout_s": self.timeout_s,
+                               "max_abs_score": self.max_abs_score, "memory_mb": self.memory_mb})
         return child
 
     def _await_ready(self, c: _Child, deadline: float) -> None:
@@ -377,18 +362,24 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
-def _failure(e: BaseException) -> Outcome:
-    return (None, type(e).__name__, "".join(traceback.format_exception(e)))
+def _failure(e: BaseException, memory_mb: int | None = None) -> Outcome:
+    text = "".join(traceback.format_exception(e))
+    if isinstance(e, MemoryError) and memory_mb is not None:
+        text += (f"(a reward process may use reward.memory_mb = {memory_mb} MiB of address space; raise it if the "
+                 "reward needs more)\n")
+    return (None, type(e).__name__, text)
 
 
 class _Runner:
     """The child's loaded reward functions and its one event loop (async rewards keep their clients)."""
 
-    def __init__(self, functions: dict[str, str], timeout_s: float, progress: memoryview):
+    def __init__(self, functions: dict[str, str], timeout_s: float, progress: memoryview, max_abs_score: float,
+                 memory_mb: int):
         from rewards.loader import load_function
 
         self.fns = {label: load_function(spec) for label, spec in functions.items()}
         self.timeout_s = timeout_s
+        self.max_abs_score, self.memory_mb = max_abs_score, memory_mb
         self.progress = progress
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
@@ -417,17 +408,18 @@ class _Runner:
         for k, (prompt, completion, fields) in enumerate(items):
             self._mark(k)
             try:
-                out.append(check_value(self._finish(fn(prompt, completion, **fields))))
+                out.append(check_value(self._finish(fn(prompt, completion, **fields)), self.max_abs_score))
             except BaseException as e:  # a reward's SystemExit or KeyboardInterrupt must not end the child
-                out.append(_failure(e))
+                out.append(_failure(e, self.memory_mb))
         return out
 
     def _run_async(self, fn, items: list[Item]) -> list[Outcome]:
         async def one(prompt: str, completion: str, fields: dict) -> Outcome:
             try:
-                return check_value(await asyncio.wait_for(fn(prompt, completion, **fields), self.timeout_s))
+                value = await asyncio.wait_for(fn(prompt, completion, **fields), self.timeout_s)
+                return check_value(value, self.max_abs_score)
             except BaseException as e:
-                return _failure(e)
+                return _failure(e, self.memory_mb)
 
         async def every() -> list[Outcome]:
             return await asyncio.gather(*(one(*item) for item in items))
@@ -448,11 +440,11 @@ class _Runner:
                                 f"{len(values) if hasattr(values, '__len__') else '?'}, expected a list of "
                                 f"{len(items)} scores")
         except BaseException as e:
-            return [_failure(e)] * len(items)
+            return [_failure(e, self.memory_mb)] * len(items)
         out = []
         for v in values:
             try:
-                out.append(check_value(v))
+                out.append(check_value(v, self.max_abs_score))
             except (TypeError, ValueError) as e:
                 out.append(_failure(e))
         return out
@@ -471,9 +463,10 @@ def _child_main(cmd_fd: int, res_fd: int, page_fd: int, parent: int) -> None:
     if init is None:
         return
     try:
-        runner = _Runner(init["functions"], init["timeout_s"], progress)
+        limit_memory(init["memory_mb"])
+        runner = _Runner(init["functions"], init["timeout_s"], progress, init["max_abs_score"], init["memory_mb"])
     except BaseException as e:
-        _send(results, ("error", "".join(traceback.format_exception(e))))
+        _send(results, ("error", _failure(e, init["memory_mb"])[2]))
         return
     _send(results, ("ready", runner.kinds()))
     while (msg := _recv(commands)) is not None:

@@ -25,9 +25,10 @@ class ConfigError(Exception):
 
 
 class Section(BaseModel):
-    """A config section: unknown keys and invalid assignments are errors."""
+    """A config section: unknown keys, invalid assignments and NaN or infinite numbers are errors (every float
+    field of every section, nested, listed or in a dict, must be finite)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _resources_field(pool: str) -> Any:
@@ -165,6 +166,11 @@ class RewardFunction(Section):
         return self
 
 
+# The largest total reward a sample may get (sum of |weight| x reward.max_abs_score): rewards become float32
+# tensors whose group std squares them, and float64 metrics sum them over a batch; 1e15 keeps both finite.
+MAX_TOTAL_REWARD = 1e15
+
+
 class RewardConfig(Section):
     functions: list[RewardFunction] = Field(
         min_length=1, description="Reward functions and reward models, summed with weights.")
@@ -180,13 +186,34 @@ class RewardConfig(Section):
         60.0, gt=0, description="Seconds one reward call may take (one sample; one batch for a batched "
         "function) before it counts as failed.")
     failure_score: float = Field(
-        0.0, description="Score of a sample whose reward raised, timed out, or returned NaN, inf or a non-number.")
+        0.0, description="Score of a sample whose reward raised, timed out, ran out of memory, or returned NaN, inf, "
+        "a number beyond max_abs_score or a non-number; within +-max_abs_score.")
+    max_abs_score: float = Field(
+        1e6, gt=0, le=MAX_TOTAL_REWARD, description="Largest |value| a reward may return (its score, a dict's other "
+        "numbers, a reward model's score); beyond it the sample fails like NaN. Times the sum of |weight| at most "
+        f"{MAX_TOTAL_REWARD:g}, so totals and their statistics stay finite.")
+    memory_mb: int | None = Field(
+        None, gt=0, description="Address space (RLIMIT_AS) of each reward subprocess, in MiB: a reward allocating "
+        "more gets a MemoryError (or its process dies) and its sample fails; null: a quarter of the memory of the "
+        "machine the reward worker runs on.")
     accuracy_threshold: float = Field(
         1.0, description="A sample counts as correct for the accuracy metric when its score >= this."
     )
     accuracy_label: str | None = Field(
         None, description="Judge accuracy (training and held-out) by this reward's own score instead of the total: "
         "e.g. a rule verifier listed with weight 0 next to a reward model that alone drives training.")
+
+    @model_validator(mode="after")
+    def _bounded_scores(self) -> "RewardConfig":
+        if abs(self.failure_score) > self.max_abs_score:
+            raise ValueError(f"reward.failure_score: {self.failure_score:g} lies beyond reward.max_abs_score = "
+                             f"{self.max_abs_score:g}; a failure must score like a possible reward")
+        total = sum(abs(f.weight) for f in self.functions) * self.max_abs_score
+        if not total <= MAX_TOTAL_REWARD:
+            raise ValueError(f"reward.max_abs_score: {self.max_abs_score:g} x the sum of |weight| of reward.functions "
+                             f"= {total:g}, above {MAX_TOTAL_REWARD:g}: a total reward that large overflows its "
+                             "statistics; lower max_abs_score or the weights")
+        return self
 
     @model_validator(mode="after")
     def _unique_labels(self) -> "RewardConfig":

@@ -25,7 +25,8 @@ MESSAGES_KEY = "messages"  # the row field holding a chat conversation
 
 
 class DataError(Exception):
-    """A dataset that cannot be used; the message names the source and the row, `reason` the kind of fault."""
+    """A dataset that cannot be used; the message names the source and the row ("line N" of a JSONL file,
+    else "row N", both counted from 1), `reason` the kind of fault."""
 
     def __init__(self, message: str, reason: str = "bad row"):
         super().__init__(message)
@@ -35,14 +36,27 @@ class DataError(Exception):
 def load_rows(src: DataSource) -> list[dict[str, Any]]:
     """All rows of a source, as dicts: a `.jsonl` or `.parquet` file, `datasets:<builder or path>`, or a
     "module:function" called with `src.kwargs`."""
+    return load_rows_at(src)[0]
+
+
+def load_rows_at(src: DataSource) -> tuple[list[dict[str, Any]], list[str]]:
+    """(`load_rows`, where each row is for messages): "line N" of a JSONL file (blank lines counted), else
+    "row N"; both from 1."""
     if src.source.endswith(".jsonl"):
-        return read_jsonl(src.source)[0]
+        rows, lines = read_jsonl(src.source)
+        return rows, [f"line {n}" for n in lines]
     if src.source.endswith(".parquet"):
-        return _read_parquet(src.source)
-    if src.source.startswith(DATASETS_PREFIX):
-        return _load_dataset(src.source[len(DATASETS_PREFIX):], src.kwargs)
-    rows = load_function(src.source)(**src.kwargs)
-    return list(rows)
+        rows = _read_parquet(src.source)
+    elif src.source.startswith(DATASETS_PREFIX):
+        rows = _load_dataset(src.source[len(DATASETS_PREFIX):], src.kwargs)
+    else:
+        rows = list(load_function(src.source)(**src.kwargs))
+    return rows, row_places(len(rows))
+
+
+def row_places(n: int) -> list[str]:
+    """"row 1" ... "row n": how messages name the rows of a source that has no lines."""
+    return [f"row {k}" for k in range(1, n + 1)]
 
 
 def read_jsonl(path: str) -> tuple[list[Any], list[int]]:
@@ -55,7 +69,7 @@ def read_jsonl(path: str) -> tuple[list[Any], list[int]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: not valid JSON ({e})") from None
+                    raise DataError(f"{path}: line {i}: not valid JSON ({e})") from None
                 lines.append(i)
     return rows, lines
 
@@ -106,13 +120,13 @@ def _load_dataset(path: str, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(row) for row in ds]
 
 
-def _chat_messages(row: dict, prompt_key: str, where: str, i: int) -> list | None:
+def _chat_messages(row: dict, prompt_key: str, where: str, place: str) -> list | None:
     """The conversation of a chat row (`messages`, or a list under the prompt key), None for a plain row."""
     if isinstance(row.get(prompt_key), list):
         messages = row[prompt_key]
     elif MESSAGES_KEY in row:
         if prompt_key in row:
-            raise DataError(f"{where}: row {i} has both {prompt_key!r} and {MESSAGES_KEY!r}; give one "
+            raise DataError(f"{where}: {place} has both {prompt_key!r} and {MESSAGES_KEY!r}; give one "
                             "(a prompt string, or a conversation to render with the chat template)")
         messages = row[MESSAGES_KEY]
     else:
@@ -121,26 +135,26 @@ def _chat_messages(row: dict, prompt_key: str, where: str, i: int) -> list | Non
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in messages)
     if not ok:
-        raise DataError(f"{where}: row {i}: messages must be a non-empty list of {{role: str, content: str}}, "
+        raise DataError(f"{where}: {place}: messages must be a non-empty list of {{role: str, content: str}}, "
                         f"got {str(messages)[:200]}")
     return messages
 
 
-def render_chat(messages: list[dict], tokenizer, where: str, i: int) -> str:
+def render_chat(messages: list[dict], tokenizer, where: str, place: str) -> str:
     """The prompt text of a conversation: the tokenizer's chat template with the assistant turn opened.
 
     The engines tokenize prompts with special tokens, so a BOS the template writes itself is dropped
     when the tokenizer adds one anyway (no double BOS)."""
     if tokenizer is None:
-        raise DataError(f"{where}: row {i} is a chat row and needs the model's tokenizer to be rendered")
+        raise DataError(f"{where}: {place} is a chat row and needs the model's tokenizer to be rendered")
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
-            f"{where}: row {i} is a chat row ({MESSAGES_KEY}) but the model's tokenizer has no chat template; give "
+            f"{where}: {place} is a chat row ({MESSAGES_KEY}) but the model's tokenizer has no chat template; give "
             "plain prompt rows, or a checkpoint whose tokenizer_config.json (or chat_template.jinja) sets one")
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # noqa: BLE001 - a template may reject roles or orders with any exception
-        raise DataError(f"{where}: row {i}: the chat template failed: {type(e).__name__}: {e}") from None
+        raise DataError(f"{where}: {place}: the chat template failed: {type(e).__name__}: {e}") from None
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and _adds_bos(tokenizer):
         text = text[len(bos):]
@@ -153,31 +167,36 @@ def _adds_bos(tokenizer) -> bool:
 
 
 def prepare_rows(rows: list[dict], prompt_key: str, where: str, tokenizer=None,
-                 max_prompt_tokens: int = 0, skipped: dict[str, int] | None = None) -> list[dict]:
+                 max_prompt_tokens: int = 0, skipped: dict[str, int] | None = None,
+                 places: list[str] | None = None) -> list[dict]:
     """Rows ready to serve (new dicts): chat rows rendered into `prompt_key`, every prompt a non-empty string
-    of at most `max_prompt_tokens` tokens. A bad row raises a `DataError` naming it, or, when a `skipped`
-    dict is given (config `data.bad_rows: skip`), is left out and counted there under its reason."""
-    return _prepare(rows, prompt_key, where, tokenizer, max_prompt_tokens, skipped)[0]
+    of at most `max_prompt_tokens` tokens. A bad row raises a `DataError` naming it by its place (`load_rows_at`;
+    default "row N", from 1), or, when a `skipped` dict is given (config `data.bad_rows: skip`), is left out and
+    counted there under its reason."""
+    return _prepare(rows, prompt_key, where, tokenizer, max_prompt_tokens, skipped, places)[0]
 
 
 def prepare_prompts(rows: list[dict], prompt_key: str, where: str, tokenizer, max_prompt_tokens: int = 0,
-                    skipped: dict[str, int] | None = None, uid_prefix: str = "") -> list[PromptRequest]:
+                    skipped: dict[str, int] | None = None, uid_prefix: str = "",
+                    places: list[str] | None = None) -> list[PromptRequest]:
     """`prepare_rows`, as requests: each prompt tokenized here, once (`actors.modeling.encode_prompts`), its ids
     carried to the engine; uids `<uid_prefix><index>`."""
-    out, ids = _prepare(rows, prompt_key, where, tokenizer, max_prompt_tokens, skipped)
+    out, ids = _prepare(rows, prompt_key, where, tokenizer, max_prompt_tokens, skipped, places)
     return [PromptRequest(f"{uid_prefix}{i}", row[prompt_key], x, {k: v for k, v in row.items() if k != prompt_key})
             for i, (row, x) in enumerate(zip(out, ids))]
 
 
 def _prepare(rows: list[dict], prompt_key: str, where: str, tokenizer, max_prompt_tokens: int,
-             skipped: dict[str, int] | None) -> tuple[list[dict], list[list[int]]]:
+             skipped: dict[str, int] | None, places: list[str] | None) -> tuple[list[dict], list[list[int]]]:
     """(prepared rows, their prompts' token ids: empty without a tokenizer); see `prepare_rows`."""
     if not rows:
         raise DataError(f"{where}: no rows")
-    out = []
-    for i, row in enumerate(rows):
+    places = places or row_places(len(rows))
+    out, out_places = [], []
+    for row, place in zip(rows, places, strict=True):
         try:
-            out.append(_prepare_row(row, prompt_key, where, i, tokenizer))
+            out.append(_prepare_row(row, prompt_key, where, place, tokenizer))
+            out_places.append(place)
         except DataError as e:
             if skipped is None:
                 raise
@@ -185,11 +204,11 @@ def _prepare(rows: list[dict], prompt_key: str, where: str, tokenizer, max_promp
     ids = encode_prompts(tokenizer, [r[prompt_key] for r in out]) if tokenizer is not None else []
     if ids and max_prompt_tokens:
         kept = []
-        for i, (row, x) in enumerate(zip(out, ids)):
+        for row, x, place in zip(out, ids, out_places):
             if len(x) <= max_prompt_tokens:
                 kept.append((row, x))
             elif skipped is None:
-                raise DataError(f"{where}: row {i} has a {len(x)}-token prompt, above data.max_prompt_tokens="
+                raise DataError(f"{where}: {place} has a {len(x)}-token prompt, above data.max_prompt_tokens="
                                 f"{max_prompt_tokens}")
             else:
                 skipped["too long"] = skipped.get("too long", 0) + 1
@@ -199,17 +218,17 @@ def _prepare(rows: list[dict], prompt_key: str, where: str, tokenizer, max_promp
     return out, ids
 
 
-def _prepare_row(row, prompt_key: str, where: str, i: int, tokenizer) -> dict:
+def _prepare_row(row, prompt_key: str, where: str, place: str, tokenizer) -> dict:
     if not isinstance(row, dict):
-        raise DataError(f"{where}: row {i} is a {type(row).__name__}, not a dict: {str(row)[:200]}", "not a dict")
+        raise DataError(f"{where}: {place} is a {type(row).__name__}, not a dict: {str(row)[:200]}", "not a dict")
     try:
-        messages = _chat_messages(row, prompt_key, where, i)
+        messages = _chat_messages(row, prompt_key, where, place)
         if messages is not None:
-            row = {**row, prompt_key: render_chat(messages, tokenizer, where, i)}
+            row = {**row, prompt_key: render_chat(messages, tokenizer, where, place)}
     except DataError as e:
         raise DataError(str(e), "bad chat messages") from None
     if not isinstance(row.get(prompt_key), str) or not row[prompt_key]:
-        raise DataError(f"{where}: row {i} has no non-empty string field {prompt_key!r} (nor a "
+        raise DataError(f"{where}: {place} has no non-empty string field {prompt_key!r} (nor a "
                         f"{MESSAGES_KEY!r} conversation): {str(row)[:200]}", "no prompt")
     return row
 
@@ -269,11 +288,14 @@ def load_data(cfg: JobConfig, model_path: str) -> Data:
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     d = cfg.data
     skipped: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
-    prompts = prepare_prompts(load_rows(d.train), d.prompt_key, "data.train", tokenizer, d.max_prompt_tokens,
-                              skipped["train"] if d.bad_rows == "skip" else None)
-    eval_rows = load_rows(d.eval)[: cfg.loop.eval_size] if d.eval else []
-    eval_prompts = prepare_prompts(eval_rows, d.prompt_key, "data.eval", tokenizer, d.max_prompt_tokens,
-                                   skipped["eval"] if d.bad_rows == "skip" else None, "eval:") if eval_rows else []
+    rows, places = load_rows_at(d.train)
+    prompts = prepare_prompts(rows, d.prompt_key, "data.train", tokenizer, d.max_prompt_tokens,
+                              skipped["train"] if d.bad_rows == "skip" else None, places=places)
+    eval_rows, eval_places = load_rows_at(d.eval) if d.eval else ([], [])
+    size = cfg.loop.eval_size
+    eval_prompts = prepare_prompts(eval_rows[:size], d.prompt_key, "data.eval", tokenizer, d.max_prompt_tokens,
+                                   skipped["eval"] if d.bad_rows == "skip" else None, "eval:",
+                                   eval_places[:size]) if eval_rows else []
     for split, counts in skipped.items():
         if counts:
             detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))

@@ -27,7 +27,7 @@ from pathlib import Path
 from actors.evaluation import evaluate_greedy, greedy_sampling, is_correct
 from actors.records import Group, PromptRequest, SamplingParams
 from orchestrator.config import ConfigError, JobConfig, check_references, load_config
-from orchestrator.data import DataError, load_rows, prepare_prompts
+from orchestrator.data import DataError, load_rows_at, prepare_prompts
 from orchestrator.export import CheckpointError, resolve_checkpoint
 
 
@@ -60,11 +60,12 @@ class Scorer:
                                      seed=cfg.loop.seed, device="cuda" if r.num_gpus > 0 else "cpu")
         specs = reward_specs(cfg)
         functions = [s for s in specs if s.model is None]
-        self.reward = RewardWorker(functions, rw.failure_score, rw.timeout_s, rw.num_processes) if functions else None
+        self.reward = RewardWorker(functions, rw.failure_score, rw.timeout_s, rw.num_processes, rw.max_abs_score,
+                                   rw.memory_mb) if functions else None
         self.reward_models = [
             RewardModelWorker(s.label, s.model, s.weight, s.batch_size or 32, rw.failure_score,
                               device="cuda" if s.num_gpus > 0 else "cpu", threads=None,
-                              trust_remote_code=cfg.model.trust_remote_code)
+                              trust_remote_code=cfg.model.trust_remote_code, max_abs_score=rw.max_abs_score)
             for s in specs if s.model is not None]
         self.sequences_per_call = r.prompts_per_call * r.group_size  # the batch size training generates with
 
@@ -165,8 +166,10 @@ def main(config: str, checkpoint: str, ks: list[int] | None = None, samples: int
         from actors.modeling import load_tokenizer
 
         tokenizer = load_tokenizer(path, cfg.model.trust_remote_code)
-        requests = prepare_prompts(load_rows(cfg.data.eval)[: cfg.loop.eval_size], cfg.data.prompt_key,
-                                   "data.eval", tokenizer, cfg.data.max_prompt_tokens, uid_prefix="eval:")
+        rows, places = load_rows_at(cfg.data.eval)
+        size = cfg.loop.eval_size
+        requests = prepare_prompts(rows[:size], cfg.data.prompt_key, "data.eval", tokenizer,
+                                   cfg.data.max_prompt_tokens, uid_prefix="eval:", places=places[:size])
     except DataError as e:
         return _fail(f"data error: {e}")
     log = lambda text: print(f"raylhf: {text}", file=sys.stderr, flush=True)  # noqa: E731

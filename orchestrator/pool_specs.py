@@ -93,7 +93,7 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
                    device=_device(r.num_gpus), engine_options=r.vllm.model_dump() if r.engine == "vllm" else {},
                    **common)
     reward = dict(functions=functions, failure_score=rw.failure_score, timeout_s=rw.timeout_s,
-                  num_processes=rw.num_processes)
+                  num_processes=rw.num_processes, max_abs_score=rw.max_abs_score, memory_mb=rw.memory_mb)
     scoring = dict(with_reference=cfg.algorithm.kl_coef > 0, temperature=r.temperature,
                    micro_batch_size=s.micro_batch_size, threads=s.threads, device=_device(s.num_gpus),
                    value_model=critic_path(cfg, model_path), with_policy=cfg.algorithm.old_logprobs == "recompute",
@@ -114,7 +114,8 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
                  [reward] * (rw.num_workers if functions else 0), CPU_ENV),
         PoolSpec("reward_model", RewardModelWorker, [_ask(rw.num_cpus, x.num_gpus, rw.resources) for x in models],
                  [dict(label=x.label, model_path=x.model, weight=x.weight, batch_size=x.batch_size or 32,
-                       failure_score=rw.failure_score, device=_device(x.num_gpus)) for x in models], CPU_ENV),
+                       failure_score=rw.failure_score, max_abs_score=rw.max_abs_score, device=_device(x.num_gpus))
+                  for x in models], CPU_ENV),
         PoolSpec("scoring", ScoringWorker, [_ask(s.num_cpus, s.num_gpus, s.resources)] * n_scoring,
                  [scoring] * n_scoring, CPU_ENV),
         PoolSpec("trainer", PolicyTrainer, [_ask(t.num_cpus, t.num_gpus, t.resources)] * t.num_workers,

@@ -106,9 +106,9 @@ def test_example_config_is_valid():
 
 
 @pytest.mark.parametrize("rows,expected", [
-    ([{"prompt": "1+2=", "answer": "3"}, {"question": "no prompt"}], "row 1"),
-    ([{"prompt": "", "answer": "3"}], "row 0"),
-    ([{"prompt": 12, "answer": "3"}], "row 0"),
+    ([{"prompt": "1+2=", "answer": "3"}, {"question": "no prompt"}], "line 2"),
+    ([{"prompt": "", "answer": "3"}], "line 1"),
+    ([{"prompt": 12, "answer": "3"}], "line 1"),
     ([{"prompt": "1+2=" * 100, "answer": "3"}], "max_prompt_tokens"),
 ], ids=["missing prompt", "empty prompt", "wrong type", "too long"])
 def test_bad_data_rows_exit_2_before_ray_starts(tmp_path, tiny_model, capsys, rows, expected):
@@ -130,3 +130,98 @@ def test_a_logging_backend_that_is_not_installed_exits_2_naming_it(tmp_path, tin
     cfg = base_config(tiny_model, logging={"wandb": True})
     assert main(["train", write(tmp_path, cfg), "--run-dir", str(tmp_path / "run")]) == 2
     assert "logging.wandb: true, but wandb is not installed (pip install wandb" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- non-finite numbers
+
+
+def _float_fields(model: type, prefix: str = "") -> list[tuple[str, type]]:
+    """(dotted path, owning model) of every float-valued field reachable from `model`: nested sections,
+    list-of-section fields (path segment `0`), optional sections, tuples and dicts of floats."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    out = []
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        todo, floats = [info.annotation], False
+        while todo:
+            t = todo.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                out += _float_fields(t, f"{path}.0." if typing.get_origin(info.annotation) is list else f"{path}.")
+            elif t is float:
+                floats = True
+            elif typing.get_origin(t) in (list, tuple, dict, typing.Union, types.UnionType):
+                todo += [a for a in typing.get_args(t) if a is not Ellipsis]
+        if floats:
+            out.append((path, model))
+    return out
+
+
+def _schema_floats() -> list[tuple[str, type]]:
+    from orchestrator.config import JobConfig
+    from orchestrator.offline.config import DPOConfig, RewardModelConfig
+
+    return [(f"{kind.__name__}:{path}", owner) for kind in (JobConfig, RewardModelConfig, DPOConfig)
+            for path, owner in _float_fields(kind)]
+
+
+def test_the_schema_walk_finds_the_float_fields():
+    """The walk below reaches nested, optional, tuple, dict and list-of-section floats."""
+    paths = {p for p, _ in _schema_floats()}
+    for expected in ("JobConfig:trainer.lr", "JobConfig:trainer.betas", "JobConfig:rollout.resources",
+                     "JobConfig:reward.functions.0.weight", "JobConfig:algorithm.tis_cap",
+                     "JobConfig:rollout.vllm.gpu_memory_utilization", "DPOConfig:beta", "DPOConfig:trainer.lr"):
+        assert expected in paths, sorted(paths)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("path, owner", _schema_floats(), ids=[p for p, _ in _schema_floats()])
+def test_every_float_field_of_every_config_rejects_nan_and_inf(path, owner, bad):
+    """Set each float field (wherever it sits) to NaN or +-inf on its own section: a validation error naming it."""
+    import typing
+
+    from pydantic import ValidationError
+
+    name = path.rpartition(".")[2].rpartition(":")[2]
+    annotation = owner.model_fields[name].annotation
+    args = {a for t in (annotation, *typing.get_args(annotation)) for a in (t, typing.get_origin(t))}
+    value = (bad, bad) if tuple in args else {"node": bad} if dict in args else [bad] if list in args else bad
+    required = {"RewardFunction": {"name": "m:f"}, "DataSource": {}, "OptimConfig": {"lr": 1e-3}}
+    data = {**required.get(owner.__name__, {}), name: value}
+    with pytest.raises(ValidationError) as err:
+        owner.model_validate(data)
+    assert any(e["loc"][0] == name and e["type"] == "finite_number" for e in err.value.errors()), err.value
+
+
+NON_FINITE = [
+    ["trainer.lr=.inf"], ["reward.failure_score=.nan"], ["reward.functions=[{name: rewards.final_answer:hash_answer, "
+    "weight: .nan}]"], ["reward.functions=[{name: rewards.final_answer:hash_answer, weight: .inf}]"],
+    ["reward.accuracy_threshold=.nan"], ["algorithm.entropy_coef=.inf"], ["algorithm.kl_target=.inf"],
+    ["trainer.betas=[0.9, .nan]"], ["rollout.resources={rollout_node: .inf}"], ["reward.timeout_s=-.inf"],
+]
+
+
+@pytest.mark.parametrize("overrides", NON_FINITE, ids=[o[0] for o in NON_FINITE])
+def test_config_show_exits_2_on_a_non_finite_number_naming_the_field(tmp_path, tiny_model, capsys, overrides):
+    """`raylhf config show` with `--set key=.inf/.nan`: exit 2, the field named, no traceback."""
+    path = write(tmp_path, base_config(tiny_model))
+    assert main(["config", "show", path] + [a for o in overrides for a in ("--set", o)]) == 2
+    err = capsys.readouterr().err
+    field = overrides[0].split("=")[0].replace("reward.functions", "reward.functions.0.weight")
+    assert field in err and "finite" in err, err
+    assert "Traceback" not in err
+
+
+def test_a_non_finite_number_in_the_yaml_file_is_rejected(tmp_path, tiny_model):
+    """YAML's own .inf / .nan in the file, in a list-of-section field."""
+    cfg = base_config(tiny_model)
+    text = yaml.safe_dump(cfg).replace("name: rewards.final_answer:hash_answer",
+                                       "name: rewards.final_answer:hash_answer\n    weight: .inf")
+    (tmp_path / "job.yaml").write_text(text)
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"reward\.functions\.0\.weight: .*finite"):
+        load_config(str(tmp_path / "job.yaml"))

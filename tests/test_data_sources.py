@@ -46,15 +46,15 @@ def test_conversation_under_the_prompt_key_and_check_rows_in_place(tokenizer):
 
 def test_tokenizer_without_chat_template_names_the_row(tokenizer):
     rows = ROWS + [{"messages": [{"role": "user", "content": "1+1"}]}]
-    with pytest.raises(DataError, match=r"data.train: row 2 is a chat row .* no chat template"):
+    with pytest.raises(DataError, match=r"data.train: row 3 is a chat row .* no chat template"):
         prepare_rows(rows, "prompt", "data.train", tokenizer)
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"messages": [{"role": "user"}]}, "row 0: messages must be a non-empty list of"),
-    ({"messages": []}, "row 0: messages must be a non-empty list of"),
-    ({"prompt": "1+1=", "messages": [{"role": "user", "content": "x"}]}, "row 0 has both 'prompt' and 'messages'"),
-    ({"question": "1+1="}, "row 0 has no non-empty string field 'prompt'"),
+    ({"messages": [{"role": "user"}]}, "row 1: messages must be a non-empty list of"),
+    ({"messages": []}, "row 1: messages must be a non-empty list of"),
+    ({"prompt": "1+1=", "messages": [{"role": "user", "content": "x"}]}, "row 1 has both 'prompt' and 'messages'"),
+    ({"question": "1+1="}, "row 1 has no non-empty string field 'prompt'"),
 ])
 def test_bad_rows_are_named(tokenizer, row, message):
     tokenizer.chat_template = TEMPLATE
@@ -67,7 +67,7 @@ def test_jsonl_source(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n")
     assert load_rows(DataSource(source=str(path))) == ROWS
     path.write_text('{"prompt": "1+2="}\n{oops\n')
-    with pytest.raises(DataError, match=r"rows.jsonl:2: not valid JSON"):
+    with pytest.raises(DataError, match=r"rows.jsonl: line 2: not valid JSON"):
         load_rows(DataSource(source=str(path)))
 
 
@@ -135,4 +135,32 @@ def test_train_cli_exits_2_on_chat_rows_without_template(tmp_path, tiny_model, c
     cfg = base_config(tiny_model, data={"train": {"source": str(tmp_path / "chat.jsonl")}})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "job.yaml"), "--run-dir", str(tmp_path / "run")]) == 2
-    assert "data.train: row 0 is a chat row" in capsys.readouterr().err
+    assert "data.train: line 1 is a chat row" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("third_line, message", [
+    ('{"question": "no prompt"}', "line 3 has no non-empty string field 'prompt'"),
+    ('{"prompt": "1+2=", oops', "line 3: not valid JSON"),
+    ('{"prompt": "' + "1+2=" * 100 + '"}', "line 3 has a"),
+], ids=["bad row", "bad JSON", "too long"])
+def test_jsonl_errors_name_the_1_based_line_of_the_file(tmp_path, tiny_model, capsys, third_line, message):
+    """A bad row and a JSON syntax error on the same line (the 3rd, after a blank one) are named alike."""
+    import yaml
+
+    from orchestrator.cli import main
+    from tests.conftest import base_config
+
+    (tmp_path / "train.jsonl").write_text('{"prompt": "1+2=", "answer": "3"}\n\n' + third_line + "\n")
+    cfg = base_config(tiny_model, data={"train": {"source": str(tmp_path / "train.jsonl")}, "max_prompt_tokens": 64})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "job.yaml"), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "row" not in err, err
+
+
+def test_rows_of_other_sources_are_counted_from_1(tmp_path, tokenizer):
+    """A function's, Parquet's or a datasets split's rows: "row N", the first row is row 1."""
+    with pytest.raises(DataError, match=r"data.train: row 2 has no non-empty string field 'prompt'"):
+        prepare_rows([ROWS[0], {"question": "1+1="}], "prompt", "data.train", tokenizer)
+    with pytest.raises(DataError, match=r"data.train: row 2 has a \d+-token prompt"):
+        prepare_rows([ROWS[0], {"prompt": "1+2=" * 100}], "prompt", "data.train", tokenizer, max_prompt_tokens=64)

@@ -108,7 +108,7 @@ def test_eval_cli_bad_checkpoint_and_chat_rows_exit_2(tmp_path, tiny_model, caps
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "1+2"}]}) + "\n")
     assert main(["eval", job, "--checkpoint", tiny_model, "--set", f"data.eval.source={tmp_path / 'chat.jsonl'}",
                  "--set", "data.eval.kwargs={}"]) == 2
-    assert "data.eval: row 0 is a chat row" in capsys.readouterr().err
+    assert "data.eval: line 1 is a chat row" in capsys.readouterr().err
 
 
 def _spread(prompt, completion, **fields):

@@ -98,7 +98,7 @@ GOOD = {"prompt": "1+2=", "chosen": "#### 3", "rejected": "#### 4"}
 ])
 def test_a_bad_pair_row_names_the_file_and_line(tmp_path, bad, message):
     path = _write(tmp_path / "p.jsonl", [GOOD, "", GOOD, bad, GOOD])  # line 2 is blank: the bad row is line 4
-    with pytest.raises(PreferenceError, match=rf"p\.jsonl:4: .*{message}"):
+    with pytest.raises(PreferenceError, match=rf"p\.jsonl: line 4: .*{message}"):
         load_preferences(path, form="pairs")
 
 
@@ -119,12 +119,12 @@ def test_an_empty_response_is_a_response(tmp_path):
 ])
 def test_a_bad_ranked_row_names_the_file_and_line(tmp_path, bad, message):
     path = _write(tmp_path / "r.jsonl", [{"prompt": "1+2=", "responses": ["#### 3", "#### 4", "x"]}, bad])
-    with pytest.raises(PreferenceError, match=rf"r\.jsonl:2: .*{message}"):
+    with pytest.raises(PreferenceError, match=rf"r\.jsonl: line 2: .*{message}"):
         load_preferences(path, form="ranked")
 
 
 def test_function_sources_name_the_row_and_empty_or_missing_sources_fail(tmp_path):
-    with pytest.raises(PreferenceError, match=r"examples.arith.task:make_rows: row 0: missing key 'chosen'"):
+    with pytest.raises(PreferenceError, match=r"examples.arith.task:make_rows: row 1: missing key 'chosen'"):
         load_preferences("examples.arith.task:make_rows", {"split": "train", "n": 3}, form="pairs")
     with pytest.raises(PreferenceError, match="no preference rows"):
         load_preferences(_write(tmp_path / "empty.jsonl", []), form="pairs")
@@ -155,7 +155,7 @@ def test_cli_exits_2_on_a_bad_row_before_loading_any_model(tmp_path, capsys):
         cfg.write_text(json.dumps({"model": {"path": str(tmp_path / "no-model-needed"), "prepare": "json:loads"},
                                    "data": {"train": {"source": train}}, "output_dir": str(tmp_path / "out")}))
         assert main([command, str(cfg)]) == 2
-        assert "train.jsonl:3: 'rejected' must be a string, got None" in capsys.readouterr().err
+        assert "train.jsonl: line 3: 'rejected' must be a string, got None" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -270,7 +270,7 @@ def test_bad_rows_are_skipped_and_counted_when_the_config_says_so(tmp_path, tiny
     err = capsys.readouterr().err
     assert "skipped 6 bad rows (1 bad chat messages, 3 no prompt, 1 not a dict, 1 too long)" in err, err
     cfg["data"]["bad_rows"] = "error"
-    with pytest.raises(DataError, match="row 1"):
+    with pytest.raises(DataError, match="line 2 has no"):
         load_data(JobConfig.model_validate(cfg), tiny_model)
 
 

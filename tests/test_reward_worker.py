@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ import pytest
 from actors.reward import RewardWorker
 from actors.reward_pool import RewardLoadFailed
 from actors.records import Group, RewardSpec, Sample
-from orchestrator.metrics import reward_part_metrics
+from orchestrator.metrics import reward_part_metrics, rollout_metrics
 from tests.conftest import RecordingActor
 
 REWARDS = Path(__file__).resolve().parent / "data" / "worker_rewards.py"
@@ -72,7 +73,7 @@ def test_plain_and_dict_rewards_get_row_fields_and_token_count_and_sum_with_weig
     assert first.reward_parts == {"exact": 1.0, "detailed": 1.0, "fields_seen": 1.0}
     assert first.reward == pytest.approx(2.0 * 1 + 0.5 * 1 + 1.0)
     assert second.reward == pytest.approx(1.0)  # only fields_seen
-    assert first.reward_extras == {"detailed/tokens": 2.0, "detailed/prompt_chars": 4.0}  # "note" is not a number
+    assert first.reward_extras == {"detailed/tokens": 2.0, "detailed/prompt_chars": 4.0}
     assert not any(g.reward_failures for g in groups)
     m = reward_part_metrics(groups)
     assert m["reward/exact"] == pytest.approx(2 / 3) and m["reward/fields_seen"] == 1.0
@@ -121,16 +122,90 @@ def misbehaving():
 @pytest.mark.parametrize("mode, kind", [
     ("raise", "RuntimeError"), ("nan", "ValueError"), ("inf", "ValueError"), ("-inf", "ValueError"),
     ("text", "TypeError"), ("none", "TypeError"), ("bool", "TypeError"), ("nodict", "TypeError"),
-    ("dictnan", "ValueError"),
+    ("dictnan", "ValueError"), ("huge", "ValueError"), ("-huge", "ValueError"), ("big", "ValueError"),
+    ("bigint", "ValueError"), ("dicthuge", "ValueError"), ("dictnanextra", "ValueError"),
+    ("dicttext", "TypeError"), ("dictbool", "TypeError"),
 ])
 def test_a_failing_call_scores_failure_score_and_is_counted(misbehaving, mode, kind):
-    """Raising, NaN/inf and non-numbers: that sample only scores failure_score; others are untouched."""
+    """Raising, NaN/inf, numbers beyond reward.max_abs_score and non-numbers (a dict's extras too): that sample
+    only scores failure_score; others are untouched; the metrics stay finite."""
     g = misbehaving.reward([group(["4", mode, "4"])])[0]
     assert [s.reward_parts["misbehave"] for s in g.samples] == [1.0, -2.0, 1.0]
     assert [s.reward_parts["exact"] for s in g.samples] == [1.0, 0.0, 1.0]  # the other reward is unaffected
     assert g.samples[1].reward == -2.0
     assert g.reward_failures == {"misbehave": 1}
+    assert set(g.reward_errors) <= {f"misbehave: {kind}"}  # reported once per job: maybe by an earlier case
     assert reward_part_metrics([g])["reward/misbehave/failures"] == 1.0
+    assert all(math.isfinite(v) for v in rollout_metrics([g], 1.0).values())
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("big", "reward returned 2e+06, beyond reward.max_abs_score = 1e+06"),
+    ("dicttext", "reward returned str 'x' under key 'note', expected a number"),
+    ("dictbool", "reward returned bool 'True' under key 'ok', expected a number"),
+    ("dicthuge", "reward returned 1e+308 under key 'n'"),
+])
+def test_a_bad_value_is_named_in_the_failure_message(mode, message):
+    """The traceback shown once says what was wrong: the limit crossed, or the key of a dict holding a non-number."""
+    with running(spec("misbehave")) as w:
+        g = w.reward([group([mode])])[0]
+    assert message in "".join(g.reward_errors.values()), g.reward_errors
+
+
+def test_scores_within_max_abs_score_pass_and_its_bound_is_configurable():
+    """max_abs_score bounds |score|: 2e6 passes a bound of 1e7 and fails the default 1e6."""
+    with running(spec("misbehave"), max_abs_score=1e7, failure_score=-1.0) as w:
+        assert [s.reward for s in w.reward([group(["big", "huge"])])[0].samples] == [2e6, -1.0]
+
+
+def test_a_reward_past_its_memory_limit_fails_alone_and_the_run_goes_on():
+    """A reward allocating 2 GiB under reward.memory_mb = 256 (a child uses ~30 MB): MemoryError (or its process
+    dies), that sample scores failure_score and is counted; the next calls score as usual."""
+    with running(spec("misbehave"), failure_score=-1.0, memory_mb=256) as w:
+        g = w.reward([group(["4", "hog", "4"])])[0]
+        assert [s.reward for s in g.samples] == [1.0, -1.0, 1.0]
+        assert g.reward_failures == {"misbehave": 1}
+        assert set(g.reward_errors) <= {"misbehave: MemoryError", "misbehave: ProcessDied"}, g.reward_errors
+        assert "reward.memory_mb" in "".join(g.reward_errors.values())
+        assert [s.reward for s in w.reward([group(["4", "4"])])[0].samples] == [1.0, 1.0]
+
+
+def test_reward_processes_get_the_configured_or_default_address_space_limit():
+    """RLIMIT_AS of each child: reward.memory_mb, or a quarter of the machine's memory when it is null."""
+    from actors.reward_limits import default_memory_mb
+
+    assert 0 < default_memory_mb() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4 / 2**20 + 1
+    for memory_mb, expected in ((300, 300), (None, default_memory_mb())):
+        with running(spec("exact"), memory_mb=memory_mb, num_processes=1) as w:
+            (pid,) = w.process_ids()
+            limits = Path(f"/proc/{pid}/limits").read_text()
+            line = next(x for x in limits.splitlines() if x.startswith("Max address space"))
+            assert line.split()[3] == str(expected << 20), line
+
+
+def test_the_largest_scores_the_config_allows_keep_metrics_and_advantages_finite():
+    """Every sample at +-(sum of |weight|) x max_abs_score at the config's limit: reward/mean, reward/std, the
+    per-label means and every estimator's advantages (float32) are finite, no OverflowError."""
+    import torch
+
+    from orchestrator.batching import sequence_advantages
+    from orchestrator.config import MAX_TOTAL_REWARD, AlgorithmConfig
+    from orchestrator.metrics import rollout_metrics
+
+    groups = [group(["4", "5", "6", "7"], uid=str(k)) for k in range(64)]
+    for g in groups:
+        for j, s in enumerate(g.samples):
+            sign = 1 if j % 2 else -1
+            s.add_reward("a", 0.5, sign * MAX_TOTAL_REWARD)  # two rewards with weights 0.5 and 0.5, each at the bound
+            s.add_reward("b", 0.5, sign * MAX_TOTAL_REWARD)
+            s.reward_extras["a/x"] = sign * MAX_TOTAL_REWARD
+    m = rollout_metrics(groups, 1.0)
+    assert all(math.isfinite(v) for v in m.values()), m
+    assert m["reward/std"] == pytest.approx(MAX_TOTAL_REWARD)
+    rewards = torch.tensor([s.reward for g in groups for s in g.samples], dtype=torch.float32)
+    for estimator in ("grpo", "dr_grpo", "rloo", "reinforce_pp"):
+        adv = sequence_advantages(rewards, 4, AlgorithmConfig(estimator=estimator))
+        assert torch.isfinite(adv).all() and adv.abs().max() > 0, estimator
 
 
 def test_first_traceback_of_each_kind_is_logged_once(capsys):
@@ -358,6 +433,20 @@ def test_config_reward_entries_are_validated(tmp_path):
     load([{"name": f"{REWARDS}:batch_sizes", "batch_size": 8}])  # batched by its attribute
     with pytest.raises(ConfigError, match="reward.timeout_s"):
         load([{"name": f"{REWARDS}:exact"}], timeout_s=0)
+    assert load([{"name": f"{REWARDS}:exact"}]).reward.max_abs_score == 1e6
+    for reward, message in [
+        ({"max_abs_score": 0}, "reward.max_abs_score"), ({"max_abs_score": float("inf")}, "reward.max_abs_score"),
+        ({"failure_score": -2e6}, r"reward.failure_score: -2e\+06 lies beyond reward.max_abs_score"),
+        ({"max_abs_score": 1e15, "failure_score": 0}, None),
+        ({"max_abs_score": 1e15, "functions": [{"name": f"{REWARDS}:exact", "weight": 2}]}, "sum of |weight|"),
+        ({"memory_mb": 0}, "reward.memory_mb"), ({"memory_mb": 512}, None),
+    ]:
+        functions = reward.pop("functions", [{"name": f"{REWARDS}:exact"}])
+        if message is None:
+            load(functions, **reward)
+            continue
+        with pytest.raises(ConfigError, match=message):
+            load(functions, **reward)
 
 
 # ----------------------------------------------------------------------------- remote cluster
@@ -456,3 +545,32 @@ def test_a_reward_file_is_shipped_to_a_separate_ray_cluster(tmp_path):
     assert result["names"][1] == "rewards.final_answer:hash_answer"
     assert result["parts"] == [{"shipped": 10.0, "hash_answer": 1.0}, {"shipped": -10.0, "hash_answer": 0.0}]
     assert result["failures"] == {}
+
+
+def test_max_abs_score_and_memory_mb_reach_the_reward_workers():
+    """The job's reward workers get reward.max_abs_score and reward.memory_mb; reward models the bound too."""
+    from orchestrator.config import JobConfig
+    from orchestrator.pool_specs import config_rewards, pool_specs
+    from tests.conftest import base_config
+
+    cfg = JobConfig.model_validate(base_config("m", reward={
+        "functions": [{"name": "a:b"}, {"model": "rm"}], "max_abs_score": 50, "memory_mb": 700, "failure_score": -3}))
+    pools = {p.name: p for p in pool_specs(cfg, "m", config_rewards(cfg))}
+    (reward,) = pools["reward"].kwargs
+    assert (reward["max_abs_score"], reward["memory_mb"], reward["failure_score"]) == (50, 700, -3)
+    (model,) = pools["reward_model"].kwargs
+    assert (model["max_abs_score"], model["failure_score"]) == (50, -3)
+
+
+def test_a_reward_model_score_beyond_max_abs_score_fails(monkeypatch):
+    """A reward model's score past the bound (or NaN) scores failure_score and is counted, like a function's."""
+    from actors.reward_model import RewardModelWorker
+
+    monkeypatch.setattr(RewardModelWorker, "__init__", lambda self: None)
+    w = RewardModelWorker()
+    w.label, w.weight, w.failure_score, w.max_abs_score, w._reported = "rm", 1.0, -1.0, 100.0, set()
+    w.score_texts = lambda texts: [5.0, 1e30, math.nan]
+    g = w.reward([group(["a", "b", "c"])])[0]
+    assert [s.reward for s in g.samples] == [5.0, -1.0, -1.0]
+    assert g.reward_failures == {"rm": 2}
+    assert "beyond reward.max_abs_score" in g.reward_errors["rm: ValueError"]

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from orchestrator.data import DataError, read_jsonl
+from orchestrator.data import DataError, read_jsonl, row_places
 from rewards.loader import RewardLoadError, load_function
 
 Form = Literal["pairs", "ranked"]
@@ -37,10 +37,10 @@ def load_preferences(source: str, kwargs: dict[str, Any] | None = None, form: Fo
         raise ValueError(f"form must be one of {tuple(FORM_KEYS)}, got {form!r}")
     if source.endswith(".jsonl"):
         rows, lines = _read_jsonl(source)
-        places = [f"{source}:{n}" for n in lines]
+        places = [f"{source}: line {n}" for n in lines]
     else:
         rows = _call_source(source, kwargs or {})
-        places = [f"{source}: row {i}" for i in range(len(rows))]
+        places = [f"{source}: {place}" for place in row_places(len(rows))]
     if not rows:
         raise PreferenceError(f"{source}: no preference rows")
     for row, place in zip(rows, places):

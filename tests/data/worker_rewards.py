@@ -16,9 +16,8 @@ def exact(prompt: str, completion: str, answer: str = "", **fields) -> float:
 
 
 def detailed(prompt: str, completion: str, answer: str = "", completion_tokens: int = -1, **fields) -> dict:
-    """A dict: the score plus numbers to log (and a string, which is not logged)."""
-    return {"score": float(completion == answer), "tokens": completion_tokens, "prompt_chars": len(prompt),
-            "note": "not a number"}
+    """A dict: the score plus numbers to log."""
+    return {"score": float(completion == answer), "tokens": completion_tokens, "prompt_chars": len(prompt)}
 
 
 def fields_seen(prompt: str, completion: str, **fields) -> float:
@@ -58,7 +57,8 @@ def _note_pid(fields: dict) -> None:
 
 
 def misbehave(prompt: str, completion: str, **fields):
-    """Plain form: raise, hang, spin, exit the process, or return NaN, inf or a non-number, by completion."""
+    """Plain form: raise, hang, spin, exit the process, allocate too much, or return NaN, inf, a number beyond
+    reward.max_abs_score or a non-number (as the score or an extra of a dict), by completion."""
     if completion == "raise":
         raise RuntimeError("verifier bug")
     if completion == "hang":
@@ -69,8 +69,13 @@ def misbehave(prompt: str, completion: str, **fields):
             pass
     if completion == "exit":
         os._exit(3)
+    if completion == "hog":  # 2 GiB, written: more than reward.memory_mb allows the test's process
+        return float(len(bytearray(2 << 30)))
     return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "text": "1.0", "none": None, "bool": True,
-            "nodict": {"value": 1.0}, "dictnan": {"score": math.nan}}.get(completion, 1.0)
+            "nodict": {"value": 1.0}, "dictnan": {"score": math.nan}, "huge": 1e308, "-huge": -1e308,
+            "big": 2e6, "bigint": 10**400, "dicthuge": {"score": 1.0, "n": 1e308}, "dicttext": {"score": 1.0, "note": "x"},
+            "dictbool": {"score": 1.0, "ok": True}, "dictnanextra": {"score": 1.0, "ratio": math.nan},
+            }.get(completion, 1.0)
 
 
 async def misbehave_async(prompt: str, completion: str, **fields):
