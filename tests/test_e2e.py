@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_two_step_run_through_the_cli(tmp_path, tiny_model, tiny_reward_model):
-    """`raylhf train` with an embedded Ray: exit 0 and a complete run directory."""
+    """`raylhf train` with an embedded Ray: exit 0 and a complete run directory. It starts where a start-up was
+    killed while DeepSpeed loaded its op (`tests.test_startup.locks_a_killed_startup_leaves`): before
+    `actors.deepspeed_ops`, every later run waited on torch's stale lock file forever."""
+    from tests.test_startup import locks_a_killed_startup_leaves
+
     cfg_path = tmp_path / "job.yaml"
     functions = [{"name": "rewards.final_answer:hash_answer"},
                  {"name": "tests/data/toy_rewards.py:length_reward", "weight": 0.1},  # a file path, as users write
@@ -26,7 +31,8 @@ def test_two_step_run_through_the_cli(tmp_path, tiny_model, tiny_reward_model):
     cfg_path.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(cfg_path), "--run-dir", str(run_dir)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, **locks_a_killed_startup_leaves(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "held-out greedy accuracy" in proc.stdout
     assert "reward/length_reward (mean over steps)" in proc.stdout and "reward failures: none" in proc.stdout
