@@ -66,12 +66,15 @@ class Killer:
         import random
 
         self.schedule, self.exact, self.rng = schedule, exact, random.Random(seed)
-        self.step, self.pids, self.fired, self.chosen = -1, {}, [], {}
+        self.step, self.pids, self.fired, self.chosen, self.thread = -1, {}, [], {}, None
 
     def new_step(self, step: int, pools) -> None:
-        """Note the step and the pid of every rollout and reward worker (idle between steps: they answer at once)."""
+        """Note the step and the pid of every rollout and reward worker (idle between steps: they answer at once),
+        once the last step's kill has landed (else it could land after its target's pid is read as alive)."""
         import ray
 
+        if self.thread is not None:
+            self.thread.join(timeout=60)
         self.step, self.pids = step, {}
         for pool in ("rollout", "reward"):
             self.pids[pool] = []
@@ -107,7 +110,8 @@ class Killer:
         if exact and after is None:
             kill()
         else:
-            threading.Thread(target=kill, daemon=True).start()
+            self.thread = threading.Thread(target=kill, daemon=True)
+            self.thread.start()
 
 
 @pytest.mark.slow
@@ -131,7 +135,7 @@ def test_workers_killed_at_every_kind_of_call_never_stop_the_run(ray_local, tiny
     steps = len(schedule)  # the last step kills nothing: every death has been found and replaced by its end
     cfg = JobConfig.model_validate(base_config(
         tiny_model, rollout={"num_workers": 2, "prompts_per_call": 2}, reward={"num_workers": 2},
-        loop={"steps": steps, "prompts_per_step": 4, "eval_size": 8, "eval_every": 1},
+        loop={"steps": steps, "prompts_per_step": 4, "eval_size": 8, "eval_every": len(KILL_AT)},  # at the "eval" kills
         logging={"progress": False, "tensorboard": False}))
     killer = Killer(schedule, exact=1 + len(KILL_AT))
     trained: list[list[tuple[str, int]]] = []

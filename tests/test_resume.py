@@ -59,8 +59,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_a_run_killed_after_step_3_resumes_to_the_same_weights_and_metrics(tmp_path, tiny_model):
     config = _config(tmp_path, tiny_model)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    _finish(_train(config, straight))
-
+    uninterrupted = _train(config, straight)  # side by side with the broken run: each leaves the 2 cores idle at times
     proc = _train(config, broken)
     deadline = time.monotonic() + 300
     while (newest := checkpoint.latest(broken)) is None or newest.name < "step-000003":
@@ -72,6 +71,7 @@ def test_a_run_killed_after_step_3_resumes_to_the_same_weights_and_metrics(tmp_p
     assert 3 <= died_at < 6
     resumed = _train(config, broken, "--resume")
     _finish(resumed)
+    _finish(uninterrupted)
 
     records = _records(straight)
     assert all(r["grad_norm"] > 0 and r["advantage/abs_mean"] > 0 for r in records[1:])  # the policy really moves
