@@ -10,13 +10,13 @@ so a text's score does not depend on its batch.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
 from actors.modeling import load_tokenizer, set_threads
 from actors.records import Group
+from actors.reward_limits import check_value
 
 
 class RewardModelError(ValueError):
@@ -78,10 +78,10 @@ class RewardModelWorker:
         pairs = [(g, s) for g in groups for s in g.samples]
         values = self.score_texts([g.prompt + s.text for g, s in pairs])
         for (g, s), value in zip(pairs, values):
-            if not math.isfinite(value) or abs(value) > self.max_abs_score:
-                beyond = f", beyond reward.max_abs_score = {self.max_abs_score:g}" if math.isfinite(value) else ""
-                g.note_reward_failure(self.label, "ValueError", f"reward model {self.label} returned {value:g}{beyond}",
-                                      self._reported)
+            try:
+                value, _ = check_value(value, self.max_abs_score)  # the bound a reward function's value meets
+            except ValueError as e:
+                g.note_reward_failure(self.label, "ValueError", f"reward model {self.label}: {e}", self._reported)
                 value = self.failure_score
             s.add_reward(self.label, self.weight, value)
         elapsed = time.perf_counter() - start
