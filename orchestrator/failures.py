@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ray
+
 from orchestrator.checkpoint import resume_hint
+
+# How a dead worker shows: its call raises, or (for a result that lived only in its memory) the result is lost.
+WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 
 class NonFiniteLoss(RuntimeError):

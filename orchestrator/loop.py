@@ -19,10 +19,10 @@ from orchestrator.batching import build_batch, kl_controller, loss_kl_coef, sequ
 from orchestrator.collect import Ahead, collect_groups, evaluate, sampling_params
 from orchestrator.config import JobConfig
 from orchestrator.data import Data
-from orchestrator.failures import ActorDied, nonfinite_streak
+from orchestrator.failures import WORKER_LOST, ActorDied, nonfinite_streak
 from orchestrator.metrics import MetricsWriter, batch_metrics, sample_records, step_times, trainer_metrics
 from orchestrator.pool_specs import TrainPlan, job_demands
-from orchestrator.pools import WORKER_LOST, Pools
+from orchestrator.pools import Pools
 from orchestrator.progress import Progress
 from orchestrator.summary import RunResult
 

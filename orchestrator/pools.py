@@ -16,6 +16,7 @@ from actors.batch import compact
 from actors.deepspeed_ops import OpLockTimeout
 from actors.records import Group, PromptRequest, RewardSpec, SamplingParams, Shard
 from orchestrator.config import JobConfig
+from orchestrator.failures import WORKER_LOST
 from orchestrator.placement import Placement, PlacementError, wait_constructed
 from orchestrator.pool_specs import PoolSpec, pool_specs
 from orchestrator.weight_sync import WeightSync
@@ -23,8 +24,6 @@ from orchestrator.weight_sync import WeightSync
 __all__ = ["Pools", "PlacementError"]
 
 
-# How a dead worker shows: its call raises, or (for a result that lived only in its memory) the result is lost.
-WORKER_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 REPLACEABLE = ("rollout", "reward", "reward_model", "scoring")  # pools whose dead workers are replaced
 
 

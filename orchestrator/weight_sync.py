@@ -12,6 +12,8 @@ import sys
 
 import ray
 
+from orchestrator.failures import WORKER_LOST
+
 
 class WeightSync:
     """Moves weights between the pools of a `Pools`; `fallbacks` counts NCCL groups given up for the object store."""
@@ -32,8 +34,8 @@ class WeightSync:
             try:
                 versions = self._push(version, policy) if attempt == 0 else [v for v, _ in p.served_versions()]
                 break
-            except Exception as e:  # noqa: BLE001 - only a lost rollout/reward/scoring worker is survived
-                if not p.replaceable(e) or attempt == tries - 1:
+            except WORKER_LOST as e:
+                if not p.replaceable(e) or attempt == tries - 1:  # a trainer or critic rank: the run stops
                     raise
                 if policy:
                     p.version = version  # the weights every replacement must now be brought to
