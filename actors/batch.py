@@ -54,7 +54,11 @@ def collate_groups(groups: list[Group], pad_id: int) -> TrainBatch:
     responses = [s.response_ids for g in groups for s in g.samples]
     batch = collate(prompts, responses, pad_id)
     width = batch["response_mask"].shape[1]
-    return TrainBatch(**batch, rollout_logp=pad_rows([s.rollout_logp for g in groups for s in g.samples], width))
+    samples = [s for g in groups for s in g.samples]
+    if any(s.loss_mask is not None for s in samples):  # multi-turn: observation tokens are context, not loss
+        batch["response_mask"] = pad_rows([s.loss_mask if s.loss_mask is not None else [1] * len(s.response_ids)
+                                           for s in samples], width)
+    return TrainBatch(**batch, rollout_logp=pad_rows([s.rollout_logp for s in samples], width))
 
 
 def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

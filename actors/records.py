@@ -58,6 +58,8 @@ class Sample:
     ref_logp: list[float] | None = None
     old_logp: list[float] | None = None
     values: list[float] | None = None  # PPO: V(s_t) before each response token, from the critic at rollout time
+    loss_mask: list[int] | None = None  # multi-turn: 1 where the model sampled the token, 0 on observation tokens
+    turns: list[dict] | None = None  # multi-turn: per turn its action text, observation, reward, `end` (last sampled index)
 
     def add_reward(self, label: str, weight: float, value: float) -> None:
         """Record one reward's score under its label and add it, weighted, to the total."""
@@ -78,6 +80,7 @@ class Group:
     timings: dict[str, float] = field(default_factory=dict)  # busy seconds per stage, summed
     reward_failures: dict[str, int] = field(default_factory=dict)  # label -> samples that scored failure_score
     reward_errors: dict[str, str] = field(default_factory=dict)  # "label: kind" -> first traceback a worker saw
+    env_stats: dict[str, float] = field(default_factory=dict)  # multi-turn: turns, tokens, failures, ... summed
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds

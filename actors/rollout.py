@@ -8,34 +8,56 @@ import zlib
 
 from actors.engines import make_engine
 from actors.modeling import set_threads
+from actors.multiturn import EnvClient, EnvLimits, rollout_trajectories
 from actors.records import Group, PromptRequest, Sample, SamplingParams
+from actors.turn_format import TurnFormat
 
 
 class RolloutWorker:
     """Serves one policy version at a time; `generate` tags every group with that version."""
 
     def __init__(self, engine: str, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
-                 threads: int | None = None, seed: int = 0, device: str = "cpu", engine_options: dict | None = None):
-        """`engine_options`: the engine's own settings (vllm: `rollout.vllm` of the config)."""
+                 threads: int | None = None, seed: int = 0, device: str = "cpu", engine_options: dict | None = None,
+                 env: dict | None = None):
+        """`engine_options`: the engine's own settings (vllm: `rollout.vllm` of the config). `env`: multi-turn
+        rollouts (`EnvLimits` fields and `format`: plain | chat), None for one completion per sample."""
         set_threads(threads)
         self.engine = make_engine(engine, model_path=model_path, dtype=dtype,
                                   trust_remote_code=trust_remote_code, device=device, **(engine_options or {}))
         self.tp = (engine_options or {}).get("tensor_parallel_size", 1)
         self.seed = seed
         self.version = 0
+        self._multiturn(env)
+
+    def _multiturn(self, env: dict | None) -> None:
+        env = dict(env or {})
+        kind = env.pop("format", "plain")
+        self.env_limits = EnvLimits(**env) if env else None
+        self.turn_format = TurnFormat(self.engine.tokenizer, kind) if env else None
+        self._reported: set[str] = set()
 
     @classmethod
-    def serving(cls, engine, seed: int = 0) -> RolloutWorker:
+    def serving(cls, engine, seed: int = 0, env: dict | None = None) -> RolloutWorker:
         """A worker around an engine already built (in-process evaluation of a model in memory)."""
         worker = cls.__new__(cls)
         worker.engine, worker.tp, worker.seed, worker.version = engine, 1, seed, 0
+        worker._multiturn(env)
         return worker
 
-    def generate(self, requests: list[PromptRequest], sampling: SamplingParams) -> list[Group]:
-        """Sample `sampling.n` completions per request; the seed depends on the requests and version."""
+    def generate(self, requests: list[PromptRequest], sampling: SamplingParams, envs: list | None = None
+                 ) -> list[Group]:
+        """Sample `sampling.n` completions per request; the seed depends on the requests and version. `envs`: the
+        environment hosts (Ray handles or `EnvHost`s) when the worker was built for multi-turn rollouts."""
         start = time.perf_counter()
         key = f"{self.seed}:{self.version}:" + ",".join(r.uid for r in requests)
         seed = zlib.crc32(key.encode())
+        if self.env_limits is not None:
+            if not envs:
+                raise ValueError("this rollout worker runs multi-turn rollouts: generate needs the environment hosts")
+            groups = rollout_trajectories(self.engine, EnvClient(envs), self.turn_format, requests, sampling, seed,
+                                          self.env_limits, self.version, self._reported)
+            Group.spread_time(groups, "generate", time.perf_counter() - start - sum(g.timings["env"] for g in groups))
+            return groups
         completions = self.engine.generate([r.prompt_ids for r in requests], sampling, seed)
         groups = []
         for req, comps in zip(requests, completions):

@@ -54,7 +54,8 @@ class ScoringWorker:
         for lo in range(0, batch.rows, self.micro_batch_size):
             mb = batch.select(slice(lo, lo + self.micro_batch_size)).trim()
             out = fn(mb)  # [b, t]
-            lengths = mb.response_mask.sum(-1).long().tolist()
+            t = mb.response_mask.shape[1]
+            lengths = mb.attention_mask[:, -t:].sum(-1).long().tolist()  # whole responses, observation tokens too
             rows.extend(out[i, :k].tolist() for i, k in enumerate(lengths))
         return rows
 

@@ -61,8 +61,10 @@ def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: fl
     in_reward = alg.kl_placement == "reward" and beta > 0 and ref_logp is not None
     if alg.estimator == "gae":
         values = pad_rows([s.values for s in samples], width)  # [B, T]
-        token_rewards = kl_shaped_token_rewards(rewards, old_logp, ref_logp if ref_logp is not None else old_logp,
-                                                mask, beta if in_reward else 0.0, alg.kl_kind)  # [B, T]
+        per_turn = turn_rewards(samples, width)  # [B, T] multi-turn: each turn's reward on its last token
+        token_rewards = kl_shaped_token_rewards(rewards - per_turn.sum(-1), old_logp,
+                                                ref_logp if ref_logp is not None else old_logp,
+                                                mask, beta if in_reward else 0.0, alg.kl_kind) + per_turn  # [B, T]
         advantages, returns = gae(token_rewards, values, mask, alg.gamma, alg.lam)  # [B, T] each
         advantages = whiten(advantages, mask) if alg.whiten_advantages else advantages
         return dataclasses.replace(batch, advantages=advantages, old_values=values, returns=returns)
@@ -71,6 +73,19 @@ def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: fl
         rewards = rewards - beta * torch.where(mask.bool(), kl, 0).sum(-1)  # [B]
     advantages = broadcast_to_tokens(sequence_advantages(rewards, group_size, alg), mask)  # [B, T]
     return dataclasses.replace(batch, advantages=advantages)
+
+
+def turn_rewards(samples: list, width: int) -> torch.Tensor:
+    """`[B, T]`: each environment turn's reward on the last token it sampled, for GAE (process rewards, survey
+    3.5.1 / A.3.3); zeros for single-turn samples and for a trajectory whose environment failed (its
+    failure_score is an outcome, on the last token)."""
+    out = torch.zeros(len(samples), width)
+    for i, s in enumerate(samples):
+        if s.turns and not any("failed" in turn for turn in s.turns):
+            for turn in s.turns:
+                if turn["sampled_tokens"]:
+                    out[i, turn["end"]] += turn["reward"]
+    return out
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -9,17 +9,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from actors.evaluation import greedy_eval, greedy_sampling
+from actors.evaluation import evaluate_greedy, greedy_sampling
 from actors.records import Group, PromptRequest, SamplingParams
-from orchestrator.config import JobConfig, RolloutConfig
+from orchestrator.config import JobConfig
 from orchestrator.data import PromptStream
+from orchestrator.metrics import env_metrics
 from orchestrator.pools import InFlight, Pools
 
 
-def sampling_params(rollout: RolloutConfig) -> SamplingParams:
-    """How the rollout samples: G completions at `rollout.temperature` / `top_p`."""
-    return SamplingParams(n=rollout.group_size, temperature=rollout.temperature, top_p=rollout.top_p,
-                          max_new_tokens=rollout.max_new_tokens, stop=tuple(rollout.stop))
+def stop_strings(cfg: JobConfig) -> tuple[str, ...]:
+    """`rollout.stop` and the closing tag of each of `env.tools` (a turn ends where a tool call does)."""
+    return tuple(dict.fromkeys(cfg.rollout.stop + cfg.env.stop()))
+
+
+def sampling_params(cfg: JobConfig) -> SamplingParams:
+    """How the rollout samples: G completions (per turn, in multi-turn rollouts) at `rollout.temperature` / `top_p`."""
+    r = cfg.rollout
+    return SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                          stop=stop_strings(cfg))
 
 
 @dataclass
@@ -87,7 +94,7 @@ def evaluate(pools: Pools, cfg: JobConfig, prompts: list[PromptRequest], log: Ca
         return groups
 
     r, rw = cfg.rollout, cfg.reward
-    m = greedy_eval(run_groups, prompts, greedy_sampling(r.max_new_tokens, tuple(r.stop)), rw.accuracy_threshold,
-                    rw.accuracy_label)
-    return {"eval/accuracy": m["accuracy"], "eval/reward": m["reward"], "eval/response_length": m["response_length"],
-            "time/eval": time.perf_counter() - start}
+    m = evaluate_greedy(run_groups, prompts, greedy_sampling(r.max_new_tokens, stop_strings(cfg)),
+                        rw.accuracy_threshold, rw.accuracy_label)
+    return {"eval/accuracy": m.accuracy, "eval/reward": m.reward, "eval/response_length": m.response_length,
+            **env_metrics(m.groups, "eval/"), "time/eval": time.perf_counter() - start}

@@ -173,7 +173,8 @@ MAX_TOTAL_REWARD = 1e15
 
 class RewardConfig(Section):
     functions: list[RewardFunction] = Field(
-        min_length=1, description="Reward functions and reward models, summed with weights.")
+        default_factory=list, description="Reward functions and reward models, summed with weights (at least one, "
+        "unless an env gives the rewards).")
     num_workers: int = Field(1, gt=0, description="Number of RewardWorker actors (groups are spread over them).")
     num_cpus: float = Field(
         0.5, ge=0, description="Logical CPUs per reward worker and reward-model worker (a RewardWorker's "
@@ -225,6 +226,63 @@ class RewardConfig(Section):
             raise ValueError(f"label {twice[0]!r} names two entries of reward.functions; give them distinct "
                              "`label`s (metrics are logged per label)")
         return self
+
+
+TOOL_ENV = "rewards.tool_env:ToolEnv"  # the environment behind env.tools
+
+
+class EnvConfig(Section):
+    name: str | None = Field(
+        None, description='Multi-turn rollouts (off while neither name nor tools is set). Environment class, '
+        '"module:Class" or "path/file.py:Class": reset(row) -> first prompt '
+        "text, step(action) -> (observation or None, reward, done), `async def step` allowed; one instance per "
+        "trajectory. Default with env.tools: the built-in tool environment (rewards.tool_env:ToolEnv).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments each instance is built with.")
+    tools: list[str] = Field(
+        default_factory=list, description='Tools for the built-in tool environment, "module:function" each '
+        "(fn(argument: str) -> str; rewards.tools:calculator, rewards.tools:python): the model calls one as "
+        "<name>argument</name> (the closing tag is added to the stop strings) and reads <result>...</result>.")
+    max_turns: int = Field(4, gt=0, description="Sampled turns per trajectory at most (the last one's observation "
+                           "is not appended).")
+    max_total_tokens: int | None = Field(
+        None, gt=0, description="Response tokens per trajectory at most, sampled and observation ones together "
+        "(default: max_turns x rollout.max_new_tokens).")
+    timeout_s: float = Field(30.0, gt=0, description="Seconds one reset or step may take; past it the trajectory "
+                             "ends with reward.failure_score (counted in reward/env/failures).")
+    num_workers: int = Field(1, gt=0, description="Environment host actors; trajectories are spread over them and "
+                             "their steps run concurrently.")
+    num_cpus: float = Field(0.25, ge=0, description="Logical CPUs per environment host.")
+    resources: dict[str, float] = _resources_field("env")
+    max_concurrency: int = Field(64, gt=0, description="Synchronous steps one host runs at once (threads).")
+    format: Literal["auto", "plain", "chat"] = Field(
+        "auto", description="How turns are written: chat (the tokenizer's chat template; observations as tool "
+        "messages), plain (observation text appended as is), auto (chat when the tokenizer has a template).")
+
+    @model_validator(mode="after")
+    def _one_env(self) -> "EnvConfig":
+        if self.tools and self.name not in (None, TOOL_ENV):
+            raise ValueError("env.tools: tools go to the built-in tool environment; for your own environment "
+                             "pass them in env.kwargs")
+        if len({t.rpartition(":")[2] for t in self.tools}) != len(self.tools):
+            raise ValueError("env.tools: two tools share a function name (a tool is called by its name)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Multi-turn rollouts are on: the config names an environment or tools."""
+        return self.name is not None or bool(self.tools)
+
+    @property
+    def env_name(self) -> str:
+        return self.name or TOOL_ENV
+
+    def env_kwargs(self, prompt_key: str) -> dict[str, Any]:
+        """The instances' keyword arguments (the tool environment's tools and prompt key added)."""
+        return {"tools": self.tools, "prompt_key": prompt_key, **self.kwargs} if self.tools else dict(self.kwargs)
+
+    def stop(self) -> list[str]:
+        """Stop strings the tools add: each tool's closing tag."""
+        return [f"</{t.rpartition(':')[2]}>" for t in self.tools]
 
 
 class ScoringConfig(Section):
@@ -385,7 +443,7 @@ class RayConfig(Section):
         "stops with an error naming the pools still waiting and the resources they ask for.")
 
 
-POOL_NAMES = ("rollout", "reward", "reward_model", "scoring", "trainer", "critic")
+POOL_NAMES = ("rollout", "env", "reward", "reward_model", "scoring", "trainer", "critic")
 
 
 class PlacementConfig(Section):
@@ -415,6 +473,7 @@ class JobConfig(Section):
     data: DataConfig
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig
+    env: EnvConfig = EnvConfig()
     scoring: ScoringConfig = ScoringConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     trainer: TrainerConfig = TrainerConfig()
@@ -440,6 +499,14 @@ class JobConfig(Section):
         if v.weight_sync == "nccl" and (r.engine != "vllm" or self.trainer.num_gpus <= 0):
             raise ValueError("rollout.vllm.weight_sync: nccl broadcasts from a GPU trainer into vLLM; it needs "
                              "rollout.engine: vllm and trainer.num_gpus > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _rewards_given(self) -> "JobConfig":
+        if not self.reward.functions and not self.env.enabled:
+            raise ValueError("reward.functions: give at least one reward function or model (or an env whose steps "
+                             "give rewards)")
+        _check_resources("env.resources", self.env.resources)
         return self
 
     @model_validator(mode="after")
@@ -611,6 +678,10 @@ def check_references(cfg: JobConfig) -> None:
                                   "functions (batched: true, or fn.batched = True) and reward models")
         else:
             _check_reward_model(f"reward.functions.{i}.model", fn.model)
+    if cfg.env.enabled:
+        check_reference("env.name", resolve_callable, cfg.env.env_name)
+        for i, tool in enumerate(cfg.env.tools):
+            check_reference(f"env.tools.{i}", resolve_callable, tool)
     for field, src in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         if src is None or src.source.startswith("datasets:"):
             continue  # a datasets source is checked as it loads (orchestrator.data), still before Ray starts

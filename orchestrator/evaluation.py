@@ -55,9 +55,17 @@ class Scorer:
         from orchestrator.references import reward_specs
 
         r, rw = cfg.rollout, cfg.reward
+        from actors.env_host import EnvHost
+        from orchestrator.pool_specs import env_limits
+        from orchestrator.references import absolute_file_spec
+
         self.rollout = RolloutWorker(engine=r.engine, model_path=checkpoint, dtype=cfg.model.dtype,
                                      trust_remote_code=cfg.model.trust_remote_code, threads=None,
-                                     seed=cfg.loop.seed, device="cuda" if r.num_gpus > 0 else "cpu")
+                                     seed=cfg.loop.seed, device="cuda" if r.num_gpus > 0 else "cpu",
+                                     env=env_limits(cfg))
+        e = cfg.env if cfg.env.enabled else None  # multi-turn: the environments run in this process
+        self.envs = [EnvHost(absolute_file_spec(e.env_name), e.env_kwargs(cfg.data.prompt_key), e.timeout_s,
+                             rw.max_abs_score, e.max_concurrency)] if e else None
         specs = reward_specs(cfg)
         functions = [s for s in specs if s.model is None]
         self.reward = RewardWorker(functions, rw.failure_score, rw.timeout_s, rw.num_processes, rw.max_abs_score,
@@ -74,7 +82,7 @@ class Scorer:
         per_call = max(1, self.sequences_per_call // sampling.n)
         out: list[Group] = []
         for lo in range(0, len(requests), per_call):
-            groups = self.rollout.generate(requests[lo : lo + per_call], sampling)
+            groups = self.rollout.generate(requests[lo : lo + per_call], sampling, self.envs)
             if self.reward is not None:
                 groups = self.reward.reward(groups)
             for rm in self.reward_models:
@@ -92,12 +100,15 @@ def evaluate_checkpoint(cfg: JobConfig, checkpoint: str, requests: list[PromptRe
     """Greedy accuracy and pass@k (for each k in `ks`, from `samples` completions per problem) on `requests`
     (`orchestrator.data.prepare_prompts`); the result as a JSON-ready dict."""
     r, rw = cfg.rollout, cfg.reward
+    from orchestrator.collect import stop_strings
+
+    stop = stop_strings(cfg)
     sampled = SamplingParams(n=samples, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                             stop=tuple(r.stop))
+                             stop=stop)
     start = time.perf_counter()
     scorer = Scorer(cfg, checkpoint)
     try:
-        greedy = evaluate_greedy(scorer.groups, requests, greedy_sampling(r.max_new_tokens, tuple(r.stop)),
+        greedy = evaluate_greedy(scorer.groups, requests, greedy_sampling(r.max_new_tokens, stop),
                                  rw.accuracy_threshold, rw.accuracy_label)
         log(f"greedy: {len(greedy.groups)} problems in {time.perf_counter() - start:.1f} s")
         t = time.perf_counter()

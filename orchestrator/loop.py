@@ -50,7 +50,7 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
                            mlflow=lg.mlflow, name=lg.name, config=cfg.model_dump(mode="json"))
     progress = Progress(loop.steps, lg.progress, cfg.algorithm.estimator.upper(), lg.print_samples_every)
     progress.note(f"starting {sum(d.count for d in job_demands(cfg))} actors ...")
-    run = Run(cfg, Pools(cfg, model_path, rewards), data, kl_controller(cfg.algorithm), sampling_params(cfg.rollout),
+    run = Run(cfg, Pools(cfg, model_path, rewards), data, kl_controller(cfg.algorithm), sampling_params(cfg),
               Ahead() if loop.max_staleness else None, progress.note)
     pools, evals = run.pools, data.eval_prompts
     progress.note(f"policy: {pools.num_params / 1e6:.2f}M parameters; "

@@ -19,6 +19,7 @@ def rollout_metrics(groups: list[Group], accuracy_threshold: float, accuracy_lab
     rewards = [s.reward for s in samples]
     judged = [s.reward_parts[accuracy_label] for s in samples] if accuracy_label else rewards
     lengths = [len(s.response_ids) for s in samples]
+    sampled = [sum(s.loss_mask) if s.loss_mask is not None else n for s, n in zip(samples, lengths)]
     out = {
         "reward/mean": statistics.fmean(rewards),
         "reward/std": statistics.pstdev(rewards),
@@ -28,11 +29,38 @@ def rollout_metrics(groups: list[Group], accuracy_threshold: float, accuracy_lab
         "response/truncated_frac": statistics.fmean(float(s.finish_reason == "length") for s in samples),
         "groups/all_equal_frac": statistics.fmean(
             float(len({s.reward for s in g.samples}) == 1) for g in groups),
-        "tokens/generated": float(sum(lengths)),
+        "tokens/generated": float(sum(sampled)),  # sampled by the model (multi-turn: observations left out)
     }
     out |= reward_part_metrics(groups)
+    out |= env_metrics(groups)
     for stage in ("generate", "reward", "score"):
         out[f"busy/{stage}"] = sum(g.timings.get(stage, 0.0) for g in groups)
+    return out
+
+
+def env_metrics(groups: list[Group], prefix: str = "env/") -> dict[str, float]:
+    """Multi-turn numbers of a batch (none for single-turn groups): turns per trajectory (mean, max), the share
+    that used a tool, tool calls and failed ones, environment failures, observation vs sampled tokens, the share
+    truncated by env.max_turns / env.max_total_tokens, and the rollout's wait on the environments (`busy/env`)."""
+    stats: dict[str, float] = {}
+    for g in groups:
+        for k, v in g.env_stats.items():
+            stats[k] = max(stats.get(k, 0.0), v) if k == "turns_max" else stats.get(k, 0.0) + v
+    if not stats:
+        return {}
+    n = stats["trajectories"]
+    out = {f"{prefix}turns_mean": stats["turns"] / n, f"{prefix}turns_max": stats["turns_max"],
+           f"{prefix}tool_use_frac": stats.get("used_tool", 0.0) / n,
+           f"{prefix}tool_calls": stats.get("env_metric/tool_calls", 0.0),
+           f"{prefix}tool_failures": stats.get("env_metric/tool_failures", 0.0),
+           f"{prefix}failures": stats["failures"],
+           f"{prefix}observation_tokens": stats["observation_tokens"], f"{prefix}sampled_tokens": stats["sampled_tokens"],
+           f"{prefix}truncated_max_turns_frac": stats["truncated_max_turns"] / n,
+           f"{prefix}truncated_max_total_tokens_frac": stats["truncated_max_total_tokens"] / n}
+    out |= {f"{prefix}{k.removeprefix('env_metric/')}": v for k, v in stats.items()
+            if k.startswith("env_metric/") and f"{prefix}{k.removeprefix('env_metric/')}" not in out}
+    if prefix == "env/":
+        out["busy/env"] = sum(g.timings.get("env", 0.0) for g in groups)
     return out
 
 
@@ -119,6 +147,8 @@ def step_times(m: dict[str, float], pools, rollout: float, train: float, sync: f
     the step: which pool to grow) and throughput, from the step's walls and the busy seconds in `m` (`busy/*`
     are consumed). `pools`: anything with the worker lists of `orchestrator.pools.Pools`."""
     out = {"time/rollout": rollout, "time/train": train, "time/sync": sync, "time/step": step}
+    if "busy/env" in m:  # the rollout workers' wait on their environments (part of time/generate's wall)
+        out["time/env"] = m.pop("busy/env") / len(pools.rollout)
     for stage, workers in (("generate", len(pools.rollout)), ("reward", len(pools.reward) + len(pools.reward_models)),
                            ("score", len(pools.scoring))):
         busy = m.pop(f"busy/{stage}")
@@ -146,7 +176,8 @@ def sample_records(groups: list[Group], batch: TrainBatch, n_groups: int) -> lis
             n = float(mask[row].sum())
             records.append({"uid": g.uid, "prompt": g.prompt, "completion": s.text, "reward": s.reward,
                             "reward_parts": s.reward_parts, "advantage": float(adv[row].sum()) / max(n, 1.0),
-                            "tokens": int(n), "finish_reason": s.finish_reason, "policy_version": g.policy_version})
+                            "tokens": int(n), "finish_reason": s.finish_reason, "policy_version": g.policy_version}
+                           | ({"turns": s.turns} if s.turns is not None else {}))
             row += 1
     return records
 

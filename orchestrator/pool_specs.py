@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.critic import CriticTrainer
+from actors.env_host import EnvHost
 from actors.records import RewardSpec
 from actors.reward import RewardWorker
 from actors.reward_model import RewardModelWorker
@@ -15,6 +16,7 @@ from actors.scoring import ScoringWorker
 from actors.trainer import PolicyTrainer
 from orchestrator.config import JobConfig
 from orchestrator.placement import PoolDemand
+from orchestrator.references import absolute_file_spec
 
 CPU_ENV = {"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}}
 
@@ -91,7 +93,11 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
     trainer_cfg = t.model_dump()
     rollout = dict(engine=r.engine, threads=r.threads, seed=cfg.loop.seed,  # samples depend on prompts, not workers
                    device=_device(r.num_gpus), engine_options=r.vllm.model_dump() if r.engine == "vllm" else {},
-                   **common)
+                   env=env_limits(cfg), **common)
+    e = cfg.env if cfg.env.enabled else None
+    n_env = e.num_workers if e else 0
+    env = dict(name=absolute_file_spec(e.env_name), kwargs=e.env_kwargs(cfg.data.prompt_key), timeout_s=e.timeout_s,
+               max_abs_reward=rw.max_abs_score, max_threads=e.max_concurrency) if e else {}
     reward = dict(functions=functions, failure_score=rw.failure_score, timeout_s=rw.timeout_s,
                   num_processes=rw.num_processes, max_abs_score=rw.max_abs_score, memory_mb=rw.memory_mb)
     scoring = dict(with_reference=cfg.algorithm.kl_coef > 0, temperature=r.temperature,
@@ -110,6 +116,7 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
     return [
         PoolSpec("rollout", RolloutWorker, [_ask(r.num_cpus, r.num_gpus, r.resources)] * r.num_workers,
                  [rollout] * r.num_workers, CPU_ENV),
+        PoolSpec("env", EnvHost, [_ask(e.num_cpus, 0, e.resources)] * n_env if e else [], [env] * n_env, CPU_ENV),
         PoolSpec("reward", RewardWorker, [_ask(rw.num_cpus, 0, rw.resources)] * (rw.num_workers if functions else 0),
                  [reward] * (rw.num_workers if functions else 0), CPU_ENV),
         PoolSpec("reward_model", RewardModelWorker, [_ask(rw.num_cpus, x.num_gpus, rw.resources) for x in models],
@@ -123,6 +130,16 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
         PoolSpec("critic", CriticTrainer, [_ask(c.num_cpus, c.num_gpus, c.resources)] * n_critic,
                  [critic | {"rank": i} for i in range(n_critic)], None if c.num_gpus > 0 else CPU_ENV),
     ]
+
+
+def env_limits(cfg: JobConfig) -> dict | None:
+    """A rollout worker's multi-turn settings (`actors.multiturn.EnvLimits` and the turn format), None without env."""
+    e = cfg.env
+    if not e.enabled:
+        return None
+    return dict(max_turns=e.max_turns, max_total_tokens=e.max_total_tokens or e.max_turns * cfg.rollout.max_new_tokens,
+                failure_score=cfg.reward.failure_score, prompt_key=cfg.data.prompt_key,
+                client_timeout_s=e.timeout_s + 30.0, format=e.format)
 
 
 def config_rewards(cfg: JobConfig) -> list[RewardSpec]:

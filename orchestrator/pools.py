@@ -24,7 +24,7 @@ from orchestrator.weight_sync import WeightSync
 __all__ = ["Pools", "PlacementError"]
 
 
-REPLACEABLE = ("rollout", "reward", "reward_model", "scoring")  # pools whose dead workers are replaced
+REPLACEABLE = ("rollout", "env", "reward", "reward_model", "scoring")  # pools whose dead workers are replaced
 
 
 def _dead(workers: list, busy_s: float = 5.0) -> list[int]:
@@ -107,6 +107,7 @@ class Pools:
                                zero3=cfg.trainer.zero_stage == 3)
 
     rollout = property(lambda self: self.workers["rollout"], doc="RolloutWorkers")
+    envs = property(lambda self: self.workers.get("env", []), doc="EnvHosts (multi-turn rollouts; none without env)")
     reward = property(lambda self: self.workers["reward"], doc="RewardWorkers (none when every reward is a model)")
     reward_models = property(lambda self: self.workers["reward_model"], doc="one RewardModelWorker per reward model")
     scoring = property(lambda self: self.workers["scoring"], doc="ScoringWorkers (none when they have no work)")
@@ -148,7 +149,7 @@ class Pools:
         return InFlight(chunks, refs, sampling, prompts_per_call, score, generated)
 
     def finish_groups(self, flight: InFlight, max_rounds: int = 3) -> list[Group]:
-        """The groups of `flight`, in request order. When a rollout, reward or scoring worker dies (killed, OOM,
+        """The groups of `flight`, in request order. When a rollout, environment, reward or scoring worker dies (killed, OOM,
         node lost), it is replaced, gets the current weights, and the chunks that had not come back are issued
         again, up to `max_rounds` times: no group is lost and none is counted twice (a chunk's groups are taken
         whole, from the one attempt that finished). The dead worker may already have been replaced by the time
@@ -173,7 +174,7 @@ class Pools:
         return [g for i in range(len(chunks)) for g in done[i]]
 
     def replace_dead(self, tries: int = 3) -> list[str]:
-        """Start a fresh worker for every dead rollout, reward, reward-model and scoring worker and bring it to the
+        """Start a fresh worker for every dead rollout, environment, reward, reward-model and scoring worker and bring it to the
         current weights (a replacement that dies on the way is replaced again, `tries` times); the pools that lost
         one (empty when all are alive)."""
         replaced = []
@@ -203,7 +204,8 @@ class Pools:
         when given, receives each chunk's generate result (to wait for generation alone)."""
         refs = []
         for lo in range(0, len(requests), prompts_per_call):
-            groups = self._next("rollout").generate.remote(requests[lo : lo + prompts_per_call], sampling)
+            groups = self._next("rollout").generate.remote(requests[lo : lo + prompts_per_call], sampling,
+                                                           *([self.envs] if self.envs else []))
             if generated is not None:
                 generated.append(groups)
             if self.reward:

@@ -53,7 +53,7 @@ def prepare_model(model: ModelConfig) -> str:
     return path
 
 
-def _absolute_file_spec(spec: str) -> str:
+def absolute_file_spec(spec: str) -> str:
     """'rel/file.py:fn' → '/abs/rel/file.py:fn' so actors find it whatever their working directory."""
     target, _, attr = spec.partition(":")
     if (target.endswith(".py") or "/" in target) and Path(target).is_file():
@@ -63,7 +63,7 @@ def _absolute_file_spec(spec: str) -> str:
 
 def reward_specs(cfg: JobConfig) -> list[RewardSpec]:
     """The config's rewards as the actors take them: file and model paths absolute, labels resolved."""
-    return [RewardSpec(label=f.label, name=f.name and _absolute_file_spec(f.name), weight=f.weight,
+    return [RewardSpec(label=f.label, name=f.name and absolute_file_spec(f.name), weight=f.weight,
                        model=f.model and str(Path(f.model).expanduser().resolve()), batched=f.batched,
                        batch_size=f.batch_size, num_gpus=f.num_gpus)
             for f in cfg.reward.functions]

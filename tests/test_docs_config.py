@@ -137,7 +137,8 @@ def test_the_example_prints_every_field_of_the_schema():
     schema, schema_open = schema_keys(JobConfig)
     assert printed == schema, (f"printed but not in the schema: {sorted(printed - schema)}; "
                                f"in the schema but not printed: {sorted(schema - printed)}")
-    assert printed_open == schema_open == {f"{p}.resources" for p in POOLS} | {"data.train.kwargs", "data.eval.kwargs"}
+    assert printed_open == schema_open == ({f"{p}.resources" for p in POOLS} | {"data.train.kwargs", "data.eval.kwargs"}
+                                           | {"env.resources", "env.kwargs"})
 
 
 def test_every_config_key_in_the_docs_is_printed_by_config_show():

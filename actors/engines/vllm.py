@@ -166,6 +166,9 @@ class VLLMEngine:
 
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
         self.llm = vllm.LLM(**kwargs)
+        # Multi-turn rollouts tokenize prompts and observations with it (`actors.turn_format`); each turn's context
+        # shares its prefix with the last one, which vLLM's automatic prefix caching (on by default) serves from cache.
+        self.tokenizer = self.llm.get_tokenizer()
         self._staging = Path(tempfile.mkdtemp(prefix="raylhf-vllm-weights-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._staging), True)
         self._checksum: str | None = None

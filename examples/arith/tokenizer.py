@@ -11,9 +11,9 @@ SPECIALS = [PAD, EOS, BOS, UNK]
 CHARS = list("0123456789") + list("+-*=#, \n")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, `<bos>` prepended, decoding that joins characters without spaces."""
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+def build_tokenizer(chars: list[str] = CHARS, max_length: int = 64) -> PreTrainedTokenizerFast:
+    """One token per character of `chars`, `<bos>` prepended, decoding that joins characters without spaces."""
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # Isolate every character (including "\n") so WordLevel sees single-char words.
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -29,5 +29,5 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         bos_token=BOS,
         unk_token=UNK,
         padding_side="right",
-        model_max_length=64,
+        model_max_length=max_length,
     )

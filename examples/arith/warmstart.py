@@ -155,8 +155,10 @@ def build_random(path: str, seed: int = 0) -> str:
     return prepare(path, max_steps=0, seed=seed)
 
 
-def _save_atomically(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, path: str, info: dict) -> None:
-    """Write into a sibling temp dir, marker last, then rename it onto `path`."""
+def _save_atomically(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, path: str, info: dict,
+                     settings: dict | None = None) -> None:
+    """Write into a sibling temp dir, marker last, then rename it onto `path` (`settings`: the recipe it was built
+    with, this module's by default)."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -165,7 +167,7 @@ def _save_atomically(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(info, f, indent=2)
-        if is_complete(path, {k: info[k] for k in recipe()}):  # another process finished first; keep its result
+        if is_complete(path, settings or {k: info[k] for k in recipe()}):  # another process finished first; keep its result
             return
         if os.path.exists(path):  # leftovers of an interrupted build without the marker
             shutil.rmtree(path)
