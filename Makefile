@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo arith-ppo test install clean
+.PHONY: demo arith-ppo calc test install clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ demo: install
 # (raylhf train-rm examples/arith_rm.yaml) when checkpoints/arith-rm is missing.
 arith-ppo: checkpoints/arith-rm/config.json
 	$(VENV)/bin/raylhf train examples/arith_ppo.yaml
+
+# Multi-turn GRPO with a calculator tool (examples/calc_tools.yaml, docs/agents.md); the warm start is built first.
+calc: install
+	$(VENV)/bin/raylhf train examples/calc_tools.yaml
 
 checkpoints/arith-rm/config.json: | install
 	$(VENV)/bin/raylhf train-rm examples/arith_rm.yaml

@@ -2,7 +2,7 @@
 `step` calls concurrently, each under a time limit, so one slow or stuck step never holds up the others.
 
 As a Ray actor its methods are coroutines, so Ray runs many calls at once on its event loop; a plain `def step`
-runs on a thread of its own. Nothing an environment does ends the host: a call that raises, passes `timeout_s`
+runs on a daemon thread of its own. Nothing an environment does ends the host: a call that raises, passes `timeout_s`
 or returns something other than `(str | None, finite number, bool)` gives back an `EnvResult` with `error`
 set, and that trajectory's instance is dropped. A synchronous step that never returns cannot be stopped from
 Python: its thread is abandoned (the call still fails at `timeout_s`); `stuck` counts them.
@@ -11,10 +11,10 @@ Python: its thread is abandoned (the call still fails at `timeout_s`); `stuck` c
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
 import math
 import os
+import threading
 import traceback
 from dataclasses import dataclass, field
 
@@ -45,7 +45,8 @@ class EnvHost:
         self.kwargs = dict(kwargs or {})
         self.timeout_s, self.max_abs_reward = timeout_s, max_abs_reward
         self.envs: dict[str, object] = {}
-        self.threads = concurrent.futures.ThreadPoolExecutor(max_threads, thread_name_prefix="env")
+        self.max_threads = max_threads
+        self._slots: tuple | None = None  # (event loop, semaphore of threads running a synchronous call)
         self.stuck = 0
 
     async def reset(self, items: list[tuple[str, dict]]) -> list[EnvResult]:
@@ -95,11 +96,27 @@ class EnvHost:
                     pass
 
     async def _call(self, fn, *args, **kwargs):
-        """`fn` awaited if it is a coroutine function, else run on a thread of the pool."""
+        """`fn` awaited if it is a coroutine function, else run on a daemon thread of its own, at most `max_threads`
+        at once (a thread given up on at the timeout frees its slot; a step that never returns must not keep the
+        process from exiting either)."""
         if inspect.iscoroutinefunction(fn):
             return await fn(*args, **kwargs)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.threads, lambda: fn(*args, **kwargs))
+        if self._slots is None or self._slots[0] is not loop:  # in-process use runs a new loop per batch
+            self._slots = (loop, asyncio.Semaphore(self.max_threads))
+        future = loop.create_future()
+
+        def run():
+            try:
+                outcome = (fn(*args, **kwargs), None)
+            except BaseException as e:  # handed to the awaiting coroutine, which records it
+                outcome = (None, e)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+
+        async with self._slots[1]:
+            threading.Thread(target=run, daemon=True, name="env-call").start()
+            return await future
 
     async def _guard(self, tid: str, call) -> EnvResult:
         try:
@@ -121,6 +138,15 @@ class EnvHost:
     def pid(self) -> int:
         """This actor's process id (for tests that kill it from outside)."""
         return os.getpid()
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():  # its caller gave up (timeout)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _check_step(returned, max_abs: float) -> str | None:

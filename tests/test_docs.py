@@ -21,7 +21,8 @@ from tests.conftest import base_config
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = sorted((REPO / "docs").glob("*.md"))
-EXPECTED = {"algorithms.md", "rewards.md", "cluster.md", "reliability.md", "evaluation.md", "data.md", "performance.md"}
+EXPECTED = {"algorithms.md", "rewards.md", "cluster.md", "reliability.md", "evaluation.md", "data.md", "performance.md",
+            "agents.md"}
 
 
 def blocks(page: Path, lang: str) -> list[str]:

@@ -94,7 +94,7 @@ def test_rollout_workers_serve_the_trainers_weights_after_every_step(ray_local, 
     toy = str(Path(__file__).parent / "data" / "toy_rewards.py")
     pools = Pools(cfg, tiny_model, [("length", f"{toy}:length_reward", 1.0)])
     try:
-        run = Run(cfg, pools, load_data(cfg, tiny_model), kl_controller(cfg.algorithm), sampling_params(cfg.rollout))
+        run = Run(cfg, pools, load_data(cfg, tiny_model), kl_controller(cfg.algorithm), sampling_params(cfg))
         seen = set()
         for step in (1, 2):
             metrics, _ = train_step(run, version=step)

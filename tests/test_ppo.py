@@ -282,7 +282,7 @@ def test_each_sequence_estimator_trains_a_step_through_the_real_pools(ray_local,
         data = load_data(cfg0, tiny_model)
         for version, estimator in enumerate(["grpo", "dr_grpo", "rloo", "reinforce_pp"], start=1):
             cfg = JobConfig.model_validate(base | {"algorithm": {"estimator": estimator, "kl_coef": 0.05}})
-            run = Run(cfg, pools, data, kl_controller(cfg.algorithm), sampling_params(cfg.rollout))
+            run = Run(cfg, pools, data, kl_controller(cfg.algorithm), sampling_params(cfg))
             m, _ = train_step(run, version=version)
             assert math.isfinite(m["advantage/abs_mean"]) and m["advantage/abs_mean"] > 0, estimator
             assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and m["kl"] >= 0, estimator

@@ -20,7 +20,7 @@ from examples.arith.warmstart import _save_atomically, is_complete
 from examples.calc.task import RESULT_TEMPLATE, TOOL_CHARS, make_rows, transcript
 from rewards.final_answer import hash_answer
 
-STEPS = 500
+STEPS = 300
 BATCH = 64
 LR = 2e-3
 WARMUP = 20
