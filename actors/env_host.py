@@ -45,6 +45,7 @@ class EnvHost:
         self.kwargs = dict(kwargs or {})
         self.timeout_s, self.max_abs_reward = timeout_s, max_abs_reward
         self.envs: dict[str, object] = {}
+        self.running: dict[str, asyncio.Future] = {}  # steps answered None by `step`, still going
         self.max_threads = max_threads
         self._slots: tuple | None = None  # (event loop, semaphore of threads running a synchronous call)
         self.stuck = 0
@@ -53,9 +54,33 @@ class EnvHost:
         """For each (trajectory id, dataset row): a new instance, reset with the row; its first prompt text."""
         return list(await asyncio.gather(*[self._reset(tid, row) for tid, row in items]))
 
-    async def step(self, items: list[tuple[str, str]]) -> list[EnvResult]:
-        """For each (trajectory id, the model's text for this turn): (observation, reward, done), all at once."""
-        return list(await asyncio.gather(*[self._step(tid, action) for tid, action in items]))
+    async def step(self, items: list[tuple[str, str]], patience_s: float | None = None) -> list[EnvResult | None]:
+        """For each (trajectory id, the model's text for this turn): (observation, reward, done), all at once. With
+        `patience_s`, the answer comes when every step is done or `patience_s` has passed, whichever is first; a step
+        still running then is None here, goes on, and is picked up with `collect`."""
+        tasks = [asyncio.ensure_future(self._step(tid, action)) for tid, action in items]
+        if patience_s is None:
+            return list(await asyncio.gather(*tasks))
+        await asyncio.wait(tasks, timeout=patience_s)
+        return self._take([tid for tid, _ in items], tasks)
+
+    async def collect(self, tids: list[str], wait_s: float) -> list[EnvResult | None]:
+        """The answers of steps `step` left running: those done once the first of them is (or `wait_s` passes), None
+        for the others."""
+        tasks = [self.running[tid] for tid in tids]
+        await asyncio.wait(tasks, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        return self._take(tids, tasks)
+
+    def _take(self, tids: list[str], tasks: list[asyncio.Future]) -> list[EnvResult | None]:
+        out: list[EnvResult | None] = []
+        for tid, task in zip(tids, tasks):
+            if task.done():
+                self.running.pop(tid, None)
+                out.append(task.result())
+            else:
+                self.running[tid] = task
+                out.append(None)
+        return out
 
     async def _reset(self, tid: str, row: dict) -> EnvResult:
         async def start():

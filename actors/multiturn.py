@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,55 +27,63 @@ ENV_LABEL = "env"  # the reward part (and failure count) of the environments' re
 @dataclass(frozen=True)
 class EnvLimits:
     """When a trajectory ends besides `done`, and what a failed one scores. `prompt_key`: the field the row's prompt
-    text is under when it reaches `reset`; `client_timeout_s`: how long the rollout waits for a host at all."""
+    text is under when it reaches `reset`; `client_timeout_s`: how long the rollout waits for a host at all;
+    `patience_s`: how long a batch of steps is waited for before the trajectories whose steps are done go on."""
 
     max_turns: int = 4
     max_total_tokens: int = 256
     failure_score: float = 0.0
     prompt_key: str = "prompt"
     client_timeout_s: float = 60.0
+    patience_s: float = 0.5  # how long a turn's batch of steps is waited for before ready trajectories go on
 
 
 class EnvClient:
-    """The rollout side of the environment hosts: Ray actor handles, or `EnvHost` objects run in this process.
-    Calls go out all at once; the results come back in call order."""
+    """The rollout side of the environment hosts: Ray actor handles, or `EnvHost` objects run in this process (on an
+    event loop of the client's own, so steps left running between calls go on). Calls go out as one batch per host,
+    all hosts at once; the results come back in call order."""
 
     def __init__(self, hosts: list):
         if not hosts:
             raise ValueError("multi-turn rollouts need at least one environment host")
         self.hosts = hosts
         self.local = isinstance(hosts[0], EnvHost)
+        self._loop = None
+        if self.local:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, daemon=True, name="env-client").start()
 
-    def call(self, method: str, calls: list[tuple[int, tuple]], timeout_s: float) -> list[EnvResult]:
-        """`method` ("reset" or "step") for every (host h, item) of `calls`, one batch per host, all hosts at once;
-        the results in call order. A host that dies raises Ray's error (the rollout's caller replaces it and issues
-        the chunk again); one that does not answer within `timeout_s` fails the items it holds."""
+    def call(self, method: str, calls: list[tuple[int, object]], timeout_s: float, *args) -> list[EnvResult | None]:
+        """`method` of host h on the batch of its items, for every (host h, item) of `calls`, with `args` after the
+        batch. A host that dies raises Ray's error (the rollout's caller replaces it and issues the chunk again); one
+        that does not answer within `timeout_s` fails the items it holds."""
         by_host: dict[int, list[int]] = {}
         for i, (h, _) in enumerate(calls):
             by_host.setdefault(h, []).append(i)
         batches = {h: [calls[i][1] for i in idx] for h, idx in by_host.items()}
         if self.local:
             async def run_all():
-                return await asyncio.gather(*[getattr(self.hosts[h], method)(b) for h, b in batches.items()])
-            answers = dict(zip(batches, asyncio.run(run_all()))) if calls else {}
+                return await asyncio.gather(*[getattr(self.hosts[h], method)(b, *args) for h, b in batches.items()])
+            answers = dict(zip(batches, asyncio.run_coroutine_threadsafe(run_all(), self._loop).result()))
         else:
             import ray
 
-            refs = {h: getattr(self.hosts[h], method).remote(b) for h, b in batches.items()}
+            refs = {h: getattr(self.hosts[h], method).remote(b, *args) for h, b in batches.items()}
             ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
             late = [EnvResult(error="timeout", trace=f"its environment host gave no answer within {timeout_s:g} s")]
             answers = {h: ray.get(r) if r in ready else late * len(batches[h]) for h, r in refs.items()}
-        out: list[EnvResult] = [EnvResult()] * len(calls)
+        out: list[EnvResult | None] = [None] * len(calls)
         for h, idx in by_host.items():
             for i, res in zip(idx, answers[h]):
                 out[i] = res
         return out
 
     def close(self, by_host: dict[int, list[str]]) -> None:
-        """Drop finished trajectories' instances (fire and forget on Ray)."""
+        """Drop finished trajectories' instances (fire and forget on Ray) and stop the local event loop."""
         if self.local:
             for h, tids in by_host.items():
-                asyncio.run(self.hosts[h].close(tids))
+                asyncio.run_coroutine_threadsafe(self.hosts[h].close(tids), self._loop).result()
+            self._loop.call_soon_threadsafe(self._loop.stop)
         else:
             for h, tids in by_host.items():
                 self.hosts[h].close.remote(tids)
@@ -114,37 +123,61 @@ def rollout_trajectories(engine, envs: EnvClient, fmt: TurnFormat, requests: lis
                          reported: set[str]) -> list[Group]:
     """`sampling.n` trajectories per request, as groups whose samples carry the loss mask, the turns, and the
     environments' summed reward (reward part "env"; `failure_score` for a trajectory whose environment failed).
-    `reported`: the caller's memory of failure kinds already shown (each is shown once)."""
+    `reported`: the caller's memory of failure kinds already shown (each is shown once).
+
+    The trajectories ready for a turn are generated together, then their steps sent; steps that take longer than
+    `limits.patience_s` are left running and their trajectories rejoin a later turn, so one slow step holds up
+    only its own trajectory."""
     n, nonce = sampling.n, uuid.uuid4().hex[:8]
     trajs = [Trajectory(i, g, f"{nonce}:{r.uid}:{g}", (i * n + g) % len(envs.hosts))
              for i, r in enumerate(requests) for g in range(n)]
-    env_wait = 0.0
-    start = time.perf_counter()
-    resets = envs.call("reset", [(t.host, (t.tid, {limits.prompt_key: requests[t.request].prompt,
-                                                    **requests[t.request].row})) for t in trajs],
-                       limits.client_timeout_s)
-    env_wait += time.perf_counter() - start
+    clock = _Clock()
+    with clock:
+        resets = envs.call("reset", [(t.host, (t.tid, {limits.prompt_key: requests[t.request].prompt,
+                                                        **requests[t.request].row})) for t in trajs],
+                           limits.client_timeout_s)
     _start_prompts(trajs, resets, requests, fmt)
-    for turn in range(limits.max_turns):
-        live = [t for t in trajs if not t.done]
-        if not live:
-            break
-        comps = _generate_turn(engine, live, trajs, requests, sampling, seed + 7919 * turn, turn == 0)
-        steppers = [t for t, c in zip(live, comps) if _take_turn(t, c, limits, engine.tokenizer)]
-        start = time.perf_counter()
-        results = envs.call("step", [(t.host, (t.tid, t.turns[-1]["action"])) for t in steppers],
-                            limits.client_timeout_s)
-        env_wait += time.perf_counter() - start
-        for t, res in zip(steppers, results):
-            _apply_step(t, res, turn + 1 == limits.max_turns, limits, fmt)
-    for t in trajs:
-        if not t.done:  # no turn left for it (an empty first prompt set, ...)
-            t.end("max_turns")
+    ready, waiting, calls = [t for t in trajs if not t.done], [], 0
+    while ready or waiting:
+        if ready:
+            comps = _generate_turn(engine, ready, trajs, sampling, seed + 7919 * calls, calls == 0)
+            calls += 1
+            steppers = [t for t, c in zip(ready, comps) if _take_turn(t, c, limits, engine.tokenizer)]
+            with clock:
+                answers = envs.call("step", [(t.host, (t.tid, t.turns[-1]["action"])) for t in steppers],
+                                    limits.client_timeout_s, limits.patience_s)
+            pending = steppers
+        else:
+            with clock:
+                answers = envs.call("collect", [(t.host, t.tid) for t in waiting], limits.client_timeout_s,
+                                    limits.client_timeout_s)
+            pending, waiting = waiting, []
+        ready = []
+        for t, res in zip(pending, answers):
+            if res is None:  # still running on its host
+                waiting.append(t)
+                continue
+            _apply_step(t, res, len(t.turns) == limits.max_turns, limits, fmt)
+            if not t.done:
+                ready.append(t)
     by_host: dict[int, list[str]] = {}
     for t in trajs:
         by_host.setdefault(t.host, []).append(t.tid)
     envs.close(by_host)
-    return _groups(trajs, requests, n, version, limits, env_wait, reported)
+    return _groups(trajs, requests, n, version, limits, clock.seconds, reported)
+
+
+class _Clock:
+    """Seconds spent inside its `with` blocks (the rollout's wait on the environments)."""
+
+    seconds = 0.0
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.seconds += time.perf_counter() - self._start
+        return False
 
 
 def _start_prompts(trajs: list[Trajectory], resets: list[EnvResult], requests: list[PromptRequest],
@@ -170,8 +203,8 @@ def _start_prompts(trajs: list[Trajectory], resets: list[EnvResult], requests: l
             t.prompt, t.prompt_ids = first.get(t.request, (requests[t.request].prompt, requests[t.request].prompt_ids))
 
 
-def _generate_turn(engine, live: list[Trajectory], trajs: list[Trajectory], requests: list[PromptRequest],
-                   sampling: SamplingParams, seed: int, first: bool) -> list[Completion]:
+def _generate_turn(engine, live: list[Trajectory], trajs: list[Trajectory], sampling: SamplingParams, seed: int,
+                   first: bool) -> list[Completion]:
     """One completion per live trajectory: on the first turn G per prompt (each prompt prefilled once), after it
     one per trajectory's whole context."""
     if not first:

@@ -249,6 +249,10 @@ class EnvConfig(Section):
         "(default: max_turns x rollout.max_new_tokens).")
     timeout_s: float = Field(30.0, gt=0, description="Seconds one reset or step may take; past it the trajectory "
                              "ends with reward.failure_score (counted in reward/env/failures).")
+    patience_s: float = Field(
+        0.5, gt=0, description="How long a turn's steps are waited for together: past it, the trajectories whose "
+        "steps are done go on to their next turn and the slower ones rejoin later (one slow step holds up only its "
+        "own trajectory).")
     num_workers: int = Field(1, gt=0, description="Environment host actors; trajectories are spread over them and "
                              "their steps run concurrently.")
     num_cpus: float = Field(0.25, ge=0, description="Logical CPUs per environment host.")

@@ -139,7 +139,7 @@ def env_limits(cfg: JobConfig) -> dict | None:
         return None
     return dict(max_turns=e.max_turns, max_total_tokens=e.max_total_tokens or e.max_turns * cfg.rollout.max_new_tokens,
                 failure_score=cfg.reward.failure_score, prompt_key=cfg.data.prompt_key,
-                client_timeout_s=e.timeout_s + 30.0, format=e.format)
+                client_timeout_s=e.timeout_s + 30.0, patience_s=e.patience_s, format=e.format)
 
 
 def config_rewards(cfg: JobConfig) -> list[RewardSpec]:

@@ -344,3 +344,31 @@ def test_env_config_names_its_field_when_wrong():
     with pytest.raises(ConfigError, match="reward.functions"):
         load(tmp, reward={"functions": []})
     assert load(tmp, reward={"functions": []}, env={"name": "my.mod:Env"}).reward.functions == []
+
+
+class StragglerEnv(EchoEnv):
+    """Trajectory k of the group (by its prompt's instance count) is slow (1.5 s) on turn k + 1: in lock step the
+    three slow turns would add up."""
+
+    count = 0
+
+    def __init__(self):
+        super().__init__()
+        StragglerEnv.count += 1
+        self.slow_turn = StragglerEnv.count % 4
+
+    def step(self, action):
+        if self.turn + 1 == self.slow_turn:
+            time.sleep(1.5)
+        return EchoEnv.step(self, action)
+
+
+def test_one_slow_step_holds_up_only_its_own_trajectory():
+    tok = merging_tokenizer()
+    start = time.perf_counter()
+    groups = roll(spy_engine(tok), f"{__file__}:StragglerEnv", ["12+34="], n=4, max_new_tokens=2,
+                  limits=EnvLimits(3, 96, patience_s=0.2))
+    elapsed = time.perf_counter() - start
+    assert all(len([t for t in s.turns if "action" in t]) == 3 for s in groups[0].samples)
+    assert groups[0].env_stats["failures"] == 0
+    assert elapsed < 3.5, elapsed  # in lock step: 3 x 1.5 s of slow turns one after another
