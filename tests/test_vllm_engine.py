@@ -7,6 +7,7 @@ import importlib.util
 import subprocess
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -158,6 +159,11 @@ class FakeLLM:
     def get_weight_version(self):
         return self.version
 
+    def get_tokenizer(self):
+        from actors.modeling import load_tokenizer
+
+        return load_tokenizer(self.kwargs["model"])
+
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
@@ -254,6 +260,28 @@ def test_nccl_receive_runs_the_weight_transfer_protocol_and_returns_the_version_
 def test_the_weight_group_puts_the_trainer_first_and_each_engines_tp_ranks_next():
     assert weight_group_ranks([2, 1, 4]) == (8, [1, 3, 4])
     assert weight_group_ranks([]) == (1, [])
+
+
+def test_multi_turn_rollouts_feed_vllm_each_turns_whole_context_as_token_ids(fake_vllm, tiny_model):
+    """Turn 2's prompt is turn 1's prompt ids + the sampled ids + the observation ids: nothing re-tokenized."""
+    from actors.env_host import EnvHost
+    from actors.multiturn import EnvClient, EnvLimits, rollout_trajectories
+    from actors.records import PromptRequest
+    from actors.turn_format import TurnFormat
+
+    engine = VLLMEngine(tiny_model, device="cuda")
+    tok = engine.tokenizer
+    toy = Path(__file__).parent / "data" / "toy_envs.py"
+    prompt = tok("12+3=")["input_ids"]
+    groups = rollout_trajectories(engine, EnvClient([EnvHost(f"{toy}:Flaky", {"misbehave": False})]),
+                                  TurnFormat(tok, "plain"), [PromptRequest("q", "12+3=", prompt, {})],
+                                  SamplingParams(n=2, max_new_tokens=4), 0, EnvLimits(3, 64), 0, set())
+    prompts = [[p["prompt_token_ids"] for p in call[1]] for call in FakeLLM.instances[0].calls if call[0] == "generate"]
+    observation = tok("=1\n", add_special_tokens=False)["input_ids"]
+    assert prompts[0] == [prompt]  # turn 1: the prompt once, n=2
+    assert prompts[1] == [prompt + [3, 4] + observation] * 2  # turn 2: each trajectory's context, n=1
+    assert prompts[2] == [prompt + ([3, 4] + observation) * 2] * 2
+    assert [s.loss_mask for s in groups[0].samples] == [([1, 1] + [0] * len(observation)) * 2 + [1, 1]] * 2
 
 
 def test_unknown_weight_sync_is_refused(fake_vllm, tiny_model):

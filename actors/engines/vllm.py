@@ -166,13 +166,17 @@ class VLLMEngine:
 
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
         self.llm = vllm.LLM(**kwargs)
-        # Multi-turn rollouts tokenize prompts and observations with it (`actors.turn_format`); each turn's context
-        # shares its prefix with the last one, which vLLM's automatic prefix caching (on by default) serves from cache.
-        self.tokenizer = self.llm.get_tokenizer()
         self._staging = Path(tempfile.mkdtemp(prefix="raylhf-vllm-weights-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._staging), True)
         self._checksum: str | None = None
         self._asleep = False
+
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer (`LLM.get_tokenizer()`): multi-turn rollouts tokenize prompts and observations with
+        it (`actors.turn_format`). Each turn's context extends the last one, and vLLM's automatic prefix caching (on
+        by default) serves that shared prefix from its KV cache."""
+        return self.llm.get_tokenizer()
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
         """`sampling.n` completions per prompt (its token ids, `actors.modeling.encode_prompts`), with each sampled
