@@ -59,7 +59,7 @@ class Sample:
     old_logp: list[float] | None = None
     values: list[float] | None = None  # PPO: V(s_t) before each response token, from the critic at rollout time
     loss_mask: list[int] | None = None  # multi-turn: 1 where the model sampled the token, 0 on observation tokens
-    turns: list[dict] | None = None  # multi-turn: per turn its action text, observation, reward, `end` (last sampled index)
+    turns: list[dict] | None = None  # multi-turn: per turn its action, observation, reward, `end` (its last sampled index)
 
     def add_reward(self, label: str, weight: float, value: float) -> None:
         """Record one reward's score under its label and add it, weighted, to the total."""

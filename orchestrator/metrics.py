@@ -54,7 +54,8 @@ def env_metrics(groups: list[Group], prefix: str = "env/") -> dict[str, float]:
            f"{prefix}tool_calls": stats.get("env_metric/tool_calls", 0.0),
            f"{prefix}tool_failures": stats.get("env_metric/tool_failures", 0.0),
            f"{prefix}failures": stats["failures"],
-           f"{prefix}observation_tokens": stats["observation_tokens"], f"{prefix}sampled_tokens": stats["sampled_tokens"],
+           f"{prefix}observation_tokens": stats["observation_tokens"],
+           f"{prefix}sampled_tokens": stats["sampled_tokens"],
            f"{prefix}truncated_max_turns_frac": stats["truncated_max_turns"] / n,
            f"{prefix}truncated_max_total_tokens_frac": stats["truncated_max_total_tokens"] / n}
     out |= {f"{prefix}{k.removeprefix('env_metric/')}": v for k, v in stats.items()

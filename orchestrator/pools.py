@@ -149,8 +149,8 @@ class Pools:
         return InFlight(chunks, refs, sampling, prompts_per_call, score, generated)
 
     def finish_groups(self, flight: InFlight, max_rounds: int = 3) -> list[Group]:
-        """The groups of `flight`, in request order. When a rollout, environment, reward or scoring worker dies (killed, OOM,
-        node lost), it is replaced, gets the current weights, and the chunks that had not come back are issued
+        """The groups of `flight`, in request order. When a rollout, environment, reward or scoring worker dies (killed,
+        OOM, node lost), it is replaced, gets the current weights, and the chunks that had not come back are issued
         again, up to `max_rounds` times: no group is lost and none is counted twice (a chunk's groups are taken
         whole, from the one attempt that finished). The dead worker may already have been replaced by the time
         its chunks fail (a prefetched round outlives a weight sync): they are issued again all the same."""

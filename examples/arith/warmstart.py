@@ -167,7 +167,7 @@ def _save_atomically(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(info, f, indent=2)
-        if is_complete(path, settings or {k: info[k] for k in recipe()}):  # another process finished first; keep its result
+        if is_complete(path, settings or {k: info[k] for k in recipe()}):  # another process finished first: keep it
             return
         if os.path.exists(path):  # leftovers of an interrupted build without the marker
             shutil.rmtree(path)
