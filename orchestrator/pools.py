@@ -174,9 +174,9 @@ class Pools:
         return [g for i in range(len(chunks)) for g in done[i]]
 
     def replace_dead(self, tries: int = 3) -> list[str]:
-        """Start a fresh worker for every dead rollout, environment, reward, reward-model and scoring worker and bring it to the
-        current weights (a replacement that dies on the way is replaced again, `tries` times); the pools that lost
-        one (empty when all are alive)."""
+        """Start a fresh worker for every dead rollout, environment, reward, reward-model and scoring worker and bring
+        it to the current weights (a replacement that dies on the way is replaced again, `tries` times); the pools
+        that lost one (empty when all are alive)."""
         replaced = []
         for name in REPLACEABLE:
             workers = self.workers[name]
