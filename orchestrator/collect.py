@@ -71,7 +71,8 @@ def collect_groups(pools: Pools, cfg: JobConfig, stream: PromptStream, sampling:
         chosen = {id(g) for g in kept}
         kept += [g for g in generated if id(g) not in chosen][: want - len(kept)]
     if pools.reference_on_trainers:  # LoRA: the trainers score the reference, between their train steps
-        kept = pools.score_reference(kept)
+        scored = dict(zip(map(id, kept), pools.score_reference(kept)))
+        kept, generated = [scored[id(g)] for g in kept], [scored.get(id(g), g) for g in generated]
     return kept, generated, rounds
 
 
