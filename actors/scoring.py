@@ -6,6 +6,10 @@ weights that generated the samples) gives the denominator of the PPO ratio (2.4.
 `algorithm.old_logprobs: recompute` (otherwise the rollout engine's own log-probs serve); the critic copy
 gives V(s_t) per response token for GAE (2.14), kept in step with the CriticTrainer like the policy.
 
+Under LoRA (`model.lora`) the policy and critic copies carry adapters and take only those in weight syncs; the
+reference is the bare base, held here only with `model.lora.reference: scoring` (by default the trainer ranks
+score it with their adapters disabled, `actors.trainer.PolicyTrainer.score_reference`).
+
 A group is scored by the old policy only at the version that generated it (`Group.policy_version`): a
 worker that already serves newer weights refuses it (`StaleGroup`) rather than compute a wrong pi_old.
 The orchestrator submits a group's scoring before the weight sync that follows, and Ray runs one

@@ -62,7 +62,8 @@ def check_resume(state: LoopState, lora: dict | None, bases: dict, path: Path) -
             field = "model.path" if role == "policy" else "critic.init (or model.path)"
             raise ResumeMismatch(
                 f"checkpoint {path} holds LoRA adapters trained on the {role} base model {saved['path']} (weights "
-                f"sha256 {saved['sha256'][:16]}...), but the base is now {now['path']} (sha256 {now['sha256'][:16]}...); "
+                f"sha256 {saved['sha256'][:16]}...), but the base is now {now['path']} "
+                f"(sha256 {now['sha256'][:16]}...); "
                 f"adapters mean nothing on other base weights. Set {field} to the original base, or start a new run")
 
 

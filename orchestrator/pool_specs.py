@@ -103,7 +103,8 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
                    lora=lora, **common)
     reward = dict(functions=functions, failure_score=rw.failure_score, timeout_s=rw.timeout_s,
                   num_processes=rw.num_processes, max_abs_score=rw.max_abs_score, memory_mb=rw.memory_mb)
-    scoring = dict(with_reference=cfg.algorithm.kl_coef > 0 and not reference_on_trainers(cfg), temperature=r.temperature,
+    scoring_reference = cfg.algorithm.kl_coef > 0 and not reference_on_trainers(cfg)
+    scoring = dict(with_reference=scoring_reference, temperature=r.temperature,
                    micro_batch_size=s.micro_batch_size, threads=s.threads, device=_device(s.num_gpus),
                    value_model=critic_path(cfg, model_path), with_policy=cfg.algorithm.old_logprobs == "recompute",
                    share_prompts=m.share_prompt_forward, lora=lora, **common)

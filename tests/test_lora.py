@@ -152,14 +152,16 @@ def test_merged_policy_is_base_plus_scaled_BA_and_exports_with_the_trainers_logi
     tr = trained["rank"]
     run = tmp_path / "run"
     tr.save_pretrained(str(run / "final_policy"))
-    merged, base = load_file(str(run / "final_policy" / "model.safetensors")), load_file(f"{tiny_model}/model.safetensors")
+    merged = load_file(str(run / "final_policy" / "model.safetensors"))
+    base = load_file(f"{tiny_model}/model.safetensors")
     adapter = {k.removeprefix("base_model.model."): v for k, v in tr.engine.module.state_dict().items()}
     scale = LORA["alpha"] / LORA["r"]
     adapted = 0
     for name, w0 in base.items():
         layer = name.removesuffix(".weight")
         if f"{layer}.lora_A.default.weight" in adapter:
-            a, b = adapter[f"{layer}.lora_A.default.weight"], adapter[f"{layer}.lora_B.default.weight"]  # [r, in], [out, r]
+            a = adapter[f"{layer}.lora_A.default.weight"]  # [r, in]
+            b = adapter[f"{layer}.lora_B.default.weight"]  # [out, r]
             torch.testing.assert_close(merged[name], w0 + scale * (b @ a), rtol=0, atol=1e-6)
             assert (merged[name] - w0).abs().max() > 1e-4
             adapted += 1
@@ -178,7 +180,8 @@ def test_merged_policy_is_base_plus_scaled_BA_and_exports_with_the_trainers_logi
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == LORA["r"]
     with torch.no_grad():
         exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(input_ids=ids).logits
-        via_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(tmp_path / "adapter"))
+        base_model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        via_peft = PeftModel.from_pretrained(base_model, str(tmp_path / "adapter"))
         from_adapter = via_peft.eval()(input_ids=ids).logits
     torch.testing.assert_close(exported, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(from_adapter, want, rtol=1e-5, atol=1e-5)
@@ -289,6 +292,29 @@ def test_a_resume_against_another_base_or_other_lora_settings_is_refused(tiny_mo
         check_resume(state, {**LORA, "r": 8}, saved, tmp_path)
     with pytest.raises(ResumeMismatch, match="null \\(full fine-tuning\\)"):
         check_resume(state, None, {}, tmp_path)
+
+
+def test_raylhf_train_refuses_to_resume_adapters_on_another_base_before_ray_starts(tiny_model, tmp_path, capsys):
+    """Exit 2 with both bases named; the run directory's config and metrics are left as they were."""
+    import yaml
+
+    from orchestrator import checkpoint
+    from orchestrator.cli import main
+    from tests.conftest import base_config
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(base_config(tiny_model, model={"lora": {"r": 4, "alpha": 8.0}})))
+    run_dir = tmp_path / "run"
+    state = checkpoint.LoopState(step=1, version=1, lora=LORA,
+                                 bases={"policy": {"path": "/models/other-base", "sha256": "ab" * 32}})
+    checkpoint.save(run_dir, state, lambda d: None, keep=2)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (run_dir / "config.yaml").write_text("the run's own\n")
+    assert main(["train", str(config), "--run-dir", str(run_dir), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "/models/other-base" in err and tiny_model in err and "model.path" in err
+    assert (run_dir / "config.yaml").read_text() == "the run's own\n"
+    assert (run_dir / "metrics.jsonl").read_text().count("step") == 2
 
 
 # ----------------------------------------------------------------------------- a whole run (Ray)

@@ -301,7 +301,8 @@ def test_lora_adapters_reach_vllm_as_a_new_lora_request_per_version(fake_vllm, t
     policy.save_pretrained(str(peft_dir))  # peft's own writer names the tensors the same way
     from safetensors.torch import load_file
 
-    ours, theirs = load_file(str(paths[1] / "adapter_model.safetensors")), load_file(str(peft_dir / "adapter_model.safetensors"))
+    ours = load_file(str(paths[1] / "adapter_model.safetensors"))
+    theirs = load_file(str(peft_dir / "adapter_model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
