@@ -17,7 +17,10 @@ from algorithms.losses import value_loss
 
 
 class CriticTrainer(DeepSpeedRank):
-    """One critic rank. `model["path"]` is where the value model starts (policy or reward-model checkpoint)."""
+    """One critic rank. `model["path"]` is where the value model starts (policy or reward-model checkpoint). Under
+    LoRA (`model["lora"]`) the transformer body trains through adapters and the value head trains whole."""
+
+    value_head = True
 
     def __init__(self, rank: int, world_size: int, model: dict, trainer: dict, value_clip: float | None, agg: str,
                  grad_accum: int, total_steps: int, seed: int = 0, device: str = "cpu"):

@@ -52,10 +52,17 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
 
 
+def hf_model(model):
+    """The Hugging Face model itself, looking through a DeepSpeed engine and a peft (LoRA) wrapper, whose forward
+    passes every argument on to it: for reading its forward's signature."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+
+
 def cache_argument(model) -> str:
     """The name of the KV cache in the model's forward arguments and outputs: `cache` in transformers 5,
-    `past_key_values` in 4.x (and in older remote code). A DeepSpeed engine is looked through."""
-    forward = getattr(model, "module", model).forward
+    `past_key_values` in 4.x (and in older remote code). A DeepSpeed engine and a LoRA wrapper are looked through."""
+    forward = hf_model(model).forward
     return _cache_argument(getattr(forward, "__func__", forward))
 
 

@@ -18,12 +18,13 @@ class RolloutWorker:
 
     def __init__(self, engine: str, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  threads: int | None = None, seed: int = 0, device: str = "cpu", engine_options: dict | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, lora: dict | None = None):
         """`engine_options`: the engine's own settings (vllm: `rollout.vllm` of the config). `env`: multi-turn
-        rollouts (`EnvLimits` fields and `format`: plain | chat), None for one completion per sample."""
+        rollouts (`EnvLimits` fields and `format`: plain | chat), None for one completion per sample. `lora`
+        (`model.lora`): the engine serves base + adapters, and weight syncs carry the adapters only."""
         set_threads(threads)
-        self.engine = make_engine(engine, model_path=model_path, dtype=dtype,
-                                  trust_remote_code=trust_remote_code, device=device, **(engine_options or {}))
+        self.engine = make_engine(engine, model_path=model_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                  device=device, lora=lora, **(engine_options or {}))
         self.tp = (engine_options or {}).get("tensor_parallel_size", 1)
         self.seed = seed
         self.version = 0
@@ -69,7 +70,7 @@ class RolloutWorker:
 
     def load_weights(self, packed: dict, version: int) -> int:
         """Serve `version` from now on; returns the version now served."""
-        self.engine.load_weights(packed)
+        self.engine.load_weights(packed, version)
         self.version = version
         return version
 

@@ -6,6 +6,10 @@ weights that generated the samples) gives the denominator of the PPO ratio (2.4.
 `algorithm.old_logprobs: recompute` (otherwise the rollout engine's own log-probs serve); the critic copy
 gives V(s_t) per response token for GAE (2.14), kept in step with the CriticTrainer like the policy.
 
+Under LoRA (`model.lora`) the policy and critic copies carry adapters and take only those in weight syncs; the
+reference is the bare base, held here only with `model.lora.reference: scoring` (by default the trainer ranks
+score it with their adapters disabled, `actors.trainer.PolicyTrainer.score_reference`).
+
 A group is scored by the old policy only at the version that generated it (`Group.policy_version`): a
 worker that already serves newer weights refuses it (`StaleGroup`) rather than compute a wrong pi_old.
 The orchestrator submits a group's scoring before the weight sync that follows, and Ray runs one
@@ -19,9 +23,10 @@ import time
 import torch
 
 from actors.batch import collate_groups
+from actors.lora import load_sync_state, sync_state, wrap
 from actors.modeling import load_causal_lm, load_tokenizer, load_value_model, response_logprobs, response_values, set_threads
 from actors.records import Group, TrainBatch
-from actors.weights import load_packed, weights_checksum
+from actors.weights import state_checksum, unpack_state_dict
 
 
 class StaleGroup(RuntimeError):
@@ -34,30 +39,24 @@ class ScoringWorker:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  with_reference: bool = True, temperature: float = 1.0, micro_batch_size: int = 64,
                  threads: int | None = None, device: str = "cpu", value_model: str | None = None,
-                 with_policy: bool = True, share_prompts: bool = True):
+                 with_policy: bool = True, share_prompts: bool = True, lora: dict | None = None):
         """`value_model`: where the critic starts (PPO); None scores no values. `with_policy` False: no
         old-policy scoring (pi_old comes from the rollout's log-probs). `share_prompts`: see
-        `actors.modeling.response_logits`."""
+        `actors.modeling.response_logits`. `lora` (`model.lora`): the policy and critic copies carry adapters (the
+        critic's head trained whole) and take only those in weight syncs; the reference is the bare base."""
         set_threads(threads)
         self.pad_id = load_tokenizer(model_path, trust_remote_code).pad_token_id
-        self.policy = load_causal_lm(model_path, dtype, trust_remote_code, device).eval() if with_policy else None
+        policy = load_causal_lm(model_path, dtype, trust_remote_code, device) if with_policy else None
+        critic = load_value_model(value_model, dtype, trust_remote_code, device) if value_model else None
+        self.policy = (wrap(policy, lora) if lora else policy).eval() if policy is not None else None
         self.reference = load_causal_lm(model_path, dtype, trust_remote_code, device).eval() if with_reference else None
-        self.critic = load_value_model(value_model, dtype, trust_remote_code, device).eval() if value_model else None
+        self.critic = (wrap(critic, lora, value_head=True) if lora else critic).eval() if critic is not None else None
         self.temperature, self.share_prompts = temperature, share_prompts
         self.micro_batch_size = micro_batch_size
         self.version = 0
 
-    @torch.no_grad()
     def _per_token(self, fn, batch: TrainBatch) -> list[list[float]]:
-        """`fn(micro_batch) -> [b, t]` over the batch in micro-batches, cut to each response's length."""
-        rows: list[list[float]] = []
-        for lo in range(0, batch.rows, self.micro_batch_size):
-            mb = batch.select(slice(lo, lo + self.micro_batch_size)).trim()
-            out = fn(mb)  # [b, t]
-            t = mb.response_mask.shape[1]
-            lengths = mb.attention_mask[:, -t:].sum(-1).long().tolist()  # whole responses, observation tokens too
-            rows.extend(out[i, :k].tolist() for i, k in enumerate(lengths))
-        return rows
+        return per_token(fn, batch, self.micro_batch_size)
 
     def _logprobs(self, model, batch: TrainBatch) -> list[list[float]]:
         return self._per_token(lambda mb: response_logprobs(model, mb, self.temperature, self.share_prompts)[0], batch)
@@ -89,13 +88,26 @@ class ScoringWorker:
         """The policy copy serves `version` from now on (the reference never changes)."""
         if self.policy is None:
             raise RuntimeError("this ScoringWorker holds no policy copy (algorithm.old_logprobs: rollout)")
-        load_packed(self.policy, packed)
+        load_sync_state(self.policy, unpack_state_dict(packed))
         self.version = version
         return version
 
     def load_value_weights(self, packed: dict) -> None:
         """The critic copy takes the CriticTrainer's new weights."""
-        load_packed(self.critic, packed)
+        load_sync_state(self.critic, unpack_state_dict(packed))
 
     def weights_version(self) -> tuple[int, str]:
-        return self.version, weights_checksum(self.policy)
+        return self.version, state_checksum(sync_state(self.policy))
+
+
+@torch.no_grad()
+def per_token(fn, batch: TrainBatch, micro_batch_size: int) -> list[list[float]]:
+    """`fn(micro_batch) -> [b, t]` over the batch in micro-batches, cut to each response's length."""
+    rows: list[list[float]] = []
+    for lo in range(0, batch.rows, micro_batch_size):
+        mb = batch.select(slice(lo, lo + micro_batch_size)).trim()
+        out = fn(mb)  # [b, t]
+        t = mb.response_mask.shape[1]
+        lengths = mb.attention_mask[:, -t:].sum(-1).long().tolist()  # whole responses, observation tokens too
+        rows.extend(out[i, :k].tolist() for i, k in enumerate(lengths))
+    return rows

@@ -12,16 +12,19 @@ import contextlib
 import gc
 import math
 import os
+import resource
 import socket
 import time
 
 import torch
 
-from actors.batch import expand
+from actors.batch import collate_groups, expand
 from actors.deepspeed_ops import load_shm_comm
+from actors.lora import load_sync_state, save_merged_policy, state_bytes, sync_state, trainable_names, wrap
 from actors.modeling import load_causal_lm, load_tokenizer, response_logprobs, set_threads
-from actors.records import TrainBatch
-from actors.weights import pack_state_dict, weights_checksum
+from actors.records import Group, TrainBatch
+from actors.scoring import per_token
+from actors.weights import pack_state, state_checksum
 from algorithms.losses import entropy, policy_loss_with_kl, tis_weights
 
 
@@ -72,6 +75,16 @@ def micro_slices(n: int, grad_accum: int) -> list[slice]:
     return [slice(i * n // grad_accum, (i + 1) * n // grad_accum) for i in range(grad_accum)]
 
 
+def optimizer_state_bytes(optimizer, module: torch.nn.Module) -> int:
+    """Bytes the optimizer holds on this rank besides the model's own weights: AdamW's moments and, under ZeRO,
+    its fp32 master copy of the trained parameters (its own tensors, a shard of them per rank)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO optimizer wraps the torch one
+    own = {id(p) for p in module.parameters()}
+    tensors = [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t)]
+    tensors += [p for group in inner.param_groups for p in group["params"] if id(p) not in own]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def zero_loss(output: torch.Tensor) -> torch.Tensor:
     """A loss with exactly zero gradient, through the same graph as the real loss (the model's `output`):
     a NaN/inf micro-batch still takes its backward pass, so ZeRO's gradient hooks fire in the same order
@@ -84,12 +97,19 @@ class DeepSpeedRank:
 
     Construct all ranks, then call `setup` on all of them together. Subclasses give the model
     (`build_model`) and the loss of one micro-batch (`_micro_loss`).
+
+    With `model["lora"]` (`model.lora` of the config) the model is wrapped with peft adapters and DeepSpeed
+    optimizes only what trains (the adapters; a critic's value head too, `value_head`): the optimizer state,
+    weight syncs (`state_dict`) and checkpoints cover only that.
     """
+
+    value_head = False  # the critic's head trains whole under LoRA
 
     def __init__(self, rank: int, world_size: int, model: dict, trainer: dict, grad_accum: int, total_steps: int,
                  seed: int = 0, device: str = "cpu"):
         self.rank, self.world_size = rank, world_size
         self.model_cfg, self.cfg = model, trainer
+        self.lora: dict | None = model.get("lora")
         self.grad_accum, self.total_steps, self.seed, self.device = grad_accum, total_steps, seed, device
         self._store_listener: socket.socket | None = None  # rank 0 on CPU: see `rendezvous`
         set_threads(trainer.get("threads"))
@@ -113,7 +133,8 @@ class DeepSpeedRank:
         import deepspeed
 
         load_shm_comm()  # else DeepSpeed JIT-loads it behind a lock file a killed process leaves (deepspeed_ops)
-        if self.device == "cpu":  # every rank on the store rank 0 serves on 127.0.0.1 (DeepSpeed then uses this group)
+        if self.device == "cpu" and not torch.distributed.is_initialized():  # (tests in one process start it once)
+            # every rank on the store rank 0 serves on 127.0.0.1 (DeepSpeed then uses this group)
             listener = self._store_listener.detach() if self._store_listener else None  # the store owns it now
             store = torch.distributed.TCPStore(master_addr, master_port, self.world_size, is_master=self.rank == 0,
                                                wait_for_workers=False, master_listen_fd=listener)
@@ -122,9 +143,11 @@ class DeepSpeedRank:
         torch.manual_seed(self.seed)
         m, c = self.model_cfg, self.cfg
         model = self.build_model()
+        if self.lora:
+            model = wrap(model, self.lora, self.value_head)
         self.tokenizer = load_tokenizer(m["path"], m["trust_remote_code"])
-        optimizer = torch.optim.AdamW(model.parameters(), lr=c["lr"], betas=tuple(c["betas"]),
-                                      weight_decay=c["weight_decay"])
+        trained = [p for p in model.parameters() if p.requires_grad]  # all of them without LoRA
+        optimizer = torch.optim.AdamW(trained, lr=c["lr"], betas=tuple(c["betas"]), weight_decay=c["weight_decay"])
         total_updates = self.total_steps * c["epochs"] * c["num_minibatches"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(c["lr_schedule"], c["warmup_steps"], total_updates))
@@ -132,6 +155,9 @@ class DeepSpeedRank:
                            c["grad_clip"], m["dtype"])
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=config)
+        if self.lora:  # checkpoints hold what trains; DeepSpeed's exclude_frozen_parameters misses a tied weight's
+            full, names = self.engine.module_state_dict, trainable_names(model)  # second name (lm_head = embeddings)
+            self.engine.module_state_dict = lambda *a, **k: {n: t for n, t in full(*a, **k).items() if n in names}
         gc.freeze()  # the modules and libraries live on: Python's collector stops re-walking them every step
         return sum(p.numel() for p in model.parameters())
 
@@ -187,6 +213,8 @@ class DeepSpeedRank:
         out["lr"] = engine.get_lr()[0]
         out["time/train_forward_backward"] = t_fwd_bwd  # forward, loss and backward of every micro-batch
         out["time/optimizer"] = t_opt  # engine.step(): gradient clipping, the AdamW update, ZeRO's gathers
+        out["optimizer/state_bytes"] = float(optimizer_state_bytes(engine.optimizer, engine.module))
+        out["memory/peak_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
         return out
 
     def _micro_loss(self, micro: TrainBatch, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
@@ -194,38 +222,49 @@ class DeepSpeedRank:
         the loss was computed from)."""
         raise NotImplementedError
 
-    def full_parameters(self):
-        """A context holding the full parameters on this rank: ZeRO-3 gathers its shards (a collective, so every
-        rank must enter it together); other stages keep them whole already."""
+    def full_parameters(self, trained_only: bool = False):
+        """A context holding the full parameters on this rank (`trained_only`: those that train): ZeRO-3 gathers
+        its shards (a collective, so every rank must enter it together); other stages keep them whole already."""
         if self.cfg["zero_stage"] == 3:
             import deepspeed
 
-            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+            params = [p for p in self.engine.module.parameters() if p.requires_grad or not trained_only]
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
     def state_dict(self, pack: bool = True) -> dict | None:
-        """The weights, packed for one object-store put. Under ZeRO-3 every rank must be called together (see
-        `full_parameters`): the ranks whose result is not needed pass `pack=False` and return None."""
-        with self.full_parameters():
-            return pack_state_dict(self.engine.module) if pack else None
+        """What a weight sync sends (`actors.lora.sync_state`: the full weights, or under LoRA the adapters), packed
+        for one object-store put. Under ZeRO-3 every rank must be called together (see `full_parameters`): the
+        ranks whose result is not needed pass `pack=False` and return None."""
+        with self.full_parameters(trained_only=True):
+            return pack_state(sync_state(self.engine.module)) if pack else None
+
+    def sync_bytes(self) -> int:
+        """Bytes of one weight sync's payload (what `state_dict` packs; every rank is called under ZeRO-3)."""
+        with self.full_parameters(trained_only=True):
+            return state_bytes(sync_state(self.engine.module))
 
     def weights_checksum(self) -> str:
-        """SHA-256 of this rank's full weights (every rank is called)."""
-        with self.full_parameters():
-            return weights_checksum(self.engine.module)
+        """SHA-256 of what weight syncs send (every rank is called): the receivers report the same checksum."""
+        with self.full_parameters(trained_only=True):
+            return state_checksum(sync_state(self.engine.module))
 
     def pid(self) -> int:
         """This rank's process id (for tests that kill it from outside)."""
         return os.getpid()
 
     def save_checkpoint(self, path: str) -> None:
-        """Weights, optimizer and LR-scheduler state under `path` (a collective call: every rank, same path)."""
-        self.engine.save_checkpoint(path, tag="ds", save_latest=False)
+        """Weights, optimizer and LR-scheduler state under `path` (a collective call: every rank, same path). Under
+        LoRA the weights are the adapters (and a critic's head) only; the driver records the base's identity."""
+        self.engine.save_checkpoint(path, tag="ds", save_latest=False, exclude_frozen_parameters=bool(self.lora))
 
     def load_checkpoint(self, path: str) -> None:
         """Restore what `save_checkpoint` wrote (same number of ranks)."""
+        load_fn = None
+        if self.lora:  # the checkpoint holds the trained tensors only: load exactly those, strictly
+            load_fn = lambda src, dst: load_sync_state(dst, {k: v for k, v in src.items() if k in trainable_names(dst)})
         loaded, _ = self.engine.load_checkpoint(path, tag="ds", load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+                                                load_lr_scheduler_states=True, custom_load_fn=load_fn)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path!r}")
 
@@ -291,12 +330,40 @@ class PolicyTrainer(DeepSpeedRank):
 
     def save_pretrained(self, path: str) -> str | None:
         """Write the policy as a Hugging Face checkpoint (safetensors) with its tokenizer, from rank 0 (under
-        ZeRO-3 every rank must be called: the parameters are gathered first)."""
-        with self.full_parameters():
-            if self.rank == 0:
+        ZeRO-3 every rank must be called: the parameters are gathered first). Under LoRA: the adapters merged
+        into a copy of the base, and the adapter alone in peft's format at `path`/adapter."""
+        m = self.model_cfg
+        with self.full_parameters(trained_only=bool(self.lora)):
+            if self.rank == 0 and self.lora:
+                save_merged_policy(path, m["path"], self.lora, sync_state(self.engine.module), self.tokenizer,
+                                   m["dtype"], m["trust_remote_code"])
+            elif self.rank == 0:
                 self.engine.module.save_pretrained(path, safe_serialization=True)
                 self.tokenizer.save_pretrained(path)
         return path if self.rank == 0 else None
+
+    @torch.no_grad()
+    def score_reference(self, groups: list[Group]) -> list[Group]:
+        """Fill `ref_logp` of every sample with the reference policy's log-probs: under LoRA (`model.lora.reference:
+        trainer`) the reference is this rank's own base model with the adapters disabled, so no second copy of the
+        base is held anywhere. Any rank can do it alone (ZeRO <= 2 keeps the parameters whole on each)."""
+        if not self.lora:
+            raise RuntimeError("the trainer holds the reference only under LoRA (model.lora)")
+        start = time.perf_counter()
+        module, m = self.engine.module, self.model_cfg
+        batch = collate_groups(groups, self.tokenizer.pad_token_id)
+        was_training = module.training
+        module.eval()
+        try:
+            with module.disable_adapter():
+                rows = per_token(lambda mb: response_logprobs(module, mb, self.temperature, m["share_prompt_forward"])[0],
+                                 batch, self.cfg["micro_batch_size"])
+        finally:
+            module.train(was_training)
+        for s, row in zip((s for g in groups for s in g.samples), rows):
+            s.ref_logp = row
+        Group.spread_time(groups, "score", time.perf_counter() - start)
+        return groups
 
     # -- NCCL weight sync into vLLM (rollout.vllm.weight_sync: nccl; GPU only)
 

@@ -14,8 +14,13 @@ _VIEW_AS = {torch.bfloat16: torch.int16}  # dtypes numpy lacks travel as raw bit
 
 def pack_state_dict(model: torch.nn.Module) -> dict[str, tuple[np.ndarray, str]]:
     """CPU numpy copies of every tensor in the state dict, with the torch dtype to restore."""
+    return pack_state(model.state_dict())
+
+
+def pack_state(state: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, str]]:
+    """`pack_state_dict` of any name -> tensor mapping (e.g. only a model's LoRA adapters)."""
     out = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         t = t.detach().to("cpu").contiguous()
         raw = t.view(_VIEW_AS[t.dtype]) if t.dtype in _VIEW_AS else t
         out[name] = (raw.numpy().copy(), str(t.dtype).removeprefix("torch."))
@@ -45,8 +50,13 @@ def load_packed(model: torch.nn.Module, packed: dict[str, tuple[np.ndarray, str]
 
 def weights_checksum(model: torch.nn.Module) -> str:
     """SHA-256 over parameter names and bytes, in name order: equal iff the weights are identical."""
+    return state_checksum(model.state_dict())
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """`weights_checksum` of any name -> tensor mapping."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name, t in sorted(state.items()):
         t = t.detach().to("cpu").contiguous()
         raw = t.view(_VIEW_AS[t.dtype]) if t.dtype in _VIEW_AS else t
         h.update(name.encode())

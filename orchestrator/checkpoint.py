@@ -3,7 +3,10 @@ the newest complete one.
 
 A checkpoint is `<run_dir>/checkpoints/step-NNNNNN/`: `policy/` and `critic/` (DeepSpeed checkpoints:
 weights, optimizer and LR-scheduler state, one optimizer shard per rank) and `state.json` (step, the
-policy version served, the data position, the KL controller, step counters), written last. It is
+policy version served, the data position, the KL controller, step counters), written last. Under LoRA
+(`model.lora`) the DeepSpeed checkpoints hold only the adapters (and a critic's value head) with their optimizer
+state, and `state.json` the LoRA settings and each base model's identity (path and the SHA-256 of its weights,
+`actors.lora.base_checksum`): a resume against another base or other LoRA settings is refused (`check_resume`). It is
 built in a hidden temporary directory and renamed into place, so a kill while writing leaves the
 previous checkpoint the newest complete one. Rollout sampling needs no saved RNG state: its seed is a
 function of (loop.seed, policy version, prompt ids), so a resumed run draws the same samples.
@@ -31,6 +34,37 @@ class LoopState:
     nonfinite_run: int = 0
     eval_before: float | None = None
     eval_after: float | None = None
+    lora: dict | None = None  # model.lora of the run (None: full fine-tuning)
+    bases: dict = field(default_factory=dict)  # LoRA: {"policy": {"path", "sha256"}, "critic": {...}}
+
+
+class ResumeMismatch(Exception):
+    """A checkpoint the config cannot continue: LoRA adapters trained on another base model, or with other
+    `model.lora` settings (or full fine-tuning against LoRA)."""
+
+
+LORA_SHAPE = ("r", "alpha", "target_modules")  # the settings an adapter checkpoint depends on
+
+
+def check_resume(state: LoopState, lora: dict | None, bases: dict, path: Path) -> None:
+    """Refuse (ResumeMismatch) to continue checkpoint `path` (its `state`) under `lora` (`model.lora`, a dict) and
+    `bases` (each base model's identity now, as the run records them)."""
+    def show(x: dict | None) -> str:
+        return "null (full fine-tuning)" if x is None else "{" + ", ".join(f"{k}: {x[k]}" for k in LORA_SHAPE) + "}"
+
+    if (state.lora is None) != (lora is None) or (
+            lora is not None and any(state.lora[k] != lora[k] for k in LORA_SHAPE)):
+        raise ResumeMismatch(f"checkpoint {path} was written with model.lora {show(state.lora)}, but the config "
+                             f"has {show(lora)}; resume with the settings that wrote it, or start a new run")
+    for role, saved in state.bases.items():
+        now = bases.get(role, {"path": "(none)", "sha256": "(none)"})
+        if now["sha256"] != saved["sha256"]:
+            field = "model.path" if role == "policy" else "critic.init (or model.path)"
+            raise ResumeMismatch(
+                f"checkpoint {path} holds LoRA adapters trained on the {role} base model {saved['path']} (weights "
+                f"sha256 {saved['sha256'][:16]}...), but the base is now {now['path']} "
+                f"(sha256 {now['sha256'][:16]}...); "
+                f"adapters mean nothing on other base weights. Set {field} to the original base, or start a new run")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -77,6 +111,42 @@ def restore(path: Path, state: LoopState, pools, stream, kl) -> None:
     pools.load_checkpoint(path, state.version)
     stream.restore(state.stream)
     kl.load_state_dict(state.kl)
+
+
+def start_state(cfg, model_path: str, resume: Path | None) -> LoopState:
+    """The loop's state at the start of a run (`cfg`: the JobConfig): a new one, or checkpoint `resume`'s after
+    `check_resume`; either records the run's `model.lora` and base models."""
+    state = load_state(resume) if resume else LoopState()
+    lora, bases = (cfg.model.lora.model_dump() if cfg.model.lora else None), base_models(cfg, model_path)
+    if resume:
+        check_resume(state, lora, bases, resume)
+    state.lora, state.bases = lora, bases
+    return state
+
+
+def base_models(cfg, model_path: str) -> dict[str, dict[str, str]]:
+    """Under LoRA, the identity of each base model the adapters are trained on (path, SHA-256 of its weights),
+    which a checkpoint records; {} for full fine-tuning, whose checkpoints hold every weight."""
+    from orchestrator.pool_specs import critic_path, uses_critic
+
+    if cfg.model.lora is None:  # cfg: orchestrator.config.JobConfig
+        return {}
+    paths = {"policy": model_path} | ({"critic": critic_path(cfg, model_path)} if uses_critic(cfg) else {})
+    return {role: {"path": path, "sha256": _base_checksum(path)} for role, path in paths.items()}
+
+
+_CHECKSUMS: dict[tuple, str] = {}
+
+
+def _base_checksum(path: str) -> str:
+    """`actors.lora.base_checksum`, once per process while the directory's files are unchanged (a resume checks the
+    base before Ray starts, and the run records it again)."""
+    from actors.lora import base_checksum
+
+    key = (path, *sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(path).iterdir()))
+    if key not in _CHECKSUMS:
+        _CHECKSUMS[key] = base_checksum(path)
+    return _CHECKSUMS[key]
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

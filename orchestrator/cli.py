@@ -26,6 +26,7 @@ EXPORT_EXAMPLES = """examples:
   raylhf export runs/arith-grpo-20250101-120000 exported/arith-policy
   raylhf export checkpoints/arith-sft exported/arith-sft --force
   raylhf export /models/custom-arch exported/custom --trust-remote-code
+  raylhf export runs/arith-grpo-lora-20250101-120000 exported/arith-adapter --adapter-only
 """
 
 
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace a non-empty OUT (its old contents are deleted)")
     x.add_argument("--trust-remote-code", action="store_true",
                    help="allow the checkpoint's own modelling code (model.trust_remote_code of a job)")
+    x.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA run (model.lora): write its adapter alone in peft's format instead of the merged "
+                        "model, verified on its base model")
     return parser
 
 
@@ -111,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from orchestrator import export
 
-        return export.main(args.checkpoint, args.out, args.force, args.trust_remote_code)
+        return export.main(args.checkpoint, args.out, args.force, args.trust_remote_code, args.adapter_only)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -48,6 +48,22 @@ def _check_resources(field: str, resources: dict[str, float]) -> dict[str, float
     return resources
 
 
+class LoraConfig(Section):
+    """LoRA (peft): the policy (and the critic's body) train low-rank adapters; the base weights stay frozen."""
+
+    r: int = Field(8, gt=0, description="Rank of each adapter (A: r x in, B: out x r; B starts at zero).")
+    alpha: float = Field(16.0, gt=0, description="Scale: an adapter adds (alpha / r) * B @ A to its weight.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input while training (0 keeps "
+                           "the trainer's log-probs equal to the rollout's).")
+    target_modules: str | list[str] = Field(
+        "all-linear", description='Modules that get adapters: "all-linear" (every linear layer but the output '
+        "head) or a list of module names, e.g. [q_proj, v_proj].")
+    reference: Literal["trainer", "scoring"] = Field(
+        "trainer", description="Where the KL reference (algorithm.kl_coef > 0) runs: trainer (the trainer ranks' "
+        "own base model with the adapters disabled, so no second copy of the base and no scoring pool for it; "
+        "trainer.zero_stage <= 2) or scoring (a ScoringWorker holds a copy of the base, as in full fine-tuning).")
+
+
 class ModelConfig(Section):
     path: str = Field(description="Hugging Face model directory (config.json + safetensors + tokenizer).")
     prepare: str | None = Field(
@@ -61,6 +77,10 @@ class ModelConfig(Section):
         True, description="Trainer and scoring passes run each distinct prompt of a micro-batch once and continue "
         "its G samples from copies of its KV cache (the same logits and gradients, less compute); false: one full "
         "forward per row, for a model whose cache cannot be copied row-wise.")
+    lora: LoraConfig | None = Field(
+        None, description="LoRA adapters instead of full fine-tuning (null): DeepSpeed optimizes only the adapters "
+        "(and a PPO critic's value head), weight syncs send only them, checkpoints hold only them plus the base "
+        "model's identity, and the final policy is written merged (with the adapter alone in final_policy/adapter).")
 
 
 class DataSource(Section):
@@ -514,6 +534,22 @@ class JobConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _lora(self) -> "JobConfig":
+        lora = self.model.lora
+        if lora is None:
+            return self
+        if not lora.target_modules:
+            raise ValueError('model.lora.target_modules: name at least one module, or "all-linear"')
+        if self.rollout.vllm.weight_sync == "nccl":
+            raise ValueError("rollout.vllm.weight_sync: with model.lora only the adapters travel, and vLLM loads them "
+                             "as a LoRA adapter from a file (a LoRARequest per version); set it to object_store")
+        if lora.reference == "trainer" and self.algorithm.kl_coef > 0 and self.trainer.zero_stage == 3:
+            raise ValueError("model.lora.reference: trainer runs the reference on each trainer rank alone, which "
+                             "ZeRO-3's sharded parameters do not allow; use trainer.zero_stage <= 2 (LoRA's optimizer "
+                             "state is small) or model.lora.reference: scoring")
+        return self
+
+    @model_validator(mode="after")
     def _batch_divides(self) -> "JobConfig":
         batch = self.loop.prompts_per_step * self.rollout.group_size
         per_step = self.trainer.num_minibatches * self.trainer.num_workers
@@ -711,15 +747,32 @@ def _dump_section(section: BaseModel, indent: int) -> str:
         if isinstance(value, BaseModel):
             out.append(f"{pad}{name}:")
             out.append(_dump_section(value, indent + 1))
+        elif value is None and (sub := _optional_section(info.annotation)) is not None:
+            out.append(f"{pad}{name}: null{comment}")  # unset: its fields are shown as comments, with defaults
+            for field, f in sub.model_fields.items():
+                default = "(required)" if f.is_required() else _flow(f.get_default(call_default_factory=True))
+                out.append(f"{pad}  # {field}: {default}  # {f.description}")
         elif isinstance(value, list) and value and isinstance(value[0], BaseModel):
             out.append(f"{pad}{name}:{comment}")
             for item in value:
                 body = _dump_section(item, indent + 2).lstrip()
                 out.append(f"{pad}  - {body}")
         else:
-            text = yaml.safe_dump(value if not isinstance(value, tuple) else list(value), default_flow_style=True).strip()
-            if text.endswith("\n..."):
-                text = text[: -len("\n...")]
-            text = text.removesuffix("...").strip()
-            out.append(f"{pad}{name}: {text}{comment}")
+            out.append(f"{pad}{name}: {_flow(value)}{comment}")
     return "\n".join(out)
+
+
+def _flow(value: Any) -> str:
+    """A value as one line of flow-style YAML."""
+    text = yaml.safe_dump(value if not isinstance(value, tuple) else list(value), default_flow_style=True).strip()
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    return text.removesuffix("...").strip()
+
+
+def _optional_section(annotation: Any) -> type[BaseModel] | None:
+    """The section class of an optional section field (`X | None`), else None."""
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None

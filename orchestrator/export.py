@@ -5,6 +5,11 @@ nothing else: config.json, generation_config.json, the weights as safetensors, t
 written to a temporary sibling directory, reloaded and compared with the source (every weight tensor
 equal, the same logits on a probe text, the same token ids), and only then moved into place, so a
 failed export never leaves a half-written model behind.
+
+A run trained with LoRA (`model.lora`) writes its final policy merged (a plain model, exported as above) and the
+adapter alone in peft's format in `final_policy/adapter/`. When the adapter's base model is there, the merged
+weights are checked against base + adapter applied by peft (same logits on the probe). `--adapter-only` exports
+the adapter alone instead, verified the same way after reloading it with `PeftModel.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -87,36 +92,92 @@ def verify_copy(model, tokenizer, written: Path, trust_remote_code: bool = False
     return diff
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, force: bool = False,
-                      trust_remote_code: bool = False) -> dict:
-    """Write `checkpoint` (a model directory, or a run directory's final_policy) to `out` and verify it.
+def adapter_base(adapter: Path) -> Path:
+    """The base model a peft adapter directory names (`base_model_name_or_path`), which must exist."""
+    import json
 
-    Returns {"source", "output", "files", "max_logit_diff"}. A non-empty `out` is replaced only with `force`."""
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if not (Path(base) / "config.json").is_file():
+        raise CheckpointError(f"the LoRA adapter in {str(adapter)!r} names the base model {base!r}, which is not a "
+                              "model directory here; the adapter cannot be checked without it")
+    return Path(base)
+
+
+def verify_adapter(model, tokenizer, adapter: Path, trust_remote_code: bool = False) -> float:
+    """The largest logit difference on the probe text between `model` (the merged policy) and the adapter at
+    `adapter` applied by peft to its base (`PeftModel.from_pretrained`, unmerged); VerificationError beyond float
+    rounding (the merge adds (alpha / r) B A into each weight, the adapter adds it to each layer's output)."""
+    import torch
+    from peft import PeftModel
+
+    base, _ = _load(adapter_base(adapter), trust_remote_code)
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise VerificationError(f"{adapter}: peft cannot load the adapter: {e}") from None
+    ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]  # [1, L]
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits.float(), peft_model(input_ids=ids).logits.float()  # [1, L, V]
+    diff = (a - b).abs().max().item()
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+        raise VerificationError(f"{adapter}: base + adapter and the merged model give different logits (max abs "
+                                f"difference {diff:.3g})")
+    return diff
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, force: bool = False,
+                      trust_remote_code: bool = False, adapter_only: bool = False) -> dict:
+    """Write `checkpoint` (a model directory, or a run directory's final_policy) to `out` and verify it;
+    `adapter_only`: its LoRA adapter alone, in peft's format.
+
+    Returns {"source", "output", "files", "max_logit_diff", "adapter_logit_diff"} (the last None when there is no
+    adapter, or its base is missing, to check the merge against). A non-empty `out` is replaced only with `force`."""
     src = resolve_checkpoint(checkpoint)
     dest = Path(out).expanduser().resolve()
     _check_output(src, dest, force)
+    adapter = src / "adapter"
+    has_adapter = (adapter / "adapter_config.json").is_file()
+    if adapter_only and not has_adapter:
+        raise CheckpointError(f"{str(src)!r} holds no LoRA adapter (adapter/adapter_config.json): --adapter-only "
+                              "exports what a run with model.lora wrote")
     model, tokenizer = _load(src, trust_remote_code)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.parent / f".{dest.name}.export-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    adapter_diff = None
     try:
-        model.save_pretrained(staging)  # safetensors (transformers >= 5 writes nothing else)
-        tokenizer.save_pretrained(staging)
-        diff = verify_copy(model, tokenizer, staging, trust_remote_code)
+        if adapter_only:
+            shutil.copytree(adapter, staging)
+            diff = adapter_diff = verify_adapter(model, tokenizer, staging, trust_remote_code)
+        else:
+            model.save_pretrained(staging)  # safetensors (transformers >= 5 writes nothing else)
+            tokenizer.save_pretrained(staging)
+            diff = verify_copy(model, tokenizer, staging, trust_remote_code)
+            if has_adapter and _has_base(adapter):  # the merge, checked against base + adapter
+                adapter_diff = verify_adapter(model, tokenizer, adapter, trust_remote_code)
         if dest.exists():
             shutil.rmtree(dest)  # empty, or non-empty with --force (checked above)
         staging.rename(dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"source": str(src), "output": str(dest), "files": sorted(p.name for p in dest.iterdir()),
-            "max_logit_diff": diff}
+            "max_logit_diff": diff, "adapter_logit_diff": adapter_diff}
 
 
-def main(checkpoint: str, out: str, force: bool = False, trust_remote_code: bool = False) -> int:
-    """The `raylhf export CHECKPOINT OUT [--force]` command: 0 when written and verified, 2 on a bad path,
-    1 when the written copy fails verification (then nothing is left at OUT's place)."""
+def _has_base(adapter: Path) -> bool:
     try:
-        result = export_checkpoint(checkpoint, out, force, trust_remote_code)
+        adapter_base(adapter)
+    except CheckpointError:
+        return False
+    return True
+
+
+def main(checkpoint: str, out: str, force: bool = False, trust_remote_code: bool = False,
+         adapter_only: bool = False) -> int:
+    """The `raylhf export CHECKPOINT OUT [--force] [--adapter-only]` command: 0 when written and verified, 2 on a
+    bad path, 1 when the written copy fails verification (then nothing is left at OUT's place)."""
+    try:
+        result = export_checkpoint(checkpoint, out, force, trust_remote_code, adapter_only)
     except CheckpointError as e:
         print(f"raylhf: {e}", file=sys.stderr)
         return 2
@@ -125,6 +186,13 @@ def main(checkpoint: str, out: str, force: bool = False, trust_remote_code: bool
         return 1
     print(f"exported {result['source']} -> {result['output']}")
     print(f"files: {', '.join(result['files'])}")
+    if adapter_only:
+        print(f"verified: the LoRA adapter (peft format) reloads with PeftModel.from_pretrained on its base and gives "
+              f"the merged policy's logits (max abs difference {result['max_logit_diff']:.3g})")
+        return 0
     print(f"verified: reloads with AutoModelForCausalLM; same weights, tokens and logits "
           f"(max abs logit difference {result['max_logit_diff']:.3g})")
+    if result["adapter_logit_diff"] is not None:
+        print(f"verified: the merged weights give the logits of base + LoRA adapter (max abs difference "
+              f"{result['adapter_logit_diff']:.3g})")
     return 0

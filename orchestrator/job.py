@@ -40,7 +40,7 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None, resume: bool 
     import ray
 
     from actors.deepspeed_ops import OpLockTimeout
-    from orchestrator.checkpoint import truncate_metrics
+    from orchestrator.checkpoint import ResumeMismatch, base_models, check_resume, load_state, truncate_metrics
     from orchestrator.data import DataError, load_data
     from orchestrator.failures import ActorDied, NonFiniteLoss
     from orchestrator.loop import train
@@ -54,15 +54,18 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None, resume: bool 
     if resume:
         try:
             run_dir, checkpoint = find_resume(cfg, run_dir_override)
-        except ConfigError as e:
-            print(f"raylhf: {e}", file=sys.stderr)
+            model_path = prepare_model(cfg.model)
+            check_resume(load_state(checkpoint), cfg.model.lora and cfg.model.lora.model_dump(),
+                         base_models(cfg, model_path), checkpoint)
+        except (ConfigError, ResumeMismatch) as e:
+            print(f"raylhf: {'cannot resume: ' if isinstance(e, ResumeMismatch) else ''}{e}", file=sys.stderr)
             return 2
         truncate_metrics(run_dir, int(checkpoint.name.split("-")[1]))
         (run_dir / "config.yaml").write_text(dump_config(cfg) + "\n")
     else:
         run_dir = make_run_dir(cfg, run_dir_override)
+        model_path = prepare_model(cfg.model)
     print(f"raylhf: run directory {run_dir}", file=sys.stderr)
-    model_path = prepare_model(cfg.model)
     try:
         data = load_data(cfg, model_path)
     except DataError as e:

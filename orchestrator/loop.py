@@ -45,7 +45,7 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
     """Run `cfg.loop.steps` steps; write metrics, checkpoints and the final policy. `rewards`: resolved
     `RewardSpec`s (`orchestrator.references.reward_specs`); `resume`: a checkpoint directory to continue from."""
     start, loop, lg, threads = time.perf_counter(), cfg.loop, cfg.logging, torch.get_num_threads()
-    state = checkpoint.load_state(resume) if resume else checkpoint.LoopState()
+    state = checkpoint.start_state(cfg, model_path, resume)  # a resume the config cannot continue fails here
     writer = MetricsWriter(run_dir, lg.tensorboard, first_step=state.step + 1 if resume else 0, wandb=lg.wandb,
                            mlflow=lg.mlflow, name=lg.name, config=cfg.model_dump(mode="json"))
     progress = Progress(loop.steps, lg.progress, cfg.algorithm.estimator.upper(), lg.print_samples_every)
@@ -143,6 +143,7 @@ def train_step(run: Run, version: int, train_policy: bool = True, prefetch: bool
     m["staleness"] = statistics.fmean(trained_version - g.policy_version for g in groups)
     m |= {f"restarts/{name}": float(n) for name, n in pools.restarts.items()}
     m["sync/fallbacks"] = float(pools.sync.fallbacks)
+    m |= pools.sync.bytes  # sync/bytes: the policy's payload (under LoRA the adapters'), sync/critic_bytes
     m |= step_times(m, pools, rollout=(t1 - t0) + (t_sync - t2), train=t2 - t_train, sync=t3 - t_sync,
                     step=time.perf_counter() - t0)
     return m, samples

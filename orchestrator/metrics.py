@@ -99,13 +99,13 @@ def value_metrics(batch: TrainBatch) -> dict[str, float]:
 
 
 def merge_rank_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Trainer stats averaged over ranks (ratio_max and mismatch/logprob_abs_max are maxima, skipped NaN
-    micro-batches and mismatch/tokens sums, mismatch/logprob_abs_mean a token-weighted mean); times are rank 0's
-    (the ranks meet in every all-reduce, so rank 0's compute time is the pool's)."""
+    """Trainer stats averaged over ranks (ratio_max, mismatch/logprob_abs_max and memory/peak_rss_bytes are maxima,
+    skipped NaN micro-batches and mismatch/tokens sums, mismatch/logprob_abs_mean a token-weighted mean); times are
+    rank 0's (the ranks meet in every all-reduce, so rank 0's compute time is the pool's)."""
     out = {}
     for key in per_rank[0]:
         values = [r[key] for r in per_rank]
-        if key in ("ratio_max", "mismatch/logprob_abs_max"):
+        if key in ("ratio_max", "mismatch/logprob_abs_max", "memory/peak_rss_bytes"):
             out[key] = max(values)
         elif key in ("nonfinite_microbatches", "mismatch/tokens"):
             out[key] = sum(values)
@@ -150,8 +150,9 @@ def step_times(m: dict[str, float], pools, rollout: float, train: float, sync: f
     out = {"time/rollout": rollout, "time/train": train, "time/sync": sync, "time/step": step}
     if "busy/env" in m:  # the rollout workers' wait on their environments (part of time/generate's wall)
         out["time/env"] = m.pop("busy/env") / len(pools.rollout)
+    scorers = len(pools.scoring) or (len(pools.trainers) if getattr(pools, "reference_on_trainers", False) else 0)
     for stage, workers in (("generate", len(pools.rollout)), ("reward", len(pools.reward) + len(pools.reward_models)),
-                           ("score", len(pools.scoring))):
+                           ("score", scorers)):
         busy = m.pop(f"busy/{stage}")
         if workers:
             out[f"time/{stage}"] = busy / workers

@@ -58,10 +58,18 @@ def uses_critic(cfg: JobConfig) -> bool:
     return cfg.algorithm.estimator == "gae"
 
 
+def reference_on_trainers(cfg: JobConfig) -> bool:
+    """The KL reference is the trainer ranks' own base with the LoRA adapters disabled (`model.lora.reference:
+    trainer`), not a ScoringWorker's copy."""
+    return cfg.algorithm.kl_coef > 0 and cfg.model.lora is not None and cfg.model.lora.reference == "trainer"
+
+
 def needs_scoring(cfg: JobConfig) -> bool:
     """Whether ScoringWorkers have work: old-policy log-probs (`algorithm.old_logprobs: recompute`), reference
-    log-probs (kl_coef > 0) or values (gae). Without any, the scoring pool is empty and groups skip it."""
-    return cfg.algorithm.old_logprobs == "recompute" or cfg.algorithm.kl_coef > 0 or uses_critic(cfg)
+    log-probs (kl_coef > 0, unless the trainers hold the reference) or values (gae). Without any, the scoring pool
+    is empty and groups skip it."""
+    scoring_reference = cfg.algorithm.kl_coef > 0 and not reference_on_trainers(cfg)
+    return cfg.algorithm.old_logprobs == "recompute" or scoring_reference or uses_critic(cfg)
 
 
 def critic_path(cfg: JobConfig, model_path: str) -> str | None:
@@ -85,6 +93,7 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
     entries (`orchestrator.references.reward_specs`)."""
     m, r, s, t, c, rw = cfg.model, cfg.rollout, cfg.scoring, cfg.trainer, cfg.critic, cfg.reward
     common = dict(model_path=model_path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    lora = m.lora.model_dump() if m.lora else None
     functions = [x for x in rewards if x.model is None]
     models = [x for x in rewards if x.model is not None]
     n_scoring = s.num_workers if needs_scoring(cfg) else 0
@@ -93,17 +102,18 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
     trainer_cfg = t.model_dump()
     rollout = dict(engine=r.engine, threads=r.threads, seed=cfg.loop.seed,  # samples depend on prompts, not workers
                    device=_device(r.num_gpus), engine_options=r.vllm.model_dump() if r.engine == "vllm" else {},
-                   env=env_limits(cfg), **common)
+                   env=env_limits(cfg), lora=lora, **common)
     e = cfg.env if cfg.env.enabled else None
     n_env = e.num_workers if e else 0
     env = dict(name=absolute_file_spec(e.env_name), kwargs=e.env_kwargs(cfg.data.prompt_key), timeout_s=e.timeout_s,
                max_abs_reward=rw.max_abs_score, max_threads=e.max_concurrency) if e else {}
     reward = dict(functions=functions, failure_score=rw.failure_score, timeout_s=rw.timeout_s,
                   num_processes=rw.num_processes, max_abs_score=rw.max_abs_score, memory_mb=rw.memory_mb)
-    scoring = dict(with_reference=cfg.algorithm.kl_coef > 0, temperature=r.temperature,
+    scoring_reference = cfg.algorithm.kl_coef > 0 and not reference_on_trainers(cfg)
+    scoring = dict(with_reference=scoring_reference, temperature=r.temperature,
                    micro_batch_size=s.micro_batch_size, threads=s.threads, device=_device(s.num_gpus),
                    value_model=critic_path(cfg, model_path), with_policy=cfg.algorithm.old_logprobs == "recompute",
-                   share_prompts=m.share_prompt_forward, **common)
+                   share_prompts=m.share_prompt_forward, lora=lora, **common)
     trainer = dict(world_size=t.num_workers, model=m.model_dump() | {"path": model_path},
                    trainer=trainer_cfg | {"micro_batch_size": policy.micro_batch_size},
                    algorithm=cfg.algorithm.model_dump(), temperature=r.temperature, max_new_tokens=r.max_new_tokens,

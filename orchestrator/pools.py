@@ -18,7 +18,7 @@ from actors.records import Group, PromptRequest, RewardSpec, SamplingParams, Sha
 from orchestrator.config import JobConfig
 from orchestrator.failures import WORKER_LOST
 from orchestrator.placement import Placement, PlacementError, wait_constructed
-from orchestrator.pool_specs import PoolSpec, pool_specs
+from orchestrator.pool_specs import PoolSpec, pool_specs, reference_on_trainers
 from orchestrator.weight_sync import WeightSync
 
 __all__ = ["Pools", "PlacementError"]
@@ -88,6 +88,7 @@ class Pools:
         self.workers: dict[str, list] = {spec.name: [] for spec in specs}
         self._names: dict[str, str] = {}  # actor id (hex) -> "rollout worker 1", "trainer rank 0", ...
         self.scoring_holds_policy = cfg.algorithm.old_logprobs == "recompute"  # else pi_old is the rollout's
+        self.reference_on_trainers = reference_on_trainers(cfg)  # LoRA: the trainers' base, adapters disabled
         try:
             for spec in specs:
                 self.workers[spec.name] = [self._start(spec, i) for i in range(len(spec.needs))]
@@ -216,6 +217,14 @@ class Pools:
                 groups = self._next("scoring").score.remote(groups)
             refs.append(groups)
         return refs
+
+    def score_reference(self, groups: list[Group]) -> list[Group]:
+        """The reference log-probs of `groups` from the trainer ranks (`model.lora.reference: trainer`): each rank
+        scores a contiguous share with its own base model, adapters disabled; the groups come back in order."""
+        n = len(self.trainers)
+        shares = [groups[i * len(groups) // n : (i + 1) * len(groups) // n] for i in range(n)]
+        done = ray.get([tr.score_reference.remote(share) for tr, share in zip(self.trainers, shares) if share])
+        return [g for share in done for g in share]
 
     def new_reward_errors(self, groups: list[Group]) -> list[str]:
         """Messages for reward failures of a kind not shown before in this job (each kind once, whichever worker)."""

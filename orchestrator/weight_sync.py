@@ -3,7 +3,8 @@
 Object store (any setup): trainer rank 0's state dict is put into the object store once and every receiver
 reads it zero-copy (`actors.weights.unpack_state_dict`). NCCL (`rollout.vllm.weight_sync: nccl`): trainer
 rank 0 broadcasts into the vLLM rollout workers over a group formed at the first sync. Under ZeRO-3 every
-rank takes part in each gather. Receivers report the version they now serve.
+rank takes part in each gather. Receivers report the version they now serve. Under LoRA (`model.lora`) the payload
+is the adapters (and a critic's value head) only; `bytes` says how large each sync's payloads are.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from orchestrator.failures import WORKER_LOST
 
 
 class WeightSync:
-    """Moves weights between the pools of a `Pools`; `fallbacks` counts NCCL groups given up for the object store."""
+    """Moves weights between the pools of a `Pools`; `fallbacks` counts NCCL groups given up for the object store;
+    `bytes` holds the payload sizes of the last sync (`sync/bytes`: the policy's, `sync/critic_bytes`)."""
 
     def __init__(self, pools, method: str, zero3: bool):
         """`method`: "object_store" or "nccl"; `zero3`: the trainers shard their parameters (ZeRO stage 3)."""
         self.pools, self.method, self.zero3 = pools, method, zero3
         self.fallbacks = 0
         self._nccl_ready = False  # the NCCL group is formed at the first sync
+        self._sizes: dict[str, int] = {}  # payload bytes per role, asked once: the shapes never change
+        self.bytes: dict[str, float] = {}
 
     def sync(self, version: int, policy: bool = True, tries: int = 3) -> list[int]:
         """Policy weights to every rollout worker and policy-holding scoring worker (unless `policy` is False:
@@ -48,6 +52,7 @@ class WeightSync:
         p = self.pools
         critic = self.rank0(p.critics, "state_dict") if p.critics else None
         waits = [w.load_value_weights.remote(critic) for w in p.scoring] if critic is not None else []
+        self.bytes = {"sync/bytes": 0.0} | ({"sync/critic_bytes": self._size("critic", p.critics)} if critic else {})
         if policy:
             nccl = self.method == "nccl"
             receivers = p.policy_scorers if nccl else p.rollout + p.policy_scorers
@@ -55,12 +60,21 @@ class WeightSync:
             if receivers:
                 packed = self.rank0(p.trainers, "state_dict")
                 refs = [w.load_weights.remote(packed, version) for w in receivers]
+            if receivers or nccl:
+                self.bytes["sync/bytes"] = self._size("policy", p.trainers)
             versions = (self._nccl_sync(version) if nccl else []) + ray.get(refs)  # the broadcast overlaps the loads
             p.version = version
         else:
             versions = [v for v, _ in p.served_versions()]
         ray.get(waits)
         return versions
+
+    def _size(self, role: str, ranks: list) -> float:
+        """Bytes of one payload of `role` (policy or critic): the put into the object store that every receiver
+        reads, or the NCCL broadcast."""
+        if role not in self._sizes:
+            self._sizes[role] = ray.get(self.rank0(ranks, "sync_bytes"))
+        return float(self._sizes[role])
 
     def bring_up(self, pool: str, worker) -> None:
         """Give a freshly started replacement worker of `pool` the current weights. A rollout worker cannot join

@@ -1,5 +1,6 @@
 """Whether two runs logged the same numbers: every metric of every step in both `metrics.jsonl` files, except
-wall-clock ones (time/*, busy/*, utilization/*, throughput), must be equal, bit for bit.
+wall-clock and machine-dependent ones (time/*, busy/*, utilization/*, throughput, memory/*), must be equal, bit
+for bit.
 
 The proof a refactor changed no behaviour (issue 15): run the demo config with a fixed seed before and after,
 
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-CLOCK = ("time/", "busy/", "utilization/", "critic/time/")
+CLOCK = ("time/", "busy/", "utilization/", "critic/time/", "memory/", "critic/memory/")
 CLOCK_KEYS = {"tokens_per_s", "generate_tokens_per_s"}
 
 

@@ -69,7 +69,7 @@ def _walk(cls: type[BaseModel], data: dict | None, prefix: str, keys: set[str], 
         elif typing.get_origin(field.annotation) is list:
             for item in (value if data is not None else [None]):
                 _walk(sub, item, key + "[].", keys, open_keys)
-        elif data is None or isinstance(value, dict):
+        elif data is None or isinstance(value, dict) or value is None:  # a null section: its fields are comments
             _walk(sub, value, key + ".", keys, open_keys)
 
 

@@ -211,6 +211,8 @@ def test_four_epochs_clip_and_move_further_each_epoch(ray_local, tiny_model):
 class _FakePools:
     """Rollouts whose rewards are chosen per prompt: prompts listed in `flat` give all-equal groups."""
 
+    reference_on_trainers = False
+
     def __init__(self, flat: set[str]):
         self.flat, self.asked = flat, []
 

@@ -20,7 +20,8 @@ from tests.conftest import base_config
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = str(REPO / "tests" / "data" / "toy_rewards.py")
-TIMING = ("time/", "tokens_per_s", "generate_tokens_per_s", "critic/time/", "utilization/")
+TIMING = ("time/", "tokens_per_s", "generate_tokens_per_s", "critic/time/", "utilization/", "memory/",
+          "critic/memory/")  # wall-clock and machine-dependent numbers
 
 
 def _config(tmp_path: Path, model: str) -> Path:

@@ -127,8 +127,8 @@ class FakeLLM:
         self.kwargs, self.calls, self.version = kwargs, [], "0"
         FakeLLM.instances.append(self)
 
-    def generate(self, prompts, params, use_tqdm=True):
-        self.calls.append(("generate", prompts, params))
+    def generate(self, prompts, params, use_tqdm=True, **lora):
+        self.calls.append(("generate", prompts, params, *lora.values()))
         return [request(*[output(i, [3, 4], "ok", [-0.5, -0.5], "stop") for i in range(p.n)]) for p in params]
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
@@ -282,6 +282,56 @@ def test_multi_turn_rollouts_feed_vllm_each_turns_whole_context_as_token_ids(fak
     assert prompts[1] == [prompt + [3, 4] + observation] * 2  # turn 2: each trajectory's context, n=1
     assert prompts[2] == [prompt + ([3, 4] + observation) * 2] * 2
     assert [s.loss_mask for s in groups[0].samples] == [([1, 1] + [0] * len(observation)) * 2 + [1, 1]] * 2
+
+
+def test_lora_adapters_reach_vllm_as_a_new_lora_request_per_version(fake_vllm, tiny_model, monkeypatch):
+    """Under LoRA the engine asks for enable_lora, generates with the base until the first sync, then names each
+    synced adapter (written in peft's format, the file names peft itself writes) in a LoRARequest with a new id."""
+    import json
+    from pathlib import Path
+
+    from actors.lora import sync_state, wrap
+    from actors.modeling import load_causal_lm
+    from actors.weights import pack_state, state_checksum
+
+    request_module = types.ModuleType("vllm.lora.request")
+    request_module.LoRARequest = lambda name, int_id, path: SimpleNamespace(lora_name=name, lora_int_id=int_id,
+                                                                           lora_path=path)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", request_module)
+    lora = {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "all-linear", "reference": "trainer"}
+    engine = VLLMEngine(tiny_model, lora=lora)
+    llm = FakeLLM.instances[0]
+    assert (llm.kwargs["enable_lora"], llm.kwargs["max_lora_rank"], llm.kwargs["max_loras"]) == (True, 8, 1)
+    policy = wrap(load_causal_lm(tiny_model), lora)
+    paths = []
+    for version in (None, 1, 2):
+        if version is not None:
+            with torch.no_grad():
+                for name, p in policy.named_parameters():
+                    if ".lora_B." in name:
+                        p.add_(0.01)
+            engine.load_weights(pack_state(sync_state(policy)), version=version)
+        engine.generate([[5, 6]], SamplingParams(n=1), seed=0)
+        request = llm.calls[-1][3]
+        if version is None:
+            assert request is None  # version 0: the base, which a fresh adapter (B = 0) computes
+            continue
+        assert (request.lora_name, request.lora_int_id) == (f"raylhf-policy-v{version}", version)
+        paths.append(Path(request.lora_path))
+        assert engine.checksum() == state_checksum(sync_state(policy))  # what the trainer reports
+    assert not paths[0].exists() and paths[1].is_dir()  # the previous adapter's files are removed
+    written = json.loads((paths[1] / "adapter_config.json").read_text())
+    assert written["r"] == 4 and written["base_model_name_or_path"] == tiny_model
+    assert sorted(written["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                                 "v_proj"]
+    peft_dir = paths[1].parent / "peft"
+    policy.save_pretrained(str(peft_dir))  # peft's own writer names the tensors the same way
+    from safetensors.torch import load_file
+
+    ours = load_file(str(paths[1] / "adapter_model.safetensors"))
+    theirs = load_file(str(peft_dir / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_unknown_weight_sync_is_refused(fake_vllm, tiny_model):

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from transformers import StoppingCriteria
 
-from actors.modeling import cache_argument, load_causal_lm, load_tokenizer, position_ids, token_logprobs
+from actors.lora import load_sync_state, sync_state, wrap
+from actors.modeling import cache_argument, hf_model, load_causal_lm, load_tokenizer, position_ids, token_logprobs
 from actors.records import Completion, SamplingParams
-from actors.weights import load_packed, weights_checksum
+from actors.weights import state_checksum, unpack_state_dict
 
 SAMPLERS = ("loop", "generate")
 
@@ -20,12 +21,14 @@ SAMPLERS = ("loop", "generate")
 class HFEngine:
     """Holds one model and its tokenizer; `generate` takes prompts' token ids and returns completions.
     `sampler`: "loop" (our cache loop, falls back to "generate" for caches it cannot reshape) or
-    "generate" (Hugging Face `model.generate`)."""
+    "generate" (Hugging Face `model.generate`). `lora` (`model.lora` of the config): the base is wrapped with
+    adapters, and weight updates carry the adapters only (applied unmerged, as the trainer computes)."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu",
-                 sampler: str = "loop"):
-        self._serve(load_causal_lm(model_path, dtype, trust_remote_code, device).eval(),
-                    load_tokenizer(model_path, trust_remote_code), device, sampler)
+                 sampler: str = "loop", lora: dict | None = None):
+        model = load_causal_lm(model_path, dtype, trust_remote_code, device)
+        self._serve((wrap(model, lora) if lora else model).eval(), load_tokenizer(model_path, trust_remote_code),
+                    device, sampler)
 
     @classmethod
     def from_model(cls, model, tokenizer, sampler: str = "loop") -> HFEngine:
@@ -42,7 +45,7 @@ class HFEngine:
         self.tokenizer.padding_side = "left"
         self.device, self.sampler = device, sampler
         # Prefill needs only the last position's logits; not every remote-code model takes the argument.
-        self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._keep_last = "logits_to_keep" in inspect.signature(hf_model(self.model).forward).parameters
         self._cache_kw = cache_argument(self.model)
 
     def _pad(self, prompt_ids: list[list[int]]) -> dict[str, torch.Tensor]:
@@ -147,12 +150,13 @@ class HFEngine:
         text = tok.decode(ids_list[:end], skip_special_tokens=True)
         return Completion(ids_list[:end], text, logp[:end].tolist(), reason)
 
-    def load_weights(self, packed: dict) -> None:
-        """Replace the model's weights in place."""
-        load_packed(self.model, packed)
+    def load_weights(self, packed: dict, version: int | None = None) -> None:
+        """Replace the model's weights in place (under LoRA: its adapters)."""
+        load_sync_state(self.model, unpack_state_dict(packed))
 
     def checksum(self) -> str:
-        return weights_checksum(self.model)
+        """SHA-256 of what weight syncs replace (`actors.lora.sync_state`): the trainer's checksum of the same."""
+        return state_checksum(sync_state(self.model))
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,16 @@ mass) per token; verl and the vLLM-team's vime make the same choice and the same
   `engine.receive_weights(meta, version)` on every rollout worker and `sender.send(named_tensors)` on rank 0,
   tensor by tensor (`packed=False`) or in ~1 GB packed buckets (`packed=True`). `receive_weights` returns the
   version vLLM reports serving after `finish_weight_update`, the handshake the orchestrator checks.
+
+**LoRA** (`model.lora`; object-store path only): the engine is built with `enable_lora=True` and serves the base
+plus one adapter. Each `load_weights` receives the adapters only (trainer rank 0's `actors.lora.sync_state`), writes
+them in peft's format (`actors.lora.save_adapter`) to a directory of their own and from then on passes a
+`LoRARequest(name, int_id, path)` with every generate call, a new int id per load, as vLLM documents for
+offline LoRA inference (docs.vllm.ai, features/lora: `LLM(enable_lora=True, max_lora_rank=...)`,
+`llm.generate(..., lora_request=LoRARequest(...))`); vLLM loads an adapter on first use and evicts the least
+recently used one beyond `max_loras`. Before the first sync no adapter is passed: version 0 is the base, which
+is what a fresh adapter computes (B = 0). This path is written against vLLM's documented API and checked against
+a fake `vllm` module only: it has not run on vLLM itself.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from typing import Any
 
 from actors.records import Completion, SamplingParams
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 VLLM_VERSION = "0.33.0"  # what this module is written against; deploy/Dockerfile pins it (with torch 2.14.0)
 INSTALL_HINT = (f"pip install vllm=={VLLM_VERSION} on a Linux machine with a CUDA GPU (it installs its own "
                 "matching torch), or use rollout.engine: hf")
@@ -142,14 +153,18 @@ class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  device: str = "cuda", *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  enable_sleep_mode: bool = False, enforce_eager: bool = False, max_model_len: int | None = None,
-                 seed: int = 0, weight_sync: str = "object_store"):
+                 seed: int = 0, weight_sync: str = "object_store", lora: dict | None = None):
         """`gpu_memory_utilization` is the share of each GPU vLLM may take (weights + KV cache); lower it when the
-        rollout worker shares its GPU with trainer or scoring actors. `weight_sync`: "object_store" or "nccl"."""
+        rollout worker shares its GPU with trainer or scoring actors. `weight_sync`: "object_store" or "nccl".
+        `lora` (`model.lora`): serve base + adapter, each sync a new adapter (see the module docstring)."""
         if device != "cuda":
             raise ValueError("rollout.engine: vllm runs on CUDA GPUs; give each rollout worker "
                              "rollout.num_gpus >= its tensor-parallel size (or use rollout.engine: hf on CPU)")
         if weight_sync not in ("object_store", "nccl"):
             raise ValueError(f"weight_sync: {weight_sync!r}; allowed: 'object_store', 'nccl'")
+        if lora and weight_sync == "nccl":
+            raise ValueError("model.lora: LoRA adapters reach vLLM through the object store; set weight_sync to "
+                             "object_store")
         vllm = import_vllm()
         self._vllm = vllm
         self.model_path, self.dtype, self.trust_remote_code = model_path, dtype, trust_remote_code
@@ -165,7 +180,11 @@ class VLLMEngine:
             from vllm.config import WeightTransferConfig
 
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend="nccl")
+        if lora:
+            kwargs |= dict(enable_lora=True, max_lora_rank=vllm_lora_rank(lora["r"]), max_loras=1)
         self.llm = vllm.LLM(**kwargs)
+        self.lora = lora
+        self._lora_request = None  # the adapter every generate call names (None: the base)
         self._staging = Path(tempfile.mkdtemp(prefix="raylhf-vllm-weights-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._staging), True)
         self._checksum: str | None = None
@@ -184,18 +203,24 @@ class VLLMEngine:
         self.wake_up()
         params = [vllm_sampling_params(self._vllm, sampling, s)
                   for s in request_seeds(seed, len(prompt_ids), sampling.n)]
-        outputs = self.llm.generate([{"prompt_token_ids": x} for x in prompt_ids], params, use_tqdm=False)
+        lora = {"lora_request": self._lora_request} if self.lora else {}
+        outputs = self.llm.generate([{"prompt_token_ids": x} for x in prompt_ids], params, use_tqdm=False, **lora)
         return completions_from_outputs(outputs, sampling.n)
 
     # -- object-store weight updates
 
     def load_weights(self, packed: dict, version: int | None = None) -> None:
-        """Serve the packed state dict (`actors.weights.pack_state_dict`) from now on, reloaded in place."""
+        """Serve the packed state dict (`actors.weights.pack_state_dict`) from now on, reloaded in place (under
+        LoRA: the packed adapters, served as a new LoRA adapter)."""
         from safetensors.torch import save_file
 
         from actors.weights import unpack_state_dict
 
         self.wake_up()
+        if self.lora:
+            self._load_adapter(unpack_state_dict(packed), version)
+            self._checksum = packed_checksum(packed)
+            return
         state = {name: t.contiguous() for name, t in unpack_state_dict(packed).items()}
         tmp = self._staging / "model.safetensors.tmp"
         save_file(state, str(tmp))
@@ -206,10 +231,26 @@ class VLLMEngine:
             self.llm.update_weight_version(str(version))
         self._checksum = packed_checksum(packed)
 
+    def _load_adapter(self, state: dict, version: int | None) -> None:
+        """Write the adapters in peft's format to a directory of their own and name it in every generate call from
+        now on, with a new LoRA int id (vLLM caches adapters by id); the previous adapter's files are removed."""
+        from vllm.lora.request import LoRARequest
+
+        from actors.lora import save_adapter
+
+        previous = self._lora_request
+        lora_id = (previous.lora_int_id + 1) if previous is not None else 1
+        path = save_adapter(self._staging / f"adapter-{lora_id}", state, self.lora, self.model_path)
+        self._lora_request = LoRARequest(f"raylhf-policy-v{version}", lora_id, str(path))
+        if previous is not None:
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+
     def checksum(self) -> str:
         """SHA-256 of the weights last loaded, as `actors.weights.weights_checksum` computes it on the trainer
         (vLLM's own tensors are fused and sharded, so they cannot be hashed alike). Before any load: of the
         checkpoint, read once on CPU. After an NCCL sync: the checksum the sender declared, if any."""
+        if self._checksum is None and self.lora:
+            return "the base model (no adapter loaded yet)"
         if self._checksum is None:
             from actors.modeling import load_causal_lm
             from actors.weights import weights_checksum
@@ -249,6 +290,14 @@ class VLLMEngine:
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds rank `r`."""
+    for rank in LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise ValueError(f"model.lora.r: {r} is above vLLM's largest LoRA rank ({LORA_RANKS[-1]})")
 
 
 def packed_checksum(packed: dict) -> str:
