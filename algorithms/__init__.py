@@ -16,6 +16,7 @@ from .kl_control import AdaptiveKLController, FixedKLController
 from .losses import (
     AGG_MODES,
     RATIO_LEVELS,
+    add_kl_penalty,
     aggregate,
     cispo_loss,
     dpo_loss,
@@ -39,6 +40,7 @@ __all__ = [
     "RATIO_LEVELS",
     "AdaptiveKLController",
     "FixedKLController",
+    "add_kl_penalty",
     "aggregate",
     "broadcast_to_tokens",
     "cispo_loss",

@@ -256,13 +256,29 @@ def policy_loss_with_kl(
     loss, stats = policy_loss(
         logp, old_logp, advantages, mask, clip_low, clip_high, agg, dual_clip, ratio_level, norm_length, token_weights
     )
+    return add_kl_penalty(loss, stats, logp, ref_logp, mask, beta, kl_kind, agg, norm_length)
+
+
+def add_kl_penalty(
+    loss: Tensor,
+    stats: dict[str, Tensor],
+    logp: Tensor,
+    ref_logp: Tensor | None,
+    mask: Tensor,
+    beta: float,
+    kl_kind: str = "k3",
+    agg: str = "token-mean",
+    norm_length: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """loss + β·aggregate(KL[π ‖ π_ref]) of any policy loss (survey 3.14, 3.13), and stats with "kl" added when
+    ref_logp is given (it may be None if beta == 0; with beta == 0 the KL is measured without a gradient)."""
     if ref_logp is None:
         if beta != 0:
-            raise ValueError("policy_loss_with_kl needs ref_logp when beta != 0")
+            raise ValueError("the KL penalty needs ref_logp when beta != 0")
         return loss, stats
     with torch.set_grad_enabled(torch.is_grad_enabled() and beta != 0):
         kl = aggregate(kl_estimate(logp, ref_logp, kl_kind, mask), mask, agg, norm_length)
-    stats["kl"] = kl.detach()
+    stats = {**stats, "kl": kl.detach()}
     return (loss + beta * kl if beta != 0 else loss), stats
 
 

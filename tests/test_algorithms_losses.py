@@ -183,6 +183,44 @@ def test_sequence_ratio_hand_worked():
         policy_loss(logp, old, adv, mask, 0.2, 0.2, "token-mean", ratio_level="seq")
 
 
+def test_gspo_with_sequence_advantages_is_the_papers_sequence_objective_and_its_gradient():
+    """With one advantage per response and agg seq-mean-token-mean, the loss is −mean_i min(s_i·A_i, clip(s_i)·A_i),
+    s_i = exp(mean_t log π/π_old) (GSPO, Zheng et al. 2025, eq. 5–7), computed here by a loop over sequences; and
+    GSPO-token's per-token gradient equals the finite-difference gradient of that sequence objective."""
+    gen = torch.Generator().manual_seed(19)
+    B, T = 6, 5
+    lengths = [5, 3, 1, 4, 2, 5]
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).to(F64)  # [B, T]
+    old = -torch.rand(B, T, generator=gen, dtype=F64) * 2
+    logp = old + 0.05 * torch.randn(B, T, generator=gen, dtype=F64)  # ratios near 1: some clipped, some not
+    seq_adv = torch.tensor([1.0, -1.0, 0.5, -2.0, 1.5, -0.5], dtype=F64)  # [B]
+    adv = seq_adv[:, None].expand(B, T) * mask  # [B, T]
+    low, high = 0.01, 0.015
+
+    def by_hand(x: torch.Tensor) -> torch.Tensor:
+        terms = []
+        for i, n in enumerate(lengths):
+            s = torch.exp((x[i, :n] - old[i, :n]).mean())
+            terms.append(torch.minimum(s * seq_adv[i], s.clamp(1 - low, 1 + high) * seq_adv[i]))
+        return -torch.stack(terms).mean()
+
+    leaf = logp.clone().requires_grad_(True)
+    loss, stats = policy_loss(leaf, old, adv, mask, low, high, "seq-mean-token-mean", ratio_level="sequence")
+    assert loss.item() == pytest.approx(by_hand(logp).item(), rel=1e-12)
+    s_all = [math.exp((logp[i, :n] - old[i, :n]).mean().item()) for i, n in enumerate(lengths)]
+    assert 0 < stats["clip_frac"].item() < 1 and any(not 1 - low <= s <= 1 + high for s in s_all)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    h = 1e-6
+    numeric = torch.zeros_like(grad)
+    with torch.no_grad():
+        for i in range(B):
+            for t in range(T):
+                bump = torch.zeros_like(logp)
+                bump[i, t] = h
+                numeric[i, t] = (by_hand(logp + bump) - by_hand(logp - bump)) / (2 * h)
+    torch.testing.assert_close(grad, numeric, rtol=1e-6, atol=1e-10)
+
+
 def test_sequence_ratio_is_length_normalized_and_finite_on_long_sequences():
     T = 4000
     old = torch.full((1, T), -2.0, dtype=F64)
