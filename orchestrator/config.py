@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -318,6 +319,41 @@ class ScoringConfig(Section):
     micro_batch_size: int = Field(64, gt=0, description="Sequences per scoring forward pass.")
 
 
+# Bounds each correction takes when the config gives none: TIS caps at 2 (Yao et al. 2025); IcePop keeps
+# [0.5, 5] (Ring-1T report, Ling Team 2025); the geometric-mean sequence mask keeps [0.999, 1.001] (the bounds
+# of verl's rollout-correction examples with rollout_is_level=geometric, rollout_is_mode=mask).
+CORRECTION_BOUNDS = {"tis": (None, 2.0), "icepop": (0.5, 5.0), "seq_mask": (0.999, 1.001)}
+
+
+class RolloutCorrection(Section):
+    kind: Literal["none", "tis", "icepop", "seq_mask"] = Field(
+        "none", description="none; tis: weight min(r, high) per token, r = pi_old / pi_rollout (truncated "
+        "importance sampling, Yao et al. 2025; default high 2); icepop: weight r where low <= r <= high, else 0 "
+        "(IcePop, Ring-1T 2025; default [0.5, 5]); seq_mask: weight 0 for every token of a response whose "
+        "geometric-mean ratio exp(mean_t log r) leaves [low, high], else 1 (verl's geometric rollout mask; "
+        "default [0.999, 1.001]). Logged: tis_clip_frac, icepop_mask_frac, seq_mask_frac.")
+    low: float | None = Field(None, ge=0, description="Lower bound on the ratio (icepop, seq_mask); tis has none.")
+    high: float | None = Field(None, gt=0, description="Upper bound on the ratio (icepop, seq_mask), or the tis cap.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_bounds(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") in CORRECTION_BOUNDS:
+            low, high = CORRECTION_BOUNDS[data["kind"]]
+            data = {"low": low, "high": high, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "RolloutCorrection":
+        if self.kind == "none" and (self.low is not None or self.high is not None):
+            raise ValueError("low / high: apply to a correction (kind: tis, icepop or seq_mask); kind is none")
+        if self.kind == "tis" and self.low is not None:
+            raise ValueError("low: tis truncates the ratio at high only; remove low (or use kind: icepop)")
+        if self.kind in ("icepop", "seq_mask") and not self.low <= self.high:
+            raise ValueError(f"low ({self.low:g}) must be <= high ({self.high:g}) for {self.kind}")
+        return self
+
+
 class AlgorithmConfig(Section):
     estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] = Field(
         "grpo", description="Advantage estimator: grpo (3.12), dr_grpo (mean-only, A.3.1; its agg defaults to "
@@ -328,9 +364,18 @@ class AlgorithmConfig(Section):
     lam: float = Field(0.95, ge=0, le=1, description="gae: lambda (2.14); 0 is the TD residual, 1 the return - V.")
     whiten_advantages: bool = Field(
         True, description="gae: normalise advantages to mean 0, std 1 over the batch's valid tokens (as PPO codes do).")
-    clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip: ratio >= 1 - clip_low (2.4.3).")
-    clip_high: float = Field(0.2, ge=0, description="PPO clip: ratio <= 1 + clip_high; > clip_low is clip-higher.")
-    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c for negative advantages.")
+    policy_loss: Literal["ppo", "gspo", "cispo"] = Field(
+        "ppo", description="Policy objective: ppo (the clipped surrogate with a per-token ratio pi/pi_old, 2.4.3, "
+        "3.9), gspo (GSPO, Zheng et al. 2025: every token of a response uses its length-normalized sequence ratio "
+        "exp(mean_t log pi/pi_old), clipped; clip_low / clip_high default to the paper's 3e-4 / 4e-4 and agg to "
+        "seq-mean-token-mean when not given) or cispo (CISPO, MiniMax-M1 2025: the detached ratio, clipped, "
+        "weighs each token's log-prob gradient, so no token is dropped; clip_low defaults to 1.0, no lower bound, "
+        "as the paper, and clip_high to 0.28). See docs/algorithms.md.")
+    clip_low: float = Field(0.2, ge=0, description="Clip: ratio >= 1 - clip_low (2.4.3); below 1 for ppo and "
+                            "gspo, while cispo takes >= 1 as no lower bound. Default 0.2 (gspo 3e-4, cispo 1.0).")
+    clip_high: float = Field(0.2, ge=0, description="Clip: ratio <= 1 + clip_high; > clip_low is clip-higher. "
+                             "Default 0.2 (gspo 4e-4, cispo 0.28).")
+    dual_clip: float | None = Field(None, gt=1, description="Dual-clip bound c for negative advantages (ppo, gspo).")
     kl_coef: float = Field(0.0, ge=0, description="beta of the KL-to-reference penalty (its start, when adaptive).")
     kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator (survey 2.1).")
     kl_placement: Literal["loss", "reward"] = Field(
@@ -360,26 +405,84 @@ class AlgorithmConfig(Section):
         "of the sampled tokens, exactly the behaviour policy; no old-policy scoring pass) or recompute (a "
         "ScoringWorker re-scores with the policy copy; needed when the engine's numerics differ from the "
         "trainer's, e.g. vLLM in bf16). mismatch/logprob_abs_* in the metrics shows how far they are apart.")
+    rollout_correction: RolloutCorrection = Field(
+        default_factory=RolloutCorrection, description="Train/inference mismatch correction: token "
+        "weights from pi_old / pi_rollout (needs old_logprobs: recompute, set by default when kind is not none).")
     tis_cap: float | None = Field(
-        None, gt=0, description="Truncated importance sampling: weight each token's loss by min(pi_old / "
-        "pi_rollout, tis_cap) (detached), correcting for the rollout engine's numerics; needs old_logprobs: "
-        "recompute (set by default when tis_cap is given). None: off.")
+        None, gt=0, description="Deprecated: use rollout_correction: {kind: tis, high: C}, which it becomes at "
+        "load (a message says so once); always null after loading.")
+    top_entropy_quantile: float = Field(
+        1.0, gt=0, le=1, description="Train only on the highest-entropy tokens: the policy loss of each "
+        "micro-batch keeps its top quantile of valid tokens by entropy of pi (the whole batch when one "
+        "micro-batch holds it), the others weigh 0 but still count in the token-mean (Wang et al. 2025, \"Beyond "
+        "the 80/20 Rule\", who keep 0.2); 1.0: off. entropy/selected_frac logs the share kept.")
 
     @model_validator(mode="before")
     @classmethod
-    def _dr_grpo_norm(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("estimator") == "dr_grpo" and "agg" not in data:
+    def _defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = _tis_cap_to_correction(data)
+        if data.get("estimator") == "dr_grpo" and "agg" not in data:
             data = {**data, "agg": "seq-mean-token-sum-norm"}  # Dr.GRPO: no 1/|o| length bias either
-        if isinstance(data, dict) and data.get("tis_cap") is not None and "old_logprobs" not in data:
-            data = {**data, "old_logprobs": "recompute"}  # TIS compares the trainer's pi_old with the rollout's
+        # GSPO paper: clip ranges 3e-4 / 4e-4 on its sequence ratio, and the loss a mean over sequences.
+        # CISPO (MiniMax-M1): no lower bound on the weight; 0.28 is the usual upper one (the paper tunes it).
+        defaults = {"gspo": {"clip_low": 3e-4, "clip_high": 4e-4, "agg": "seq-mean-token-mean"},
+                    "cispo": {"clip_low": 1.0, "clip_high": 0.28}}.get(data.get("policy_loss"), {})
+        data = {**defaults, **data}
+        correction = data.get("rollout_correction")
+        kind = correction.get("kind") if isinstance(correction, dict) else getattr(correction, "kind", None)
+        if kind not in (None, "none") and "old_logprobs" not in data:
+            data = {**data, "old_logprobs": "recompute"}  # corrections compare the trainer's pi_old with the rollout's
         return data
 
     @model_validator(mode="after")
-    def _tis_needs_recompute(self) -> "AlgorithmConfig":
-        if self.tis_cap is not None and self.old_logprobs == "rollout":
-            raise ValueError("algorithm.tis_cap: truncated importance sampling weighs pi_old / pi_rollout, which is 1 "
-                             "when pi_old is the rollout's own log-probs; set algorithm.old_logprobs: recompute")
+    def _consistent(self) -> "AlgorithmConfig":
+        kind = self.rollout_correction.kind
+        if kind != "none" and self.old_logprobs == "rollout":
+            raise ValueError(f"algorithm.rollout_correction: {kind} weighs pi_old / pi_rollout, which is 1 when "
+                             "pi_old is the rollout's own log-probs; set algorithm.old_logprobs: recompute")
+        if self.clip_low >= 1 and self.policy_loss != "cispo":
+            raise ValueError(f"algorithm.clip_low: {self.clip_low:g} would let the {self.policy_loss} ratio fall to 0 "
+                             "or below; it must be < 1 (only policy_loss: cispo takes >= 1, as no lower bound)")
+        if self.dual_clip is not None and self.policy_loss == "cispo":
+            raise ValueError("algorithm.dual_clip: caps the clipped surrogate of ppo and gspo; cispo has no "
+                             "surrogate to cap (its ratio is a bounded weight already)")
         return self
+
+
+_SHOWN: set[str] = set()  # the deprecated keys whose message this process has printed
+
+
+def _tis_cap_to_correction(data: dict) -> dict:
+    """The deprecated `algorithm.tis_cap: C` as `rollout_correction: {kind: tis, high: C}` (a message, once per
+    process). A value the field itself rejects (not a number, <= 0, NaN) stays, for its error to name tis_cap."""
+    cap = data.get("tis_cap")
+    if cap is None or isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < float("inf"):
+        return data
+    if data.get("old_logprobs") == "rollout":
+        raise ValueError("algorithm.tis_cap: truncated importance sampling weighs pi_old / pi_rollout, which is 1 "
+                         "when pi_old is the rollout's own log-probs; set algorithm.old_logprobs: recompute")
+    if data.get("rollout_correction") not in (None, {}, {"kind": "none"}):
+        raise ValueError("algorithm.tis_cap: deprecated, and algorithm.rollout_correction is set too; give only "
+                         f"rollout_correction: {{kind: tis, high: {cap:g}}}")
+    message = (f"algorithm.tis_cap is deprecated; it is read as algorithm.rollout_correction: {{kind: tis, high: "
+               f"{cap:g}}} (write that instead)")
+    if "tis_cap" not in _SHOWN:
+        _SHOWN.add("tis_cap")
+        print(f"raylhf: {message}", file=sys.stderr)
+    return {**data, "tis_cap": None, "rollout_correction": {"kind": "tis", "high": cap}}
+
+
+class DistillConfig(Section):
+    teacher: str | None = Field(
+        None, description="On-policy distillation (Agarwal et al. 2024; Thinking Machines 2025): a causal-LM "
+        "checkpoint directory with the policy's tokenizer. The scoring pool scores every sampled token under it, "
+        "and token t's advantage gains coef * (log pi_teacher - log pi_old), the per-token reverse KL signal, "
+        "added to the reward estimator's advantage. null: off.")
+    coef: float = Field(
+        1.0, gt=0, description="Weight of the distillation advantage. To distil alone, give every reward weight 0 "
+        "(all groups then tie and the estimator adds 0) and name a verifier in reward.accuracy_label for accuracy.")
 
 
 class CriticConfig(Section):
@@ -500,6 +603,7 @@ class JobConfig(Section):
     env: EnvConfig = EnvConfig()
     scoring: ScoringConfig = ScoringConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    distill: DistillConfig = DistillConfig()
     trainer: TrainerConfig = TrainerConfig()
     critic: CriticConfig = CriticConfig()
     loop: LoopConfig = LoopConfig()
@@ -727,6 +831,8 @@ def check_references(cfg: JobConfig) -> None:
             continue  # a datasets source is checked as it loads (orchestrator.data), still before Ray starts
         check_reference(f"{field}.source", check_source, src.source, (".jsonl", ".parquet"))
     check_model(cfg.model)
+    if cfg.distill.teacher is not None:
+        check_reference("distill.teacher", check_model_dir, cfg.distill.teacher)
     if cfg.rollout.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError(
             "invalid config:\n  rollout.engine: 'vllm' needs the vllm package (GPU only): pip install 'raylhf[gpu]'"
@@ -745,7 +851,7 @@ def _dump_section(section: BaseModel, indent: int) -> str:
         value = getattr(section, name)
         comment = f"  # {info.description}" if info.description else ""
         if isinstance(value, BaseModel):
-            out.append(f"{pad}{name}:")
+            out.append(f"{pad}{name}:{comment}")
             out.append(_dump_section(value, indent + 1))
         elif value is None and (sub := _optional_section(info.annotation)) is not None:
             out.append(f"{pad}{name}: null{comment}")  # unset: its fields are shown as comments, with defaults
