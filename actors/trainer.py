@@ -22,10 +22,10 @@ from actors.batch import collate_groups, expand
 from actors.deepspeed_ops import load_shm_comm
 from actors.lora import load_sync_state, save_merged_policy, state_bytes, sync_state, trainable_names, wrap
 from actors.modeling import load_causal_lm, load_tokenizer, response_logprobs, set_threads
+from actors.objectives import policy_objective
 from actors.records import Group, TrainBatch
 from actors.scoring import per_token
 from actors.weights import pack_state, state_checksum
-from algorithms.losses import entropy, policy_loss_with_kl, tis_weights
 
 
 def free_port() -> int:
@@ -270,7 +270,8 @@ class DeepSpeedRank:
 
 
 class PolicyTrainer(DeepSpeedRank):
-    """A policy rank: the clipped GRPO/PPO loss (survey 3.14, A.10) with optional KL and entropy terms."""
+    """A policy rank: the objective `algorithm.policy_loss` names (PPO/GRPO's clipped surrogate, GSPO or CISPO;
+    survey 3.14, A.10) with its corrections and optional KL and entropy terms (`actors.objectives`)."""
 
     def __init__(self, rank: int, world_size: int, model: dict, trainer: dict, algorithm: dict,
                  temperature: float, max_new_tokens: int, grad_accum: int, total_steps: int, seed: int = 0,
@@ -312,19 +313,8 @@ class PolicyTrainer(DeepSpeedRank):
                 self._mismatch[0] += float(gap.sum())
                 self._mismatch[1] += float(mask.sum())
                 self._mismatch[2] = max(self._mismatch[2], float(gap.max()))
-        weights, tis_stats = None, {}
-        if alg.get("tis_cap") is not None:  # truncated importance sampling: pi_old / pi_rollout, capped
-            weights, tis_stats = tis_weights(micro.old_logp, micro.rollout_logp, mask, alg["tis_cap"])  # [b, t]
-        loss, stats = policy_loss_with_kl(
-            logp, micro.old_logp, micro.ref_logp, micro.advantages, mask,
-            alg["clip_low"], alg["clip_high"], self.kl_coef, alg["kl_kind"], alg["agg"],
-            self.max_new_tokens, alg["dual_clip"], token_weights=weights)
-        stats |= tis_stats
-        with torch.set_grad_enabled(alg["entropy_coef"] > 0):
-            ent = entropy(logits / self.temperature, mask, alg["agg"])
-        if alg["entropy_coef"] > 0:
-            loss = loss - alg["entropy_coef"] * ent
-        stats = {**{k: v.detach() for k, v in stats.items()}, "entropy": ent.detach(), "loss": loss.detach()}
+        loss, stats = policy_objective(self.alg, logp, logits, micro, self.kl_coef, self.temperature,
+                                       self.max_new_tokens)
         units = float(mask.sum()) if alg["agg"] == "token-mean" else float(mask.shape[0])
         return loss, stats, units / global_units, logits
 
