@@ -57,6 +57,7 @@ class Sample:
     reward_extras: dict[str, float] = field(default_factory=dict)  # "label/key" -> extra number a reward returned
     ref_logp: list[float] | None = None
     old_logp: list[float] | None = None
+    teacher_logp: list[float] | None = None  # on-policy distillation: log pi_teacher of each response token
     values: list[float] | None = None  # PPO: V(s_t) before each response token, from the critic at rollout time
     loss_mask: list[int] | None = None  # multi-turn: 1 where the model sampled the token, 0 on observation tokens
     turns: list[dict] | None = None  # multi-turn: per turn its action, observation, reward, `end` (its last sampled index)

@@ -1,10 +1,11 @@
-"""ScoringWorker: log-probs of sampled responses under the frozen reference and the old policy, and
-(PPO) the critic's values.
+"""ScoringWorker: log-probs of sampled responses under the frozen reference, the old policy and (on-policy
+distillation) a teacher, and (PPO) the critic's values.
 
 The reference gives the KL term (survey 3.14, 3.5.1) and is skipped when beta = 0; the old policy (the
 weights that generated the samples) gives the denominator of the PPO ratio (2.4.3) and is held only with
 `algorithm.old_logprobs: recompute` (otherwise the rollout engine's own log-probs serve); the critic copy
-gives V(s_t) per response token for GAE (2.14), kept in step with the CriticTrainer like the policy.
+gives V(s_t) per response token for GAE (2.14), kept in step with the CriticTrainer like the policy; a teacher
+(`distill.teacher`) is scored like the reference, frozen, for the distillation advantage.
 
 Under LoRA (`model.lora`) the policy and critic copies carry adapters and take only those in weight syncs; the
 reference is the bare base, held here only with `model.lora.reference: scoring` (by default the trainer ranks
@@ -24,7 +25,8 @@ import torch
 
 from actors.batch import collate_groups
 from actors.lora import load_sync_state, sync_state, wrap
-from actors.modeling import load_causal_lm, load_tokenizer, load_value_model, response_logprobs, response_values, set_threads
+from actors.modeling import (check_same_vocabulary, load_causal_lm, load_tokenizer, load_value_model, response_logprobs,
+                             response_values, set_threads)
 from actors.records import Group, TrainBatch
 from actors.weights import state_checksum, unpack_state_dict
 
@@ -34,23 +36,31 @@ class StaleGroup(RuntimeError):
 
 
 class ScoringWorker:
-    """Holds a reference model, a copy of the current policy and a critic copy, each optional."""
+    """Holds a reference model, a copy of the current policy, a teacher and a critic copy, each optional."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False,
                  with_reference: bool = True, temperature: float = 1.0, micro_batch_size: int = 64,
                  threads: int | None = None, device: str = "cpu", value_model: str | None = None,
-                 with_policy: bool = True, share_prompts: bool = True, lora: dict | None = None):
+                 with_policy: bool = True, share_prompts: bool = True, lora: dict | None = None,
+                 teacher_model: str | None = None):
         """`value_model`: where the critic starts (PPO); None scores no values. `with_policy` False: no
         old-policy scoring (pi_old comes from the rollout's log-probs). `share_prompts`: see
         `actors.modeling.response_logits`. `lora` (`model.lora`): the policy and critic copies carry adapters (the
-        critic's head trained whole) and take only those in weight syncs; the reference is the bare base."""
+        critic's head trained whole) and take only those in weight syncs; the reference is the bare base.
+        `teacher_model`: a causal LM with the policy's tokenizer whose log-probs of the sampled tokens go to
+        `Sample.teacher_logp` (on-policy distillation); None: no teacher."""
         set_threads(threads)
-        self.pad_id = load_tokenizer(model_path, trust_remote_code).pad_token_id
+        tokenizer = load_tokenizer(model_path, trust_remote_code)
+        self.pad_id = tokenizer.pad_token_id
         policy = load_causal_lm(model_path, dtype, trust_remote_code, device) if with_policy else None
         critic = load_value_model(value_model, dtype, trust_remote_code, device) if value_model else None
         self.policy = (wrap(policy, lora) if lora else policy).eval() if policy is not None else None
         self.reference = load_causal_lm(model_path, dtype, trust_remote_code, device).eval() if with_reference else None
         self.critic = (wrap(critic, lora, value_head=True) if lora else critic).eval() if critic is not None else None
+        self.teacher = None
+        if teacher_model is not None:
+            check_same_vocabulary(tokenizer, load_tokenizer(teacher_model, trust_remote_code), teacher_model)
+            self.teacher = load_causal_lm(teacher_model, dtype, trust_remote_code, device).eval()
         self.temperature, self.share_prompts = temperature, share_prompts
         self.micro_batch_size = micro_batch_size
         self.version = 0
@@ -62,8 +72,8 @@ class ScoringWorker:
         return self._per_token(lambda mb: response_logprobs(model, mb, self.temperature, self.share_prompts)[0], batch)
 
     def score(self, groups: list[Group]) -> list[Group]:
-        """Fill `old_logp` of every sample when a policy copy is held, `ref_logp` when a reference is and
-        `values` when a critic is."""
+        """Fill `old_logp` of every sample when a policy copy is held, `ref_logp` when a reference is,
+        `teacher_logp` when a teacher is and `values` when a critic is."""
         start = time.perf_counter()
         batch = collate_groups(groups, self.pad_id)
         samples = [s for g in groups for s in g.samples]
@@ -77,6 +87,9 @@ class ScoringWorker:
         if self.reference is not None:
             for s, row in zip(samples, self._logprobs(self.reference, batch)):
                 s.ref_logp = row
+        if self.teacher is not None:
+            for s, row in zip(samples, self._logprobs(self.teacher, batch)):
+                s.teacher_logp = row
         if self.critic is not None:
             for s, row in zip(samples, self._per_token(lambda mb: response_values(self.critic, mb), batch)):
                 s.values = row

@@ -1,5 +1,6 @@
 """Scored groups → a `TrainBatch` with advantages (survey 3.12, A.3.1, GAE 2.14-2.17 with KL-shaped rewards
-3.5.1, β from a fixed or adaptive controller 2.4.2) → each trainer rank's `Shard` of every mini-batch."""
+3.5.1, β from a fixed or adaptive controller 2.4.2, plus on-policy distillation's per-token term) → each trainer
+rank's `Shard` of every mini-batch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import dataclasses
 
 from actors.batch import collate_groups, distinct_rows, pad_rows
 from actors.records import Group, Shard, TrainBatch
-from algorithms.advantages import broadcast_to_tokens, gae, group_normalized, kl_shaped_token_rewards, reinforce_pp, rloo
+from algorithms.advantages import (broadcast_to_tokens, distillation_advantages, gae, group_normalized,
+                                   kl_shaped_token_rewards, reinforce_pp, rloo)
 from algorithms.kl import kl_estimate
 from algorithms.kl_control import AdaptiveKLController, FixedKLController
 from orchestrator.config import AlgorithmConfig
@@ -33,14 +35,17 @@ def loss_kl_coef(alg: AlgorithmConfig, beta: float) -> float:
     return 0.0 if alg.kl_placement == "reward" else beta
 
 
-def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: float = 0.0) -> TrainBatch:
+def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: float = 0.0,
+                distill_coef: float = 0.0) -> TrainBatch:
     """One padded batch of every sample with old/ref log-probs and per-token advantages.
 
     `beta` is the KL coefficient of this step: with `kl_placement: reward` it shapes the rewards (3.5.1),
     with `loss` the trainer's loss takes it (`loss_kl_coef`, 3.14). `old_logp`, the pi_old
     of the PPO ratio (2.4.3), is the behaviour policy's: the rollout engine's log-probs of the sampled tokens
     (`algorithm.old_logprobs: rollout`) or the ScoringWorker's re-scoring at the version that generated each
-    group (`recompute`); `rollout_logp` always travels too (mismatch metric, TIS).
+    group (`recompute`); `rollout_logp` always travels too (mismatch metric, rollout corrections).
+    `distill_coef` > 0 (on-policy distillation, `distill.coef`) adds coef * (log pi_teacher - log pi_old) per
+    token to the estimator's advantages (after GAE's whitening), from each sample's `teacher_logp`.
     """
     group_size = len(groups[0].samples)
     samples = [s for g in groups for s in g.samples]
@@ -56,6 +61,7 @@ def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: fl
                              "old policy")
         old_logp = pad_rows([s.old_logp for s in samples], width)  # [B, T]
     ref_logp = pad_rows([s.ref_logp for s in samples], width) if samples[0].ref_logp is not None else None  # [B, T]
+    distill = _distillation(samples, old_logp, mask, distill_coef)  # [B, T] or None
     rewards = torch.tensor([s.reward for s in samples], dtype=torch.float32)  # [B] each sample's total reward
     batch = dataclasses.replace(batch, old_logp=old_logp, ref_logp=ref_logp)
     in_reward = alg.kl_placement == "reward" and beta > 0 and ref_logp is not None
@@ -67,11 +73,13 @@ def build_batch(groups: list[Group], alg: AlgorithmConfig, pad_id: int, beta: fl
                                                 mask, beta if in_reward else 0.0, alg.kl_kind) + per_turn  # [B, T]
         advantages, returns = gae(token_rewards, values, mask, alg.gamma, alg.lam)  # [B, T] each
         advantages = whiten(advantages, mask) if alg.whiten_advantages else advantages
+        advantages = advantages if distill is None else advantages + distill  # [B, T]
         return dataclasses.replace(batch, advantages=advantages, old_values=values, returns=returns)
     if in_reward:  # a sequence-level estimator sees the reward minus beta times the sequence's summed KL
         kl = kl_estimate(old_logp, ref_logp, alg.kl_kind, mask)  # [B, T]
         rewards = rewards - beta * torch.where(mask.bool(), kl, 0).sum(-1)  # [B]
     advantages = broadcast_to_tokens(sequence_advantages(rewards, group_size, alg), mask)  # [B, T]
+    advantages = advantages if distill is None else advantages + distill  # [B, T]
     return dataclasses.replace(batch, advantages=advantages)
 
 
@@ -86,6 +94,18 @@ def turn_rewards(samples: list, width: int) -> torch.Tensor:
                 if turn["sampled_tokens"]:
                     out[i, turn["end"]] += turn["reward"]
     return out
+
+
+def _distillation(samples: list, old_logp: torch.Tensor, mask: torch.Tensor, coef: float) -> torch.Tensor | None:
+    """coef * `distillation_advantages` of the student's pi_old against each sample's teacher log-probs, `[B, T]`;
+    None when coef is 0."""
+    if not coef:
+        return None
+    missing = sum(s.teacher_logp is None for s in samples)
+    if missing:
+        raise ValueError(f"distill.teacher is set but {missing} samples were not scored by the teacher")
+    teacher_logp = pad_rows([s.teacher_logp for s in samples], mask.shape[1])  # [B, T]
+    return coef * distillation_advantages(old_logp, teacher_logp, mask)  # [B, T]
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

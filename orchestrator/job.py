@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from orchestrator.config import ConfigError, JobConfig, dump_config
-from orchestrator.references import prepare_model
+from orchestrator.references import check_teacher, prepare_model
 
 
 def make_run_dir(cfg: JobConfig, override: str | None) -> Path:
@@ -66,6 +66,11 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None, resume: bool 
         run_dir = make_run_dir(cfg, run_dir_override)
         model_path = prepare_model(cfg.model)
     print(f"raylhf: run directory {run_dir}", file=sys.stderr)
+    try:
+        check_teacher(cfg, model_path)
+    except ConfigError as e:
+        print(f"raylhf: {e}", file=sys.stderr)
+        return 2
     try:
         data = load_data(cfg, model_path)
     except DataError as e:

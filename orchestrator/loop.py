@@ -116,7 +116,7 @@ def train_step(run: Run, version: int, train_policy: bool = True, prefetch: bool
             next_flight = pools.start_groups(stream.next(cfg.loop.prompts_per_step), run.sampling,
                                              cfg.rollout.prompts_per_call)
     beta = run.kl.value
-    batch = build_batch(groups, alg, run.data.pad_id, beta)
+    batch = build_batch(groups, alg, run.data.pad_id, beta, cfg.distill.coef if cfg.distill.teacher else 0)
     skip = alg.skip_zero_advantage and loss_kl_coef(alg, beta) == 0 and alg.entropy_coef == 0
     policy_shards = (shard(batch, t.num_minibatches, t.num_workers, alg.agg, skip,
                            TrainPlan.of(cfg, t.num_workers).grad_accum) if train_policy else None)

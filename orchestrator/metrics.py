@@ -131,7 +131,18 @@ def batch_metrics(groups: list[Group], generated: list[Group], batch: TrainBatch
         trained = sum(part.rows.rows for parts in policy_shards for part in parts)
         m["train/skipped_rows_frac"] = 1.0 - trained / batch.rows
     m["advantage/abs_mean"] = float(batch.advantages.abs().sum() / batch.response_mask.sum())
-    return m
+    return m | distill_metrics(groups)
+
+
+def distill_metrics(groups: list[Group]) -> dict[str, float]:
+    """On-policy distillation (samples scored by a teacher): `distill/reverse_kl`, the token mean of
+    log pi_old - log pi_teacher over the sampled tokens, the k1 estimate of KL[student || teacher] per token (2.1)
+    that the distillation advantage drives down; {} without a teacher."""
+    samples = [s for g in groups for s in g.samples]
+    if not samples or samples[0].teacher_logp is None:
+        return {}
+    gaps = [a - b for s in samples for a, b in zip(s.old_logp or s.rollout_logp, s.teacher_logp)]
+    return {"distill/reverse_kl": statistics.fmean(gaps) if gaps else 0.0}
 
 
 def trainer_metrics(policy_stats: list[dict] | None, critic_stats: list[dict] | None) -> dict[str, float]:

@@ -66,10 +66,16 @@ def reference_on_trainers(cfg: JobConfig) -> bool:
 
 def needs_scoring(cfg: JobConfig) -> bool:
     """Whether ScoringWorkers have work: old-policy log-probs (`algorithm.old_logprobs: recompute`), reference
-    log-probs (kl_coef > 0, unless the trainers hold the reference) or values (gae). Without any, the scoring pool
-    is empty and groups skip it."""
+    log-probs (kl_coef > 0, unless the trainers hold the reference), teacher log-probs (`distill.teacher`) or values
+    (gae). Without any, the scoring pool is empty and groups skip it."""
     scoring_reference = cfg.algorithm.kl_coef > 0 and not reference_on_trainers(cfg)
-    return cfg.algorithm.old_logprobs == "recompute" or scoring_reference or uses_critic(cfg)
+    return (cfg.algorithm.old_logprobs == "recompute" or scoring_reference or cfg.distill.teacher is not None
+            or uses_critic(cfg))
+
+
+def teacher_path(cfg: JobConfig) -> str | None:
+    """The distillation teacher's directory, absolute (actors do not share the driver's working directory)."""
+    return str(Path(cfg.distill.teacher).expanduser().resolve()) if cfg.distill.teacher else None
 
 
 def critic_path(cfg: JobConfig, model_path: str) -> str | None:
@@ -113,7 +119,7 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
     scoring = dict(with_reference=scoring_reference, temperature=r.temperature,
                    micro_batch_size=s.micro_batch_size, threads=s.threads, device=_device(s.num_gpus),
                    value_model=critic_path(cfg, model_path), with_policy=cfg.algorithm.old_logprobs == "recompute",
-                   share_prompts=m.share_prompt_forward, lora=lora, **common)
+                   share_prompts=m.share_prompt_forward, lora=lora, teacher_model=teacher_path(cfg), **common)
     trainer = dict(world_size=t.num_workers, model=m.model_dump() | {"path": model_path},
                    trainer=trainer_cfg | {"micro_batch_size": policy.micro_batch_size},
                    algorithm=cfg.algorithm.model_dump(), temperature=r.temperature, max_new_tokens=r.max_new_tokens,

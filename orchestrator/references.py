@@ -53,6 +53,22 @@ def prepare_model(model: ModelConfig) -> str:
     return path
 
 
+def check_teacher(cfg: JobConfig, model_path: str) -> None:
+    """The distillation teacher (`distill.teacher`) shares the policy's vocabulary; ConfigError otherwise, before
+    any actor loads it."""
+    from actors.modeling import check_same_vocabulary, load_tokenizer
+    from orchestrator.config import ConfigError
+
+    if cfg.distill.teacher is None:
+        return
+    trust = cfg.model.trust_remote_code
+    try:
+        check_same_vocabulary(load_tokenizer(model_path, trust), load_tokenizer(cfg.distill.teacher, trust),
+                              cfg.distill.teacher)
+    except ValueError as e:
+        raise ConfigError(f"invalid config:\n  {e}") from None
+
+
 def absolute_file_spec(spec: str) -> str:
     """'rel/file.py:fn' → '/abs/rel/file.py:fn' so actors find it whatever their working directory."""
     target, _, attr = spec.partition(":")
