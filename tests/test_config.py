@@ -42,6 +42,22 @@ BAD = [
     ("TIS with the rollout's own log-probs", ["algorithm.tis_cap=2", "algorithm.old_logprobs=rollout"],
      "algorithm.tis_cap"),
     ("staleness beyond one step", ["loop.max_staleness=2"], "loop.max_staleness"),
+    ("bad policy loss", ["algorithm.policy_loss=grpo"], "algorithm.policy_loss"),
+    ("clip_low of 1 with gspo", ["algorithm.policy_loss=gspo", "algorithm.clip_low=1.0"], "algorithm.clip_low"),
+    ("dual clip with cispo", ["algorithm.policy_loss=cispo", "algorithm.dual_clip=3"], "algorithm.dual_clip"),
+    ("bad rollout correction", ["algorithm.rollout_correction={kind: is}"], "algorithm.rollout_correction.kind"),
+    ("correction with the rollout's own log-probs",
+     ["algorithm.rollout_correction={kind: icepop}", "algorithm.old_logprobs=rollout"], "algorithm.rollout_correction"),
+    ("icepop bounds reversed", ["algorithm.rollout_correction={kind: icepop, low: 2, high: 1}"],
+     "algorithm.rollout_correction"),
+    ("tis with a lower bound", ["algorithm.rollout_correction={kind: tis, low: 0.5}"], "algorithm.rollout_correction"),
+    ("bounds without a correction", ["algorithm.rollout_correction={high: 2}"], "algorithm.rollout_correction"),
+    ("tis_cap next to rollout_correction", ["algorithm.tis_cap=2", "algorithm.rollout_correction={kind: seq_mask}"],
+     "algorithm.tis_cap"),
+    ("top-entropy quantile 0", ["algorithm.top_entropy_quantile=0"], "algorithm.top_entropy_quantile"),
+    ("top-entropy quantile above 1", ["algorithm.top_entropy_quantile=1.5"], "algorithm.top_entropy_quantile"),
+    ("teacher missing", ["distill.teacher=/nonexistent/teacher"], "distill.teacher"),
+    ("distillation weight 0", ["distill.coef=0"], "distill.coef"),
 ]
 
 
@@ -51,6 +67,36 @@ def test_tis_cap_alone_recomputes_old_logprobs_and_staleness_one_is_valid():
     assert AlgorithmConfig().old_logprobs == "rollout" and AlgorithmConfig().tis_cap is None
     assert AlgorithmConfig(tis_cap=2.0).old_logprobs == "recompute"
     assert LoopConfig(max_staleness=1).max_staleness == 1
+
+
+def test_deprecated_tis_cap_becomes_a_tis_correction_with_one_message(capsys, monkeypatch):
+    from orchestrator import config
+
+    monkeypatch.setattr(config, "_SHOWN", set())
+    first, second = config.AlgorithmConfig(tis_cap=2.0), config.AlgorithmConfig(tis_cap=3.0)
+    assert first.rollout_correction.model_dump() == {"kind": "tis", "low": None, "high": 2.0}
+    assert second.rollout_correction.high == 3.0 and first.tis_cap is None and first.old_logprobs == "recompute"
+    err = capsys.readouterr().err
+    assert err.count("deprecated") == 1 and "rollout_correction: {kind: tis, high: 2}" in err, err
+
+
+def test_objective_and_correction_defaults():
+    """gspo and cispo take their papers' clip ranges (and gspo its sequence mean) unless the config sets them;
+    each correction takes its documented bounds, and any correction recomputes pi_old."""
+    from orchestrator.config import AlgorithmConfig
+
+    ppo, gspo, cispo = (AlgorithmConfig(policy_loss=p) for p in ("ppo", "gspo", "cispo"))
+    assert (ppo.clip_low, ppo.clip_high, ppo.agg) == (0.2, 0.2, "token-mean")
+    assert (gspo.clip_low, gspo.clip_high, gspo.agg) == (3e-4, 4e-4, "seq-mean-token-mean")
+    assert (cispo.clip_low, cispo.clip_high, cispo.agg) == (1.0, 0.28, "token-mean")
+    mine = AlgorithmConfig(policy_loss="gspo", clip_low=1e-3, clip_high=2e-3, agg="token-mean")
+    assert (mine.clip_low, mine.clip_high, mine.agg) == (1e-3, 2e-3, "token-mean")
+    assert AlgorithmConfig(policy_loss="gspo", estimator="dr_grpo").agg == "seq-mean-token-sum-norm"
+    bounds = {k: AlgorithmConfig(rollout_correction={"kind": k}) for k in ("tis", "icepop", "seq_mask")}
+    assert [(b.rollout_correction.low, b.rollout_correction.high) for b in bounds.values()] == [
+        (None, 2.0), (0.5, 5.0), (0.999, 1.001)]
+    assert all(b.old_logprobs == "recompute" for b in bounds.values())
+    assert AlgorithmConfig().rollout_correction.kind == "none" and AlgorithmConfig().top_entropy_quantile == 1.0
 
 
 @pytest.mark.parametrize("desc,overrides,field", BAD, ids=[b[0] for b in BAD])
