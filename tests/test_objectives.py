@@ -103,7 +103,7 @@ def train_in_process(cfg: JobConfig, model_path: str, teacher: str | None, steps
     trainer.engine = PlainEngine(model, cfg.trainer.lr, cfg.trainer.grad_clip)
     rows = make_rows("train", steps * cfg.loop.prompts_per_step, seed=3)
     ids = encode_prompts(tokenizer, [row["prompt"] for row in rows])
-    sampling = sampling_params(r)
+    sampling = sampling_params(cfg)
     out = []
     try:
         for step in range(steps):
@@ -314,7 +314,7 @@ def test_objectives_through_the_real_pools(ray_local, tiny_model, teacher):
     toy = Path(__file__).parent / "data" / "toy_rewards.py"
     pools = Pools(cfg, tiny_model, [("char_hash", f"{toy}:char_hash_reward", 1.0)])
     try:
-        run = Run(cfg, pools, load_data(cfg, tiny_model), kl_controller(cfg.algorithm), sampling_params(cfg.rollout))
+        run = Run(cfg, pools, load_data(cfg, tiny_model), kl_controller(cfg.algorithm), sampling_params(cfg))
         for version in (1, 2):
             m, _ = train_step(run, version=version)
             assert math.isfinite(m["loss"]) and m["grad_norm"] > 0, m
@@ -322,3 +322,50 @@ def test_objectives_through_the_real_pools(ray_local, tiny_model, teacher):
             assert 0.5 <= m["entropy/selected_frac"] < 0.75, m
     finally:
         pools.shutdown()
+
+
+# ---- the distillation example and the comparison table -----------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_the_distillation_example_is_the_grpo_example_with_a_teacher_that_make_builds():
+    import re
+
+    from examples.arith import warmstart
+    from orchestrator.config import read_config
+
+    grpo = read_config(JobConfig, REPO / "examples" / "arith_grpo.yaml").model_dump()
+    distill = read_config(JobConfig, REPO / "examples" / "arith_distill.yaml").model_dump()
+    assert distill["distill"] == {"teacher": "checkpoints/arith-teacher", "coef": 1.0}
+    differs = {k for k in grpo if grpo[k] != distill[k]}
+    assert differs == {"distill", "loop", "logging"}, differs
+    make = (REPO / "Makefile").read_text()
+    rule = re.search(r"^arith-distill: (.+)\n\t(.+)$", make, re.M)
+    assert rule and rule.group(1).strip() == "checkpoints/arith-teacher/config.json"
+    assert rule.group(2).endswith("raylhf train examples/arith_distill.yaml")
+    build = re.search(r"^checkpoints/arith-teacher/config.json:.*\n\t(.+)$", make, re.M)
+    assert build and "prepare_teacher('checkpoints/arith-teacher')" in build.group(1)
+    # The teacher's recipe records its size; the policy's recipe is unchanged, so its cached build stays valid.
+    assert warmstart.recipe(size=warmstart.TEACHER_SIZE)["size"] == warmstart.TEACHER_SIZE
+    assert "size" not in warmstart.recipe()
+
+
+def test_the_docs_table_is_the_benchmark_scripts_output():
+    """docs/algorithms.md holds the table benchmarks/objectives.py writes: its header and one row per run, in order."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("bench_objectives", REPO / "benchmarks" / "objectives.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = (REPO / "docs" / "algorithms.md").read_text()
+    assert bench.HEADER in doc
+    rows = doc.split(bench.HEADER, 1)[1].strip().split("\n\n", 1)[0].splitlines()
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(bench.ROWS)
+    cell = r"\d+\.\d% → \d+\.\d% \((\d+) steps\)"
+    steps = {re.search(cell, row).group(1) for row in rows}
+    assert len(steps) == 1, rows  # every run the same number of steps
+    fake = {name: {"config": config, "overrides": overrides, "steps": 3, "eval_before": 0.4, "eval_after": 0.5,
+                   "step_s": 0.3} for name, (config, overrides) in bench.ROWS.items()}
+    assert [len(row.split(" | ")) for row in bench.table(fake).splitlines()[2:]] == [len(r.split(" | ")) for r in rows]
