@@ -43,9 +43,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def check_same_vocabulary(student, teacher, teacher_path: str) -> None:
     """Tokenizers `student` and `teacher` (at `teacher_path`) map every token to the same id (on-policy
-    distillation: the teacher scores the student's token ids); else a ValueError naming distill.teacher."""
+    distillation: the teacher scores the student's token ids); else a ValueError saying so."""
     if student.get_vocab() != teacher.get_vocab():
-        raise ValueError(f"distill.teacher: {teacher_path!r} has another tokenizer than the policy (vocabularies of "
+        raise ValueError(f"{teacher_path!r} has another tokenizer than the policy (vocabularies of "
                          f"{len(teacher.get_vocab())} and {len(student.get_vocab())} tokens, or other ids); the "
                          "teacher scores the policy's token ids, so it needs the same vocabulary")
 

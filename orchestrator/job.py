@@ -9,8 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.config import ConfigError, JobConfig, dump_config
-from orchestrator.references import check_teacher, prepare_model
+from orchestrator.config import ConfigError, JobConfig, check_reference, dump_config
+from orchestrator.references import check_same_tokenizer, prepare_model
 
 
 def make_run_dir(cfg: JobConfig, override: str | None) -> Path:
@@ -67,7 +67,9 @@ def run_train(cfg: JobConfig, run_dir_override: str | None = None, resume: bool 
         model_path = prepare_model(cfg.model)
     print(f"raylhf: run directory {run_dir}", file=sys.stderr)
     try:
-        check_teacher(cfg, model_path)
+        if cfg.distill.teacher is not None:
+            check_reference("distill.teacher", check_same_tokenizer, model_path, cfg.distill.teacher,
+                            cfg.model.trust_remote_code)
     except ConfigError as e:
         print(f"raylhf: {e}", file=sys.stderr)
         return 2

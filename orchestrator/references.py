@@ -53,20 +53,15 @@ def prepare_model(model: ModelConfig) -> str:
     return path
 
 
-def check_teacher(cfg: JobConfig, model_path: str) -> None:
-    """The distillation teacher (`distill.teacher`) shares the policy's vocabulary; ConfigError otherwise, before
-    any actor loads it."""
+def check_same_tokenizer(model_path: str, teacher: str, trust_remote_code: bool = False) -> None:
+    """A distillation teacher shares the policy's vocabulary: it scores the policy's token ids."""
     from actors.modeling import check_same_vocabulary, load_tokenizer
-    from orchestrator.config import ConfigError
 
-    if cfg.distill.teacher is None:
-        return
-    trust = cfg.model.trust_remote_code
     try:
-        check_same_vocabulary(load_tokenizer(model_path, trust), load_tokenizer(cfg.distill.teacher, trust),
-                              cfg.distill.teacher)
+        check_same_vocabulary(load_tokenizer(model_path, trust_remote_code),
+                              load_tokenizer(teacher, trust_remote_code), teacher)
     except ValueError as e:
-        raise ConfigError(f"invalid config:\n  {e}") from None
+        raise UnresolvedReference(str(e)) from None
 
 
 def absolute_file_spec(spec: str) -> str:
