@@ -4,8 +4,8 @@ distillation from a bigger, better teacher: the table of docs/algorithms.md.
 Run: python benchmarks/objectives.py [--steps 150] [--rows ppo gspo ...] [--out runs/objectives]
 Each row is one `raylhf train` run of the example job (examples/arith_grpo.yaml, or examples/arith_distill.yaml for
 the distillation rows) with `loop.steps=STEPS`, `loop.eval_every=0` (held-out greedy accuracy on the config's 500
-eval problems before and after only) and the row's overrides; the same seed, prompts and warm-started policy
-(checkpoints/arith-sft) in every row. The teacher (checkpoints/arith-teacher, `examples.arith.warmstart:
+eval problems before and after only), `trainer.num_minibatches=4` (see COMMON) and the row's overrides; the same
+seed, prompts and warm-started policy (checkpoints/arith-sft) in every row. The teacher (checkpoints/arith-teacher, `examples.arith.warmstart:
 prepare_teacher`) is built first when missing. Writes OUT/table.md (the markdown table, also printed) and
 OUT/result.json (every row's numbers and the wall time).
 """
@@ -31,6 +31,9 @@ ROWS = {  # name: (config, overrides)
     "distillation alone": (DISTILL, ["reward.functions=[{name: 'rewards.final_answer:hash_answer', weight: 0}]",
                                      "reward.accuracy_label=hash_answer"]),
 }
+# Four optimizer steps per batch: with one, every update is on-policy (r = 1 everywhere), where ppo, gspo and cispo
+# give the same gradient up to aggregation; from the second mini-batch on the ratio moves and the objectives part.
+COMMON = ["trainer.num_minibatches=4"]
 HEADER = ("| run | config | held-out greedy accuracy, step 0 → last step | change | seconds per step (median) |\n"
           "|---|---|---|---|---|")
 
@@ -39,7 +42,8 @@ def run(name: str, steps: int, out: Path) -> dict:
     """One row: its `raylhf train` run, read back from metrics.jsonl."""
     config, overrides = ROWS[name]
     run_dir = out / name.replace(" ", "_").replace("+", "and")
-    sets = [f"loop.steps={steps}", "loop.eval_every=0", "logging.progress=false", "checkpoint.every=0", *overrides]
+    sets = [f"loop.steps={steps}", "loop.eval_every=0", "logging.progress=false", "checkpoint.every=0", *COMMON,
+            *overrides]
     cmd = [sys.executable, "-m", "orchestrator.cli", "train", config, "--run-dir", str(run_dir)]
     start = time.perf_counter()
     subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
