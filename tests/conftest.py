@@ -13,6 +13,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config, items):
+    """In a parallel run the `slow` tests come first (a stable sort): the workers, handed one test at a time
+    (pyproject's addopts), share them out and end together on quick ones, where in file order a long test
+    started last would leave the other worker idle."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """In a parallel run (pytest-xdist, pyproject's addopts), a test marked `serial` runs alone: every test, its
