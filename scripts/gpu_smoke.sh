@@ -40,7 +40,8 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), vllm {vllm.__vers
 EOF
 
 echo "== vLLM engine on the GPU (log-probs vs teacher forcing, weight update)"
-"$PYTHON" -m pytest -q -m gpu tests/test_vllm_engine.py -p no:cacheprovider \
+# -o addopts="": in this process, not on the suite's two pytest-xdist workers (which need not be installed here)
+"$PYTHON" -m pytest -q -m gpu tests/test_vllm_engine.py -p no:cacheprovider -o addopts="" \
   || fail "the vLLM engine's GPU test failed"
 
 echo "== GRPO, $STEPS steps, rollout.engine=vllm, DeepSpeed on NCCL -> $RUN_DIR"

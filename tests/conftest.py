@@ -1,13 +1,44 @@
-"""Shared fixtures: a tiny random-init model built from code, and one embedded Ray per session."""
+"""Shared fixtures: a tiny random-init model built from code, and one embedded Ray per session (per xdist worker);
+the lock that lets a `serial` test run alone in a parallel run."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """In a parallel run the `slow` tests come first (a stable sort): the workers, handed one test at a time
+    (pyproject's addopts), share them out and end together on quick ones, where in file order a long test
+    started last would leave the other worker idle."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """In a parallel run (pytest-xdist, pyproject's addopts), a test marked `serial` runs alone: every test, its
+    fixtures' set-up and tear-down included, holds the run's lock, a `serial` one exclusively, any other one shared.
+    A turnstile taken first makes a waiting `serial` test stop new tests from starting, so it waits only for the tests
+    already running. (Not xdist_group and --dist loadgroup: with pytest 9.2 that silently stops grouping,
+    pytest-xdist#1386.)"""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return (yield)
+    run = Path(item.config.option.basetemp).parent  # the run's temp dir; each worker's basetemp is one below it
+    serial = item.get_closest_marker("serial") is not None
+    # POSIX record locks (lockf), not flock: a process the test forks does not inherit them.
+    with open(run / "serial.turnstile", "a+") as turnstile, open(run / "serial.lock", "a+") as lock:
+        fcntl.lockf(turnstile, fcntl.LOCK_EX)
+        fcntl.lockf(lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+        if not serial:
+            fcntl.lockf(turnstile, fcntl.LOCK_UN)
+        return (yield)  # closing the files releases the locks
 
 
 @pytest.fixture(scope="session")

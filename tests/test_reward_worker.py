@@ -91,6 +91,7 @@ def test_batched_rewards_take_lists_declared_by_config_flag_or_attribute():
     assert [s.reward_parts["batch_sizes"] for s in samples] == [3, 3, 3, 3, 3, 3, 1]
 
 
+@pytest.mark.serial
 def test_async_rewards_are_awaited_concurrently():
     """16 calls that each wait 0.3 s finish in about one wait, not sixteen."""
     with running(spec("slow_async")) as w:
@@ -101,6 +102,7 @@ def test_async_rewards_are_awaited_concurrently():
     assert elapsed < 2.0, elapsed  # 4.8 s one after another
 
 
+@pytest.mark.serial
 def test_calls_of_a_group_run_in_parallel_processes():
     """Two processes overlap four 0.4 s calls: about 0.8 s instead of 1.6 s."""
     with running(spec("sleepy"), num_processes=2) as w:
@@ -223,6 +225,7 @@ def test_first_traceback_of_each_kind_is_logged_once(capsys):
     assert second.reward_failures == {"misbehave": 3}
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("mode", ["hang", "spin"])
 def test_a_hung_call_is_killed_at_its_timeout_and_the_rest_are_scored(tmp_path, mode):
     """Sleeping or spinning with the GIL held: the process is killed and replaced; other calls all score."""
@@ -263,6 +266,7 @@ def test_a_zeroed_or_stale_progress_page_never_times_a_call_out_early():
         pool.close()
 
 
+@pytest.mark.serial
 def test_async_timeouts_and_an_event_loop_that_blocks(tmp_path):
     """An await past timeout_s fails alone (no restart); a blocking call in async code gets its process killed."""
     with running(spec("misbehave_async"), failure_score=-1.0, timeout_s=0.5) as w:
@@ -277,6 +281,7 @@ def test_async_timeouts_and_an_event_loop_that_blocks(tmp_path):
         assert wait_until(lambda: not alive(pid), 5)
 
 
+@pytest.mark.serial
 def test_batched_failures():
     """A NaN fails its sample; a wrong-length result or a hang fails the whole batch."""
     with running(spec("misbehave_batched"), failure_score=-1.0, timeout_s=1.0) as w:

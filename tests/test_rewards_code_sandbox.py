@@ -20,6 +20,8 @@ if not sys.platform.startswith("linux"):
 from rewards.code_sandbox import (BOOT, Limits, _launch, code_tests, extract_program,  # noqa: E402
                                   run_program, same_output, sandbox_info)
 
+pytestmark = pytest.mark.serial  # wall-clock bounds, and sandbox_pids() sees every sandbox on the machine
+
 INFO = sandbox_info()
 DOUBLER = "n = int(input())\nprint(n * 2)\n"
 KERNEL_BLOCKS_FORK = INFO.seccomp or not INFO.root  # seccomp, or RLIMIT_NPROC (which root ignores)

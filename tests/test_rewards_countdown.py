@@ -72,6 +72,7 @@ def test_eval_is_never_called(monkeypatch):
     assert countdown("q", "<answer>__import__('os')</answer>", numbers=NUMBERS, target=TARGET) == 0.0
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("text", ["1" * 100_000, "(" * 5_000 + "1" + ")" * 5_000, "1+" * 50_000 + "1", " " * 10**6])
 def test_long_inputs_are_refused_quickly(text):
     start = time.perf_counter()

@@ -57,6 +57,7 @@ def test_regex_format_full_and_search():
     assert anywhere("q", "\\boxed{1}", answer="1", other_field=3) == 1.0   # unknown fields ignored
 
 
+@pytest.mark.serial
 def test_long_completion_is_fast():
     text = "<think>" + "x < y and </thin " * 20_000 + "</think><answer>1</answer>"
     start = time.perf_counter()

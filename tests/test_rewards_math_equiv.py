@@ -55,6 +55,7 @@ def test_not_equivalent(answer, completion):
     assert math_equiv("q", completion, answer=answer) == 0.0
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("completion", ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{10^{10^{10}}}", "\\boxed{(100!)!}",
                                         "\\boxed{(x+1)^{100000}}", "\\boxed{(1+10^{-10})^{10^{12}}}",
                                         "the last digits are those of $2003^{2002^{2001}}$"])  # torchtitan#4442
