@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 PY_CPU = f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
 
 
-def _train(tmp_path, tiny_model, env: dict | None = None, **popen) -> subprocess.Popen:
-    """`raylhf train` on a one-step job as a subprocess in its own session (as a terminal starts it)."""
+def _train(tmp_path, tiny_model, env: dict | None = None, steps: int = 1, **popen) -> subprocess.Popen:
+    """`raylhf train` on a `steps`-step job as a subprocess in its own session (as a terminal starts it)."""
     cfg_path = tmp_path / "job.yaml"
-    cfg_path.write_text(yaml.safe_dump(base_config(tiny_model, loop={"steps": 1, "eval_size": 4})))
+    cfg_path.write_text(yaml.safe_dump(base_config(tiny_model, loop={"steps": steps, "eval_size": 4})))
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(cfg_path), "--run-dir",
                              str(tmp_path / "run")], cwd=REPO, text=True, start_new_session=True,
                             env={**os.environ, **(env or {})}, **popen)
@@ -103,7 +103,9 @@ def test_a_trainer_that_times_out_on_the_build_lock_reaches_the_driver_as_one_me
 def test_ctrl_c_during_startup_prints_one_line_and_leaves_nothing_running(tmp_path, tiny_model):
     """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) while the actors start: exit 130,
     `raylhf: interrupted` and no traceback on stderr, and no process of the run left."""
-    proc = _train(tmp_path, tiny_model, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    # Steps enough that the run cannot finish between the trainer's start and the signal on a loaded machine
+    # (with one step it once did, and exited 0).
+    proc = _train(tmp_path, tiny_model, steps=10_000, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while "raylhf: run directory" not in proc.stderr.readline():
