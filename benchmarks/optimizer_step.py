@@ -3,7 +3,8 @@
 Run: python benchmarks/optimizer_step.py [--hidden 256] [--layers 4] [--repeats 30] [--threads 1]
 Builds a Llama from config (default about 3.2M parameters, the size issue 20 measured), wraps it in a one-rank
 DeepSpeed engine (gloo, CPU) the way `actors.trainer.DeepSpeedRank` does, and times, per variant, the median of
-`engine.backward` (of a fixed loss) and of `engine.step()` (gradient clipping, AdamW, ZeRO's copies). The variants
+`engine.backward` (of a fixed loss) and of the optimizer step: `engine.step()` (gradient clipping, AdamW, ZeRO's
+copies) and, under stage 0, the trainer's own gradient clip before it (`actors.trainer.clips_itself`). The variants
 run interleaved, one step each in turn, so machine load hits them alike. `--profile VARIANT` prints torch's
 profiler table of that variant's step instead.
 """
@@ -56,6 +57,7 @@ def main() -> None:
     import torch
 
     from actors.deepspeed_ops import load_shm_comm
+    from actors.trainer import clips_itself
 
     torch.set_num_threads(args.threads)
     load_shm_comm()
@@ -72,6 +74,8 @@ def main() -> None:
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         t1 = time.perf_counter()
+        if clips_itself(VARIANTS[name][0], "float32"):  # as `DeepSpeedRank.train_step`: DeepSpeed does not clip here
+            torch.nn.utils.clip_grad_norm_(list(engine.module.parameters()), 1.0, foreach=True)
         engine.step()
         t2 = time.perf_counter()
         times[name]["backward"].append(t1 - t0)
