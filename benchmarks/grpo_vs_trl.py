@@ -225,9 +225,9 @@ def differences(s: Settings, trl_threads: int | None, raylhf_only: list[str] | N
          "trl": "none (generation uses the trained model in place)",
          "why": "raylhf's separate actors need it"},
         {"what": "trainer engine",
-         "raylhf": f"DeepSpeed ZeRO (gloo, 1 rank), micro-batch {s.micro_batch_size}",
+         "raylhf": f"DeepSpeed (gloo, 1 rank: ZeRO stage 0), micro-batch {s.micro_batch_size}",
          "trl": f"accelerate (CPU), micro-batch {micro} x {accum} accumulation steps",
-         "why": "same summed gradient, same torch AdamW and LambdaLR (raylhf's lr_lambda)"},
+         "why": "same summed gradient, same fused torch AdamW (TRL's default optim) and LambdaLR (raylhf's lr_lambda)"},
         {"what": "advantage epsilon",
          "raylhf": "(r - mean) / (std + 1e-6)", "trl": "(r - mean) / (std + 1e-4)",
          "why": "hard-coded in each; with 0/1 rewards a non-zero group std is >= 0.35, so < 0.03% apart"},
@@ -546,7 +546,8 @@ def trl_worker(config: str, overrides: list[str], out: Path, threads: int | None
     tokenizer = AutoTokenizer.from_pretrained(s.model_path)
     model = AutoModelForCausalLM.from_pretrained(s.model_path, dtype=torch.float32)
     torch.manual_seed(s.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    # fused: what TRL's own default (transformers' `optim="adamw_torch_fused"` on torch >= 2.8) would build
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s.lr_schedule, s.warmup_steps,
                                                                        optimizer_steps(s)))
     metrics = open(out / "metrics.jsonl", "w")
