@@ -49,19 +49,41 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+def effective_zero_stage(zero_stage: int, world: int) -> int:
+    """The ZeRO stage a trainer runs: with one rank, stages 1 and 2 shard nothing but still copy every gradient into
+    flat fp32 partitions and keep an fp32 master copy of the weights (about 20 ms a step for 3.4M parameters on one
+    CPU thread, more than the AdamW update itself, `benchmarks/optimizer_step.py`), so one rank runs stage 0:
+    the same update. Stage 3 and any stage on several ranks run as configured."""
+    return 0 if world == 1 and zero_stage in (1, 2) else zero_stage
+
+
+def clips_itself(zero_stage: int, dtype: str) -> bool:
+    """Whether the trainer clips gradients itself (before `engine.step()`) instead of DeepSpeed: under stage 0 in
+    float32 DeepSpeed clips tensor by tensor and does not report the norm; torch's multi-tensor clip does both."""
+    return zero_stage == 0 and dtype == "float32"
+
+
 def ds_config(micro: int, grad_accum: int, world: int, zero_stage: int, grad_clip: float, dtype: str) -> dict:
-    """The DeepSpeed config for one policy trainer."""
+    """The DeepSpeed config for one policy trainer (`zero_stage` as it runs, `effective_zero_stage`)."""
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro * grad_accum * world,
-        "gradient_clipping": grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(zero_stage, dtype) else grad_clip,
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": dtype == "bfloat16"},
         "fp16": {"enabled": dtype == "float16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
+                   impl: str = "for") -> torch.optim.AdamW:
+    """torch's AdamW over `params`. `impl`: "for" (a loop over tensors, torch's default on CPU), "foreach"
+    (multi-tensor ops) or "fused" (one kernel per parameter group): the same update up to rounding."""
+    kw = {"for": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, **kw)
 
 
 EPOCH_STATS = ("approx_kl", "clip_frac")  # also reported per epoch when K > 1: they grow as the policy moves
@@ -112,6 +134,8 @@ class DeepSpeedRank:
         self.lora: dict | None = model.get("lora")
         self.grad_accum, self.total_steps, self.seed, self.device = grad_accum, total_steps, seed, device
         self._store_listener: socket.socket | None = None  # rank 0 on CPU: see `rendezvous`
+        self._clip: float | None = None  # set in `setup` where the trainer clips itself (`clips_itself`)
+        self._trained: list[torch.nn.Parameter] = []
         set_threads(trainer.get("threads"))
 
     def rendezvous(self) -> tuple[str, int]:
@@ -147,11 +171,14 @@ class DeepSpeedRank:
             model = wrap(model, self.lora, self.value_head)
         self.tokenizer = load_tokenizer(m["path"], m["trust_remote_code"])
         trained = [p for p in model.parameters() if p.requires_grad]  # all of them without LoRA
-        optimizer = torch.optim.AdamW(trained, lr=c["lr"], betas=tuple(c["betas"]), weight_decay=c["weight_decay"])
+        optimizer = make_optimizer(trained, c["lr"], tuple(c["betas"]), c["weight_decay"], impl="fused")
         total_updates = self.total_steps * c["epochs"] * c["num_minibatches"]
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(c["lr_schedule"], c["warmup_steps"], total_updates))
-        config = ds_config(c["micro_batch_size"], self.grad_accum, self.world_size, c["zero_stage"],
+        self.zero_stage = effective_zero_stage(c["zero_stage"], self.world_size)
+        self._clip = c["grad_clip"] if clips_itself(self.zero_stage, m["dtype"]) else None  # else DeepSpeed clips
+        self._trained = trained
+        config = ds_config(c["micro_batch_size"], self.grad_accum, self.world_size, self.zero_stage,
                            c["grad_clip"], m["dtype"])
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=config)
@@ -187,8 +214,9 @@ class DeepSpeedRank:
                     t1 = time.perf_counter()
                     t_fwd_bwd += t1 - t0
                     if engine.is_gradient_accumulation_boundary():
+                        gn = self._clip_gradients()  # None where DeepSpeed clips (and reports the norm)
                         engine.step()
-                        gn = engine.get_global_grad_norm()
+                        gn = engine.get_global_grad_norm() if gn is None else gn
                         sums["grad_norm"] = sums.get("grad_norm", 0.0) + (float(gn) if gn is not None else 0.0)
                         sums["optimizer_steps"] = sums.get("optimizer_steps", 0.0) + 1
                     else:
@@ -222,10 +250,17 @@ class DeepSpeedRank:
         the loss was computed from)."""
         raise NotImplementedError
 
+    def _clip_gradients(self) -> float | None:
+        """Clip the (already all-reduced) gradients to `trainer.grad_clip` with torch's multi-tensor kernels and return
+        their global norm, where the trainer clips itself (`clips_itself`); None where DeepSpeed does it in `step`."""
+        if self._clip is None:
+            return None
+        return float(torch.nn.utils.clip_grad_norm_(self._trained, self._clip, foreach=True))
+
     def full_parameters(self, trained_only: bool = False):
         """A context holding the full parameters on this rank (`trained_only`: those that train): ZeRO-3 gathers
         its shards (a collective, so every rank must enter it together); other stages keep them whole already."""
-        if self.cfg["zero_stage"] == 3:
+        if self.zero_stage == 3:
             import deepspeed
 
             params = [p for p in self.engine.module.parameters() if p.requires_grad or not trained_only]

@@ -506,7 +506,8 @@ class TrainerConfig(Section):
     threads: int = Field(1, gt=0, description="torch intra-op threads per rank (more oversubscribes small CPUs).")
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2, description="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients; 3 also the parameters "
-        "(gathered on every rank for each weight sync and save).")
+        "(gathered on every rank for each weight sync and save). With one rank, 1 and 2 shard nothing and run as 0 "
+        "(no flat fp32 copies: the same update, faster).")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")

@@ -185,3 +185,34 @@ def test_the_mapping_builds_a_real_grpo_config(tmp_path):
     assert cfg.generation_batch_size == 16 * 4
     assert cfg.steps_per_generation == cfg.gradient_accumulation_steps  # one generation per optimizer step
     assert cfg.beta == 0.0 and cfg.loss_type == "dapo" and cfg.scale_rewards == "group"
+
+
+def test_fair_variants_give_each_framework_its_defaults_and_its_other_thread_setting():
+    vs = bench.fair_variants(2, ["loop.max_staleness=1"])
+    assert [(v.name, v.framework) for v in vs] == [("raylhf", "raylhf"), ("raylhf-2threads", "raylhf"),
+                                                   ("trl", "trl"), ("trl-1thread", "trl")]
+    assert vs[0].raylhf_sets == ("loop.max_staleness=1",)
+    assert set(vs[1].raylhf_sets) >= {"rollout.threads=2", "trainer.threads=2", "loop.max_staleness=1"}
+    assert (vs[2].trl_threads, vs[3].trl_threads) == (0, 1)  # 0: torch's default, one thread per core
+    load_config(CONFIG, bench.raylhf_overrides(list(vs[1].raylhf_sets)))  # every override names a real field
+    assert [v.name for v, _ in bench.variant_order(vs[:3], 2)] == ["raylhf", "raylhf-2threads", "trl",
+                                                                  "trl", "raylhf-2threads", "raylhf"]
+
+
+def test_pairs_compare_the_defaults_and_each_frameworks_fastest_variant():
+    vs = bench.fair_variants(2)
+    results = {"raylhf": {"tokens_per_s": 300.0}, "raylhf-2threads": {"tokens_per_s": 400.0},
+               "trl": {"tokens_per_s": 100.0}, "trl-1thread": {"tokens_per_s": 250.0}}
+    p = bench.pairs(results, vs)
+    assert (p["defaults"]["raylhf"], p["defaults"]["trl"]) == ("raylhf", "trl")
+    assert p["defaults"]["ratios"]["tokens_per_s"] == 3.0 and p["defaults"]["goals"]["throughput_2x"]
+    assert (p["best"]["raylhf"], p["best"]["trl"]) == ("raylhf-2threads", "trl-1thread")
+    assert p["best"]["ratios"]["tokens_per_s"] == 1.6 and p["best"]["goals"]["throughput_1.5x"]
+    assert bench.pairs({"raylhf": {}}, vs[:1]) == {}
+
+
+def test_fair_differences_describe_both_thread_settings_once():
+    diffs = bench.differences(settings(), 1, ["loop.max_staleness=1"], fair=True)
+    whats = [d["what"] for d in diffs]
+    assert whats[0].startswith("processes and threads (--fair") and "processes and threads" not in whats
+    assert "raylhf-only settings (--raylhf-set)" in whats and len(whats) == len(bench.differences(settings(), 1, ["x"]))
