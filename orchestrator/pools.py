@@ -257,9 +257,11 @@ class Pools:
         """The per-rank stats of the policy and critic ranks of a `start_train`."""
         return ray.get(started[0]), ray.get(started[1])
 
-    def sync_weights(self, version: int, policy: bool = True) -> list[int]:
-        """The trainers' weights into every worker that serves them (`WeightSync.sync`); the versions now served."""
-        return self.sync.sync(version, policy)
+    def sync_weights(self, version: int, policy: bool = True, wait: bool = True) -> list[int]:
+        """The trainers' weights into every worker that serves them (`WeightSync.sync`); the versions now served
+        (none when `wait` is False: the loads are left queued behind the work submitted before, see
+        `WeightSync.settle`)."""
+        return self.sync.sync(version, policy, wait=wait)
 
     def save_checkpoint(self, path: Path) -> None:
         """Every policy rank's (and critic rank's) DeepSpeed state under `path`/policy (and `path`/critic)."""
