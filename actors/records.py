@@ -42,6 +42,7 @@ class Completion:
     text: str
     logprobs: list[float]
     finish_reason: str
+    versions: list[int] | None = None  # partial rollouts: the policy version that sampled each token
 
 
 @dataclass

@@ -131,6 +131,11 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(32, gt=0, description="Longest completion, in tokens.")
     stop: list[str] = Field(default_factory=list, description="Stop strings (the stop string is kept).")
     prompts_per_call: int = Field(4, gt=0, description="Prompts per generate call: the streaming granularity.")
+    partial: bool = Field(
+        False, description="Partial rollouts (needs loop.max_staleness > 0, engine hf): when new weights arrive, "
+        "generations in flight load them at the next token boundary and continue the same sequences; each token "
+        "records the policy version that sampled it (async/lag_* count per token) and its rollout log-prob is "
+        "that version's. Long completions no longer hold back a weight update.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="rollout.engine: vllm only.")
 
 
@@ -408,6 +413,11 @@ class AlgorithmConfig(Section):
     rollout_correction: RolloutCorrection = Field(
         default_factory=RolloutCorrection, description="Train/inference mismatch correction: token "
         "weights from pi_old / pi_rollout (needs old_logprobs: recompute, set by default when kind is not none).")
+    decoupled: bool = Field(
+        False, description="Decoupled PPO (AReaL, Fu et al. 2025) for asynchronous runs: the trainer recomputes pi_old "
+        "with its current weights before the update (the proximal policy), the PPO ratio clips against it, and each "
+        "token is weighted by pi_prox / pi_behaviour (the rollout's log-probs); rollout_correction, when set, "
+        "truncates (tis) or masks (icepop, seq_mask) that weight instead. Needs no scoring pass.")
     tis_cap: float | None = Field(
         None, gt=0, description="Deprecated: use rollout_correction: {kind: tis, high: C}, which it becomes at "
         "load (a message says so once); always null after loading.")
@@ -432,14 +442,17 @@ class AlgorithmConfig(Section):
         data = {**defaults, **data}
         correction = data.get("rollout_correction")
         kind = correction.get("kind") if isinstance(correction, dict) else getattr(correction, "kind", None)
-        if kind not in (None, "none") and "old_logprobs" not in data:
+        if kind not in (None, "none") and "old_logprobs" not in data and not data.get("decoupled"):
             data = {**data, "old_logprobs": "recompute"}  # corrections compare the trainer's pi_old with the rollout's
         return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "AlgorithmConfig":
         kind = self.rollout_correction.kind
-        if kind != "none" and self.old_logprobs == "rollout":
+        if self.decoupled and self.old_logprobs == "recompute":
+            raise ValueError("algorithm.decoupled: the trainer recomputes pi_old itself; a scoring pass at the behaviour "
+                             "version (old_logprobs: recompute) would be discarded; set algorithm.old_logprobs: rollout")
+        if kind != "none" and self.old_logprobs == "rollout" and not self.decoupled:
             raise ValueError(f"algorithm.rollout_correction: {kind} weighs pi_old / pi_rollout, which is 1 when "
                              "pi_old is the rollout's own log-probs; set algorithm.old_logprobs: recompute")
         if self.clip_low >= 1 and self.policy_loss != "cispo":
@@ -534,7 +547,7 @@ class LoopConfig(Section):
         "drop", description="max_staleness > 0: a group whose oldest token is more than max_staleness versions "
         "behind the weights it would train is dropped and its prompt generated again by the current weights "
         "(counted in async/dropped_stale), or trained anyway (train: pair it with algorithm.rollout_correction "
-        "to correct the off-policy gap).")
+        "or algorithm.decoupled to correct the off-policy gap).")
     seed: int = Field(0, description="Seeds data order, sampling and init.")
     eval_every: int = Field(0, ge=0, description="Held-out evaluation every N steps (0: before and after only).")
     eval_size: int = Field(200, gt=0, description="Held-out prompts per evaluation.")
@@ -631,6 +644,8 @@ class JobConfig(Section):
             if v.tensor_parallel_size > 1 and r.num_gpus != v.tensor_parallel_size:
                 raise ValueError(f"rollout.num_gpus: {r.num_gpus:g}, but rollout.vllm.tensor_parallel_size is "
                                  f"{v.tensor_parallel_size}: a tensor-parallel engine needs one whole GPU per shard")
+        if r.partial:
+            _check_partial(self)
         if v.weight_sync == "nccl" and (r.engine != "vllm" or self.trainer.num_gpus <= 0):
             raise ValueError("rollout.vllm.weight_sync: nccl broadcasts from a GPU trainer into vLLM; it needs "
                              "rollout.engine: vllm and trainer.num_gpus > 0")
@@ -697,6 +712,21 @@ class JobConfig(Section):
                 "(a group std or leave-one-out baseline of one sample is undefined)"
             )
         return self
+
+
+def _check_partial(cfg: "JobConfig") -> None:
+    """rollout.partial's requirements, in plain words."""
+    if cfg.loop.max_staleness == 0:
+        raise ValueError("rollout.partial: with loop.max_staleness 0 no new weights arrive while generating; "
+                         "set loop.max_staleness >= 1 or rollout.partial: false")
+    if cfg.rollout.engine != "hf":
+        raise ValueError("rollout.partial: implemented for rollout.engine: hf only (not yet for vllm)")
+    if cfg.algorithm.old_logprobs == "recompute":
+        raise ValueError("rollout.partial: a group's tokens come from several policy versions, which one scoring "
+                         "pass at one version cannot reproduce; use algorithm.old_logprobs: rollout (the "
+                         "per-token behaviour log-probs) without a rollout_correction")
+    if cfg.env.enabled:
+        raise ValueError("rollout.partial: not supported for multi-turn rollouts (env); set it to false")
 
 
 # ----------------------------------------------------------------------------- loading

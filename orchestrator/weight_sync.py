@@ -86,6 +86,8 @@ class WeightSync:
             refs = []
             if receivers:
                 packed = self.rank0(p.trainers, "state_dict")
+                if getattr(p, "board", None) is not None:  # partial rollouts: taken mid-sequence by busy workers
+                    p.board.post.remote(version, [packed])
                 refs = [w.load_weights.remote(packed, version) for w in receivers]
             if receivers or nccl:
                 self.bytes["sync/bytes"] = self._size("policy", p.trainers)

@@ -3,6 +3,8 @@ generated again, and the exactly-once prompt accounting across a SIGKILL and `--
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from actors.records import Group, PromptRequest, Sample
@@ -56,7 +58,7 @@ def _async_config(tmp_path, model: str, **loop):
 
     cfg = base_config(model, reward={"functions": [{"name": f"{TOY}:slow_char_hash_reward"}]},
                       data={"train": {"source": "examples.arith.task:make_rows", "kwargs": {"split": "train", "n": 24}}},
-                      loop={"steps": 6, "prompts_per_step": 4, "max_staleness": 2, **loop},
+                      rollout={"partial": True}, loop={"steps": 6, "prompts_per_step": 4, "max_staleness": 2, **loop},
                       checkpoint={"every": 1, "keep": 2}, logging={"sample_groups": 4})
     del cfg["data"]["eval"]
     path = tmp_path / "job.yaml"
@@ -75,8 +77,8 @@ def _trained_uids(run_dir) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_a_run_killed_with_rounds_in_flight_trains_every_prompt_of_the_epoch_exactly_once(tmp_path, tiny_model):
-    """max_staleness 2: SIGKILL after the checkpoint of step 3 (two rounds of prompts in flight then), `--resume`:
-    over both runs each of the epoch's 24 prompts is trained once, like in an uninterrupted run."""
+    """max_staleness 2 with partial rollouts: SIGKILL after the checkpoint of step 3 (two rounds of prompts in flight
+    then), `--resume`: over both runs each of the epoch's 24 prompts is trained once, like in an uninterrupted run."""
     import os
     import signal
     import time
@@ -103,3 +105,118 @@ def test_a_run_killed_with_rounds_in_flight_trains_every_prompt_of_the_epoch_exa
     epoch = {f"0:{i}" for i in range(24)}
     for run_dir in (straight, broken):
         assert _trained_uids(run_dir) == {uid: 4 for uid in epoch}  # every group once: none missing, none twice
+
+
+# ----------------------------------------------------------------------------- partial rollouts (hf engine)
+
+
+def _logprobs_by_hand(model, prompt: list[int], completion: list[int]) -> list[float]:
+    """log softmax of one full forward (no cache, no padding) at each completion token: the reference."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + completion])).logits[0]  # [P+T, V]
+    logp = torch.log_softmax(logits.float(), -1)
+    return [float(logp[len(prompt) - 1 + j, tok]) for j, tok in enumerate(completion)]
+
+
+def test_a_partial_rollout_takes_new_weights_at_a_token_boundary_and_continues_the_same_sequences(tiny_model):
+    """Weights of version 1 arrive before token 3: tokens 0-2 are version 0's, log-probs by the old model; tokens 3..
+    version 1's, log-probs by the new model over the whole sequence (its KV cache recomputed), prompts of two lengths
+    (left padding); and a refresh that never loads samples exactly what plain generation does."""
+    import torch
+
+    from actors.engines.hf import HFEngine
+    from actors.modeling import encode_prompts, load_causal_lm
+    from actors.records import SamplingParams
+
+    engine = HFEngine(tiny_model)
+    old, new = load_causal_lm(tiny_model).eval(), load_causal_lm(tiny_model).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    prompts = encode_prompts(engine.tokenizer, ["12+345=", "7+8="])
+    sampling = SamplingParams(n=3, temperature=1.0, max_new_tokens=8)
+    plain = engine.generate(prompts, sampling, seed=5)
+    assert engine.generate(prompts, sampling, seed=5, refresh=lambda: None, version=4) == [
+        [dataclasses.replace(c, versions=[4] * len(c.token_ids)) for c in group] for group in plain]
+
+    calls = []
+
+    def refresh():
+        calls.append(1)
+        if len(calls) == 3:  # asked before tokens 1, 2, 3: load before token 3
+            engine.model.load_state_dict(new.state_dict())
+            return 1
+        return None
+
+    out = engine.generate(prompts, sampling, seed=5, refresh=refresh, version=0)
+    switched = 0
+    for prompt, group in zip(prompts, out):
+        for c in group:
+            k = len(c.token_ids)
+            assert c.versions == [0] * min(k, 3) + [1] * max(k - 3, 0)
+            want = _logprobs_by_hand(old, prompt, c.token_ids)[:3] + _logprobs_by_hand(new, prompt, c.token_ids)[3:]
+            torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(want), atol=2e-4, rtol=0)
+            switched += k > 3
+    assert switched  # some sequences went on past the update
+
+
+# ----------------------------------------------------------------------------- decoupled PPO
+
+
+def test_decoupled_ppo_clips_against_the_proximal_policy_and_weights_by_prox_over_behaviour():
+    """The loss by hand (AReaL, Fu et al. 2025): −token-mean of (π_prox/π_behav) · min(r A, clip(r, 0.8, 1.2) A),
+    r = π/π_prox; with rollout_correction tis the weight is truncated at its cap instead."""
+    import torch
+
+    from actors.objectives import policy_objective
+    from tests.test_objectives import _alg, _micro
+
+    micro, logp, logits = _micro()
+    mask, prox, behav, adv = micro.response_mask, micro.old_logp, micro.rollout_logp, micro.advantages
+
+    def by_hand(cap: float) -> float:
+        r = torch.exp(logp.detach() - prox)
+        w = torch.exp(prox - behav).clamp(max=cap)
+        per_token = -w * torch.minimum(r * adv, r.clamp(0.8, 1.2) * adv)
+        return float((per_token * mask).sum() / mask.sum())
+
+    loss, stats = policy_objective(_alg(decoupled=True), logp, logits, micro, 0.0, 1.0, 4)
+    assert loss.item() == pytest.approx(by_hand(float("inf")), rel=1e-5)
+    assert by_hand(float("inf")) != pytest.approx(by_hand(1.0))  # the weight matters on this batch
+    loss, _ = policy_objective(_alg(decoupled=True, rollout_correction={"kind": "tis", "high": 1.0}), logp, logits,
+                               micro, 0.0, 1.0, 4)
+    assert loss.item() == pytest.approx(by_hand(1.0), rel=1e-5)
+
+
+def test_decoupled_ppo_recomputes_pi_old_with_the_trainers_current_weights(tiny_model):
+    """`PolicyTrainer.prepare` replaces each row's old_logp by a full forward of the current weights (computed here
+    row by row, without padding), keeping the rollout's log-probs as the behaviour policy."""
+    import torch
+
+    from actors.batch import collate
+    from actors.modeling import load_causal_lm
+    from actors.records import Shard, TrainBatch
+    from actors.trainer import PolicyTrainer
+    from orchestrator.config import JobConfig
+    from tests.conftest import base_config
+    from tests.test_objectives import PlainEngine
+
+    cfg = JobConfig.model_validate(base_config(tiny_model, algorithm={"decoupled": True}))
+    trainer = PolicyTrainer(0, 1, cfg.model.model_dump(), cfg.trainer.model_dump(), cfg.algorithm.model_dump(),
+                            1.0, 8, grad_accum=2, total_steps=1)
+    model = load_causal_lm(tiny_model)
+    trainer.engine = PlainEngine(model, 1e-3, 1.0)
+    prompts, responses = [[1, 5, 6], [1, 7], [1, 8, 9, 10]], [[11, 12, 13], [14], [15, 16]]
+    batch = collate(prompts, responses, pad_id=0)
+    rollout = -torch.ones_like(batch["response_mask"]) * batch["response_mask"]
+    rows = TrainBatch(**batch, rollout_logp=rollout, old_logp=rollout.clone(),
+                      advantages=torch.ones_like(rollout))
+    (out,) = trainer.prepare([Shard(rows, 6.0)])
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        torch.testing.assert_close(out.rows.old_logp[i, : len(r)], torch.tensor(_logprobs_by_hand(model, p, r)),
+                                   atol=1e-5, rtol=0)
+        assert (out.rows.old_logp[i, len(r):] == 0).all()
+    torch.testing.assert_close(out.rows.rollout_logp, rollout)
