@@ -62,8 +62,9 @@ class RolloutWorker:
                                           self.env_limits, self.version, self._reported)
             Group.spread_time(groups, "generate", time.perf_counter() - start - sum(g.timings["env"] for g in groups))
             return groups
-        started = self.version
-        partial = {} if board is None else {"refresh": self._refresher(board), "version": started}
+        refresh = self._refresher(board) if board is not None else None
+        started = self.version  # after `_refresher`'s first look at the board
+        partial = {} if refresh is None else {"refresh": refresh, "version": started}
         completions = self.engine.generate([r.prompt_ids for r in requests], sampling, seed, **partial)
         groups = []
         for req, comps in zip(requests, completions):
@@ -85,13 +86,14 @@ class RolloutWorker:
     def _refresher(self, board):
         """Partial rollouts: the engine's `refresh`, asked at every token boundary. It never waits: the board is asked
         in the background and its answer looked at when it has come (then asked again); weights newer than those
-        served are loaded, and their version returned (else None)."""
+        served are loaded, and their version returned (else None). Before it is returned, it waits once, so a call
+        starts on the newest weights posted."""
         import ray
 
         asked = [board.latest.remote()]
 
-        def refresh() -> int | None:
-            if not ray.wait(asked, timeout=0, fetch_local=True)[0]:
+        def refresh(wait: bool = False) -> int | None:
+            if not wait and not ray.wait(asked, timeout=0, fetch_local=True)[0]:
                 return None
             version, refs = ray.get(asked[0])
             asked[0] = board.latest.remote()
@@ -101,6 +103,7 @@ class RolloutWorker:
             self.version, self.took_early = version, True
             return version
 
+        refresh(wait=True)
         return refresh
 
     # -- NCCL weight sync (vllm engine with weight_sync="nccl"); see Pools.sync_weights

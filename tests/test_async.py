@@ -220,3 +220,33 @@ def test_decoupled_ppo_recomputes_pi_old_with_the_trainers_current_weights(tiny_
                                    atol=1e-5, rtol=0)
         assert (out.rows.old_logp[i, len(r):] == 0).all()
     torch.testing.assert_close(out.rows.rollout_logp, rollout)
+
+
+def test_a_rollout_worker_takes_weights_posted_on_the_board_and_skips_the_older_load_queued_after(ray_local,
+                                                                                                  tiny_model):
+    """The Ray wiring of partial rollouts: weights posted on a `WeightBoard` reach a generate call (its group and
+    every token carry the posted version, the samples are the new weights'), and the ordinary load of an older
+    version queued behind the call changes nothing."""
+    import torch
+
+    from actors.engines.hf import HFEngine
+    from actors.modeling import encode_prompts, load_causal_lm
+    from actors.records import SamplingParams
+    from actors.rollout import RolloutWorker
+    from actors.weights import WeightBoard, pack_state_dict, weights_checksum
+
+    worker = RolloutWorker.serving(HFEngine(tiny_model), seed=0)
+    old, new = load_causal_lm(tiny_model), load_causal_lm(tiny_model)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.3)
+    board = ray_local.remote(WeightBoard).options(num_cpus=0).remote()
+    ray_local.get(board.post.remote(3, [ray_local.put(pack_state_dict(new))]))
+    prompts = encode_prompts(worker.engine.tokenizer, ["12+34="])
+    requests = [PromptRequest("u", "12+34=", prompts[0], {})]
+    (group,) = worker.generate(requests, SamplingParams(n=2, max_new_tokens=6), board=board)
+    assert group.policy_version == 3 and worker.version == 3
+    assert all(s.versions == [3] * len(s.response_ids) for s in group.samples)
+    assert worker.engine.checksum() == weights_checksum(new)
+    assert worker.load_weights(pack_state_dict(old), 2) == 3  # version 2's load, queued before the post: skipped
+    assert worker.engine.checksum() == weights_checksum(new)
