@@ -77,7 +77,7 @@ class RolloutWorker:
     def load_weights(self, packed: dict, version: int) -> int:
         """Serve `version` from now on; returns the version now served (a newer one, taken from the board during a
         partial rollout, stays)."""
-        if version < self.version and self.took_early:
+        if version <= self.version and self.took_early:  # the board gave it (or a newer one) already
             return self.version
         self.engine.load_weights(packed, version)
         self.version = version
