@@ -4,11 +4,12 @@ generated again, and the exactly-once prompt accounting across a SIGKILL and `--
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 
 import pytest
 
 from actors.records import Group, PromptRequest, Sample
-from orchestrator.pipeline import lag_metrics, regenerate_stale, split_stale
+from orchestrator.pipeline import Pipeline, Round, lag_metrics, regenerate_stale, split_stale
 
 
 def _group(uid: str, version: int, lengths: list[int], versions: list[list[int]] | None = None) -> Group:
@@ -45,6 +46,12 @@ def test_a_group_staler_than_the_bound_is_generated_again_in_its_place():
     assert [g.policy_version for g in out] == [5, 9, 9, 3]
     assert pools.asked == [PromptRequest("b", "pb", [1, 2], {"k": "b"}), PromptRequest("c", "pc", [1, 2], {"k": "c"})]
     assert regenerate_stale(pools, groups, 5, 3, None, 2) == (groups, 0)
+    pools.finish_groups = lambda flight: flight  # a round "in flight" is its groups here
+    for drop, want in ((True, ([5, 9, 9, 3], 2)), (False, ([5, 2, 4, 3], 0))):  # loop.stale_groups: drop | train
+        pipe = Pipeline(2, deque([Round([], groups)]))
+        out, dropped = pipe.collect(pools, 5, 2, drop, None, 2)
+        assert ([g.policy_version for g in out], dropped) == want and not pipe.rounds
+    assert Pipeline(2).collect(pools, 5, 2, True, None, 2) == (None, 0)  # nothing ahead: the step draws its own
 
 
 # ----------------------------------------------------------------------------- exact resume
