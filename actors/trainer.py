@@ -292,8 +292,8 @@ class PolicyTrainer(DeepSpeedRank):
         set by the driver's KL controller), plus the rollout/trainer log-prob mismatch of the sampled tokens:
         `mismatch/logprob_abs_mean` and `_max` of |log π_trainer − log π_rollout| over the response tokens of
         this rank's first mini-batch, measured in its forward passes before the step's first optimizer step
-        (so at the weights the rollout workers serve in strict on-policy mode; with loop.max_staleness 1 it
-        includes one update of policy lag), and `mismatch/tokens`, the token count, for merging ranks."""
+        (so at the weights the rollout workers serve in strict on-policy mode; with loop.max_staleness N it
+        includes up to N updates of policy lag), and `mismatch/tokens`, the token count, for merging ranks."""
         self._mismatch, self.kl_coef = [0.0, 0.0, 0.0], kl_coef
         out = super().train_step(shards)
         total, tokens, worst = self._mismatch
