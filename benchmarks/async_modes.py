@@ -1,7 +1,7 @@
 """Asynchronous modes side by side on a compute-bound job: `loop.max_staleness` 0, 1, 2 and 2 with partial rollouts.
 
 Run: python benchmarks/async_modes.py [--steps 20] [--repeats 1] [--modes on_policy async1 async2 async2_partial]
-     [--out runs/async_modes]
+     [--lr 5e-4] [--out runs/async_modes]
 
 The job: a random-init Llama of 20.5M parameters (hidden 512, 6 layers; the example's character tokenizer) built
 from code, GRPO with G = 8, 8 prompts per step, completions of up to 96 tokens whose length varies (each ends at a
@@ -37,7 +37,9 @@ MODES = {
     "async1": {"loop": {"max_staleness": 1}},
     "async2": {"loop": {"max_staleness": 2}},
     "async2_partial": {"loop": {"max_staleness": 2}, "rollout": {"partial": True}},
+    "async2_decoupled": {"loop": {"max_staleness": 2}, "algorithm": {"decoupled": True}},  # not run by default
 }
+DEFAULT_MODES = ["on_policy", "async1", "async2", "async2_partial"]
 SIZE = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
         "num_key_value_heads": 8}
 
@@ -61,7 +63,7 @@ def build_model(path: Path) -> str:
     return str(path)
 
 
-def job(model: str, steps: int, mode: str) -> dict:
+def job(model: str, steps: int, mode: str, lr: float) -> dict:
     cfg = {
         "model": {"path": model},
         "data": {"train": {"source": "examples.arith.task:make_rows", "kwargs": {"split": "train", "n": 4096}},
@@ -70,7 +72,7 @@ def job(model: str, steps: int, mode: str) -> dict:
         "reward": {"functions": [{"name": str(REPO / "benchmarks" / "async_task.py") + ":sevens"}],
                    "accuracy_threshold": 0.5},
         "algorithm": {"estimator": "grpo", "kl_coef": 0.0},
-        "trainer": {"lr": 5e-4, "micro_batch_size": 16},
+        "trainer": {"lr": lr, "micro_batch_size": 16},
         "loop": {"steps": steps, "prompts_per_step": 8, "eval_every": 2, "eval_size": 64},
         "logging": {"progress": False, "tensorboard": False, "sample_groups": 0},
     }
@@ -79,10 +81,10 @@ def job(model: str, steps: int, mode: str) -> dict:
     return cfg
 
 
-def run(model: str, steps: int, mode: str, run_dir: Path, threshold: float) -> dict:
+def run(model: str, steps: int, mode: str, run_dir: Path, threshold: float, lr: float) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "job.yaml"
-    config.write_text(yaml.safe_dump(job(model, steps, mode)))
+    config.write_text(yaml.safe_dump(job(model, steps, mode, lr)))
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(config), "--run-dir", str(run_dir / "run")],
@@ -115,7 +117,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threshold", type=float, default=0.5, help="held-out greedy accuracy to reach")
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
+    ap.add_argument("--lr", type=float, default=5e-4, help="trainer.lr of every mode")
     ap.add_argument("--out", default="runs/async_modes")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -123,7 +126,7 @@ def main() -> None:
     rows: dict[str, list[dict]] = {m: [] for m in args.modes}
     for rep in range(args.repeats):
         for mode in args.modes:
-            rows[mode].append(run(model, args.steps, mode, out / f"{mode}-{rep}", args.threshold))
+            rows[mode].append(run(model, args.steps, mode, out / f"{mode}-{rep}", args.threshold, args.lr))
             print(mode, json.dumps(rows[mode][-1]), flush=True)
     (out / "result.json").write_text(json.dumps(rows, indent=1) + "\n")
     base = statistics.fmean(r["tokens_per_s"] for r in rows[args.modes[0]])
