@@ -1,5 +1,6 @@
 """The policy objective of one micro-batch, as `algorithm.*` selects it: the loss (`policy_loss`: ppo, gspo or
-cispo), the rollout-correction token weights (`rollout_correction`: tis, icepop, seq_mask), the high-entropy token
+cispo), the rollout-correction token weights (`rollout_correction`: tis, icepop, seq_mask; with `decoupled` and
+no correction, the plain pi_prox / pi_behaviour), the high-entropy token
 selection (`top_entropy_quantile`), the KL-in-loss term (3.14) and the entropy bonus (2.18). The math is in
 `algorithms.losses`; this module only chooses and combines it.
 """
@@ -49,6 +50,8 @@ def policy_objective(alg: dict, logp: Tensor, logits: Tensor, micro: TrainBatch,
     valid = mask.bool()
     agg = alg["agg"]
     weights, stats = correction_weights(alg["rollout_correction"], micro.old_logp, micro.rollout_logp, mask)
+    if weights is None and alg.get("decoupled"):  # AReaL: pi_prox / pi_behaviour, untruncated
+        weights, stats = tis_weights(micro.old_logp, micro.rollout_logp, mask, float("inf"))
     with torch.set_grad_enabled(torch.is_grad_enabled() and alg["entropy_coef"] > 0):
         token_ent = token_entropy(torch.where(valid[..., None], logits, 0) / temperature)  # [b, t]
         ent = aggregate(token_ent, mask, agg)

@@ -42,6 +42,7 @@ class Completion:
     text: str
     logprobs: list[float]
     finish_reason: str
+    versions: list[int] | None = None  # partial rollouts: the policy version that sampled each token
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Sample:
     values: list[float] | None = None  # PPO: V(s_t) before each response token, from the critic at rollout time
     loss_mask: list[int] | None = None  # multi-turn: 1 where the model sampled the token, 0 on observation tokens
     turns: list[dict] | None = None  # multi-turn: per turn its action, observation, reward, `end` (its last sampled index)
+    versions: list[int] | None = None  # rollout.partial: the policy version that sampled each token (None: the group's)
 
     def add_reward(self, label: str, weight: float, value: float) -> None:
         """Record one reward's score under its label and add it, weighted, to the total."""

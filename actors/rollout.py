@@ -27,7 +27,7 @@ class RolloutWorker:
                                   device=device, lora=lora, **(engine_options or {}))
         self.tp = (engine_options or {}).get("tensor_parallel_size", 1)
         self.seed = seed
-        self.version = 0
+        self.version, self.took_early = 0, False  # took_early: weights taken from a WeightBoard (partial rollouts)
         self._multiturn(env)
 
     def _multiturn(self, env: dict | None) -> None:
@@ -41,14 +41,17 @@ class RolloutWorker:
     def serving(cls, engine, seed: int = 0, env: dict | None = None) -> RolloutWorker:
         """A worker around an engine already built (in-process evaluation of a model in memory)."""
         worker = cls.__new__(cls)
-        worker.engine, worker.tp, worker.seed, worker.version = engine, 1, seed, 0
+        worker.engine, worker.tp, worker.seed, worker.version, worker.took_early = engine, 1, seed, 0, False
         worker._multiturn(env)
         return worker
 
-    def generate(self, requests: list[PromptRequest], sampling: SamplingParams, envs: list | None = None
-                 ) -> list[Group]:
+    def generate(self, requests: list[PromptRequest], sampling: SamplingParams, envs: list | None = None,
+                 board=None) -> list[Group]:
         """Sample `sampling.n` completions per request; the seed depends on the requests and version. `envs`: the
-        environment hosts (Ray handles or `EnvHost`s) when the worker was built for multi-turn rollouts."""
+        environment hosts (Ray handles or `EnvHost`s) when the worker was built for multi-turn rollouts. `board`
+        (partial rollouts, a `WeightBoard` handle): newer weights posted there are loaded at the next token
+        boundary and the sequences go on; each sample's `versions` say which version sampled each token, the
+        group's `policy_version` is the version it started with."""
         start = time.perf_counter()
         key = f"{self.seed}:{self.version}:" + ",".join(r.uid for r in requests)
         seed = zlib.crc32(key.encode())
@@ -59,20 +62,49 @@ class RolloutWorker:
                                           self.env_limits, self.version, self._reported)
             Group.spread_time(groups, "generate", time.perf_counter() - start - sum(g.timings["env"] for g in groups))
             return groups
-        completions = self.engine.generate([r.prompt_ids for r in requests], sampling, seed)
+        refresh = self._refresher(board) if board is not None else None
+        started = self.version  # after `_refresher`'s first look at the board
+        partial = {} if refresh is None else {"refresh": refresh, "version": started}
+        completions = self.engine.generate([r.prompt_ids for r in requests], sampling, seed, **partial)
         groups = []
         for req, comps in zip(requests, completions):
-            samples = [Sample(c.token_ids, c.text, c.logprobs, c.finish_reason) for c in comps]
-            groups.append(Group(req.uid, req.prompt, req.row, req.prompt_ids, samples, self.version))
+            samples = [Sample(c.token_ids, c.text, c.logprobs, c.finish_reason, versions=c.versions) for c in comps]
+            groups.append(Group(req.uid, req.prompt, req.row, req.prompt_ids, samples, started))
         elapsed = time.perf_counter() - start
         Group.spread_time(groups, "generate", elapsed)
         return groups
 
     def load_weights(self, packed: dict, version: int) -> int:
-        """Serve `version` from now on; returns the version now served."""
+        """Serve `version` from now on; returns the version now served (a newer one, taken from the board during a
+        partial rollout, stays)."""
+        if version <= self.version and self.took_early:  # the board gave it (or a newer one) already
+            return self.version
         self.engine.load_weights(packed, version)
         self.version = version
         return version
+
+    def _refresher(self, board):
+        """Partial rollouts: the engine's `refresh`, asked at every token boundary. It never waits: the board is asked
+        in the background and its answer looked at when it has come (then asked again); weights newer than those
+        served are loaded, and their version returned (else None). Before it is returned, it waits once, so a call
+        starts on the newest weights posted."""
+        import ray
+
+        asked = [board.latest.remote()]
+
+        def refresh(wait: bool = False) -> int | None:
+            if not wait and not ray.wait(asked, timeout=0, fetch_local=True)[0]:
+                return None
+            version, refs = ray.get(asked[0])
+            asked[0] = board.latest.remote()
+            if version <= self.version:
+                return None
+            self.engine.load_weights(ray.get(refs[0]), version)
+            self.version, self.took_early = version, True
+            return version
+
+        refresh(wait=True)
+        return refresh
 
     # -- NCCL weight sync (vllm engine with weight_sync="nccl"); see Pools.sync_weights
 

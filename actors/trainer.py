@@ -9,6 +9,7 @@ update as one rank with the same global batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -23,7 +24,7 @@ from actors.deepspeed_ops import load_shm_comm
 from actors.lora import load_sync_state, save_merged_policy, state_bytes, sync_state, trainable_names, wrap
 from actors.modeling import load_causal_lm, load_tokenizer, response_logprobs, set_threads
 from actors.objectives import policy_objective
-from actors.records import Group, TrainBatch
+from actors.records import Group, Shard, TrainBatch
 from actors.scoring import per_token
 from actors.weights import pack_state, state_checksum
 
@@ -193,7 +194,7 @@ class DeepSpeedRank:
         `actors.batch.compact`); one optimizer step per mini-batch."""
         engine = self.engine
         engine.train()
-        minibatches = [expand(wire) for wire in shards]
+        minibatches = self.prepare([expand(wire) for wire in shards])
         sums: dict[str, float] = {}
         ratio_max: float | None = None  # policy only
         weight_total, skipped = 0.0, 0
@@ -244,6 +245,10 @@ class DeepSpeedRank:
         out["optimizer/state_bytes"] = float(optimizer_state_bytes(engine.optimizer, engine.module))
         out["memory/peak_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
         return out
+
+    def prepare(self, minibatches: list[Shard]) -> list[Shard]:
+        """This step's mini-batches before the first update (a hook: as they are, unless a subclass recomputes)."""
+        return minibatches
 
     def _micro_loss(self, micro: TrainBatch, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
         """(loss, detached stats, the micro-batch's share of the mini-batch's aggregation units, the model output
@@ -322,8 +327,8 @@ class PolicyTrainer(DeepSpeedRank):
         set by the driver's KL controller), plus the rollout/trainer log-prob mismatch of the sampled tokens:
         `mismatch/logprob_abs_mean` and `_max` of |log π_trainer − log π_rollout| over the response tokens of
         this rank's first mini-batch, measured in its forward passes before the step's first optimizer step
-        (so at the weights the rollout workers serve in strict on-policy mode; with loop.max_staleness 1 it
-        includes one update of policy lag), and `mismatch/tokens`, the token count, for merging ranks."""
+        (so at the weights the rollout workers serve in strict on-policy mode; with loop.max_staleness N it
+        includes up to N updates of policy lag), and `mismatch/tokens`, the token count, for merging ranks."""
         self._mismatch, self.kl_coef = [0.0, 0.0, 0.0], kl_coef
         out = super().train_step(shards)
         total, tokens, worst = self._mismatch
@@ -335,6 +340,28 @@ class PolicyTrainer(DeepSpeedRank):
     def build_model(self) -> torch.nn.Module:
         m = self.model_cfg
         return load_causal_lm(m["path"], m["dtype"], m["trust_remote_code"], self.device)
+
+    @torch.no_grad()
+    def prepare(self, minibatches: list[Shard]) -> list[Shard]:
+        """Decoupled PPO (`algorithm.decoupled`; AReaL, Fu et al. 2025): every row's `old_logp` becomes the log-probs
+        of the current weights, before this step's first update (the proximal policy pi_prox, which the ratio clips
+        against, survey 2.4.3); the rollout's log-probs stay the behaviour policy of the pi_prox / pi_behaviour weight
+        (`actors.objectives.policy_objective`). Micro-batches as the update cuts them (one forward each, on every rank
+        alike, as ZeRO-3 needs)."""
+        if not self.alg.get("decoupled"):
+            return minibatches
+        out = []
+        for shard in minibatches:
+            rows = shard.rows
+            prox = torch.zeros_like(rows.rollout_logp)  # [B, T]
+            for part in micro_slices(rows.rows, self.grad_accum):
+                micro = rows.select(part).trim()
+                logp, _ = response_logprobs(self.engine, micro, self.temperature,
+                                            self.model_cfg["share_prompt_forward"])  # [b, t]
+                prox[part, : logp.shape[1]] = logp
+            prox = torch.where(rows.response_mask.bool(), prox, 0)  # [B, T]
+            out.append(dataclasses.replace(shard, rows=dataclasses.replace(rows, old_logp=prox)))
+        return out
 
     def _micro_loss(self, micro: TrainBatch, global_units: float) -> tuple[torch.Tensor, dict, float, torch.Tensor]:
         """The loss of one micro-batch, its stats, its share of the mini-batch's aggregation units, the logits."""

@@ -62,3 +62,20 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(raw.numpy().tobytes())
     return h.hexdigest()
+
+
+class WeightBoard:
+    """Partial rollouts (`rollout.partial`): where the orchestrator posts each new policy version (a reference to
+    the packed state dict in the object store, wrapped in a list so Ray passes the reference, not the weights)
+    for rollout workers to take at a token boundary (`actors.rollout.RolloutWorker.generate`)."""
+
+    def __init__(self):
+        self.version, self.refs = 0, [None]
+
+    def post(self, version: int, refs: list) -> None:
+        if version > self.version:
+            self.version, self.refs = version, refs
+
+    def latest(self) -> tuple[int, list]:
+        """(newest version posted, [its packed state dict's ObjectRef])."""
+        return self.version, self.refs

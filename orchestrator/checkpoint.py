@@ -3,7 +3,8 @@ the newest complete one.
 
 A checkpoint is `<run_dir>/checkpoints/step-NNNNNN/`: `policy/` and `critic/` (DeepSpeed checkpoints:
 weights, optimizer and LR-scheduler state, one optimizer shard per rank) and `state.json` (step, the
-policy version served, the data position, the KL controller, step counters), written last. Under LoRA
+policy version served, the data position, the prompts drawn but not yet trained in asynchronous mode
+(`orchestrator.pipeline`), the KL controller, step counters), written last. Under LoRA
 (`model.lora`) the DeepSpeed checkpoints hold only the adapters (and a critic's value head) with their optimizer
 state, and `state.json` the LoRA settings and each base model's identity (path and the SHA-256 of its weights,
 `actors.lora.base_checksum`): a resume against another base or other LoRA settings is refused (`check_resume`). It is
@@ -29,7 +30,8 @@ class LoopState:
 
     step: int = 0  # steps finished
     version: int = 0  # policy version the rollout workers serve
-    stream: dict = field(default_factory=lambda: {"epoch": 0, "pos": 0})
+    stream: dict = field(default_factory=lambda: {"epoch": 0, "pos": 0})  # after every prompt drawn so far
+    pending: list = field(default_factory=list)  # asynchronous mode: uids drawn, not yet trained, per round
     kl: dict = field(default_factory=dict)
     nonfinite_run: int = 0
     eval_before: float | None = None
@@ -150,14 +152,16 @@ def _base_checksum(path: str) -> str:
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop metrics records written after `step` (by the run that died), so a resumed run appends cleanly."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    """Drop metrics and sample records written after `step` (by the run that died), so a resumed run appends
+    cleanly: each step's records once, and samples.jsonl holds each trained group once."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
 
 
 def resume_hint(run_dir: Path) -> str:

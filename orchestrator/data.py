@@ -260,6 +260,11 @@ class PromptStream:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self.order = self._order()
 
+    def requests(self, uids: list[str]) -> list[PromptRequest]:
+        """The requests of `uids` ("epoch:index", as `next` names them): prompts drawn before, drawn again (a
+        checkpoint's prompts in flight, `orchestrator.pipeline`)."""
+        return [dataclasses.replace(self.prompts[int(uid.partition(":")[2])], uid=uid) for uid in uids]
+
     def next(self, n: int) -> list[PromptRequest]:
         out = []
         while len(out) < n:

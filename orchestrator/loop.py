@@ -16,11 +16,12 @@ import torch
 from actors.records import SamplingParams
 from orchestrator import checkpoint
 from orchestrator.batching import build_batch, kl_controller, loss_kl_coef, sequence_kl, shard
-from orchestrator.collect import Ahead, collect_groups, evaluate, sampling_params
+from orchestrator.collect import collect_groups, evaluate, sampling_params
 from orchestrator.config import JobConfig
 from orchestrator.data import Data
 from orchestrator.failures import WORKER_LOST, ActorDied, nonfinite_streak
 from orchestrator.metrics import MetricsWriter, batch_metrics, sample_records, step_times, trainer_metrics
+from orchestrator.pipeline import Pipeline, lag_metrics
 from orchestrator.pool_specs import TrainPlan, job_demands
 from orchestrator.pools import Pools
 from orchestrator.progress import Progress
@@ -29,14 +30,14 @@ from orchestrator.summary import RunResult
 
 @dataclass
 class Run:
-    """What every step of a run shares (`ahead`: the asynchronous mode's prefetched round, None on-policy)."""
+    """What every step of a run shares (`pipeline`: the asynchronous mode's rounds ahead, None on-policy)."""
 
     cfg: JobConfig
     pools: Pools
     data: Data
     kl: object  # orchestrator.batching.kl_controller
     sampling: SamplingParams
-    ahead: Ahead | None = None
+    pipeline: Pipeline | None = None
     log: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
 
 
@@ -50,14 +51,16 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
                            mlflow=lg.mlflow, name=lg.name, config=cfg.model_dump(mode="json"))
     progress = Progress(loop.steps, lg.progress, cfg.algorithm.estimator.upper(), lg.print_samples_every)
     progress.note(f"starting {sum(d.count for d in job_demands(cfg))} actors ...")
+    pipeline = Pipeline(loop.max_staleness) if loop.max_staleness or state.pending else None  # pending: trained first
     run = Run(cfg, Pools(cfg, model_path, rewards), data, kl_controller(cfg.algorithm), sampling_params(cfg),
-              Ahead() if loop.max_staleness else None, progress.note)
+              pipeline, progress.note)
     pools, evals = run.pools, data.eval_prompts
     progress.note(f"policy: {pools.num_params / 1e6:.2f}M parameters; "
                   f"{cfg.trainer.num_workers} trainer rank(s), {cfg.rollout.num_workers} rollout worker(s)")
     try:
         if resume:
             checkpoint.restore(resume, state, pools, data.stream, run.kl)
+            run.pipeline and run.pipeline.restore(pools, data.stream, state.pending, run.sampling, cfg.rollout)
             progress.note(f"resumed from {resume} (step {state.step}, policy version {state.version})")
         else:
             m = dict(data.skipped) | (evaluate(pools, cfg, evals, progress.note) if evals else {})
@@ -73,17 +76,18 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
         for step in range(state.step + 1, loop.steps + 1):
             moves = step > cfg.critic.warmup_steps or not pools.critics  # critic warm-up: the policy waits
             state.version += moves
-            metrics, samples = train_step(run, state.version, train_policy=moves, prefetch=step < loop.steps)
+            metrics, samples = train_step(run, state.version, train_policy=moves, steps_left=loop.steps - step)
             if evals and ((loop.eval_every and step % loop.eval_every == 0) or step == loop.steps):
+                pools.sync.settle()  # asynchronous mode: every deferred weight load done (it was submitted)
                 metrics |= evaluate(pools, cfg, evals, progress.note)  # the newest weights, synced above
                 state.eval_after = metrics["eval/accuracy"]
             writer.write_step(step, metrics, samples)
             progress.step(step, metrics, samples)
             state.nonfinite_run = nonfinite_streak(state.nonfinite_run, metrics, cfg.trainer.max_nonfinite_steps,
                                                    step, run_dir)
-            # Asynchronous mode: the stream position saved is before the prefetched prompts, drawn again on resume.
+            # Asynchronous mode: the prompts drawn and not yet trained are saved, to be generated again on resume.
             state.step, state.kl = step, run.kl.state_dict()
-            state.stream = run.ahead.stream_state if run.ahead else data.stream.state()
+            state.stream, state.pending = data.stream.state(), run.pipeline.pending() if run.pipeline else []
             if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == loop.steps):
                 checkpoint.save(run_dir, state, pools.save_checkpoint, cfg.checkpoint.keep)
         final = Path(pools.save_policy(str(run_dir / "final_policy")))
@@ -97,31 +101,31 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
     return RunResult(run_dir, state.eval_before, state.eval_after, final, time.perf_counter() - start)
 
 
-def train_step(run: Run, version: int, train_policy: bool = True, prefetch: bool = True
+def train_step(run: Run, version: int, train_policy: bool = True, steps_left: int = 0
                ) -> tuple[dict[str, float], list[dict]]:
     """One step: collect groups, build the batch, train, sync; (metrics, `sample_records`). After it the workers
-    serve `version`; `train_policy` False trains only the critic (warm-up). Asynchronous mode (`run.ahead`): the
-    previous step's prefetched groups are trained; with `prefetch` the next step's are submitted before this one
-    trains. `staleness`: mean (version trained − version that generated); `time/*`: docs/performance.md."""
+    serve `version`; `train_policy` False trains only the critic (warm-up). Asynchronous mode (`run.pipeline`):
+    the oldest round submitted ahead is trained, the next rounds (`steps_left` at most) are submitted before it
+    trains, the sync is not waited for. `staleness`: mean (version trained − version that generated); `async/*`: the
+    lag per token and stale groups (`orchestrator.pipeline`); `time/*`: docs/performance.md."""
     cfg, pools, stream, alg, t = run.cfg, run.pools, run.data.stream, run.cfg.algorithm, run.cfg.trainer
+    pipe, r = run.pipeline, cfg.rollout
     t0 = time.perf_counter()
-    groups, generated, rounds = collect_groups(pools, cfg, stream, run.sampling, run.ahead.take() if run.ahead else None)
+    trained_version = pools.version  # the weights the trainer holds before this update
+    first, dropped = pipe.collect(pools, trained_version, cfg.loop.max_staleness, cfg.loop.stale_groups == "drop",
+                                  run.sampling, r.prompts_per_call) if pipe else (None, 0)
+    groups, generated, rounds = collect_groups(pools, cfg, stream, run.sampling, first)
     for message in pools.new_reward_errors(generated):
         run.log(message)
     t1 = time.perf_counter()
-    next_flight = None
-    if run.ahead is not None:
-        run.ahead.stream_state = stream.state()  # before the next step's prompts are drawn
-        if prefetch:  # generated by the weights trained now, while they train
-            next_flight = pools.start_groups(stream.next(cfg.loop.prompts_per_step), run.sampling,
-                                             cfg.rollout.prompts_per_call)
+    if pipe is not None:  # generated while this step trains, by the weights the workers reach them with
+        pipe.fill(pools, stream, cfg.loop.prompts_per_step, run.sampling, r.prompts_per_call, steps_left)
     beta = run.kl.value
     batch = build_batch(groups, alg, run.data.pad_id, beta, cfg.distill.coef if cfg.distill.teacher else 0)
     skip = alg.skip_zero_advantage and loss_kl_coef(alg, beta) == 0 and alg.entropy_coef == 0
     policy_shards = (shard(batch, t.num_minibatches, t.num_workers, alg.agg, skip,
                            TrainPlan.of(cfg, t.num_workers).grad_accum) if train_policy else None)
     critic_shards = shard(batch, t.num_minibatches, len(pools.critics), alg.agg) if pools.critics else None
-    trained_version = pools.version  # the weights the trainer holds before this update
     t_train = time.perf_counter()
     training = pools.start_train(policy_shards, critic_shards, loss_kl_coef(alg, beta))
     # What needs only the batch is worked out while the trainers run.
@@ -132,18 +136,15 @@ def train_step(run: Run, version: int, train_policy: bool = True, prefetch: bool
     run.kl.update(m["kl/sequence"], n_steps=batch.rows)
     policy_stats, critic_stats = pools.finish_train(training)
     t2 = time.perf_counter()
-    if next_flight is not None:
-        next_flight.wait_generated()  # workers load the new weights only after these chunks
-        run.ahead.flight = next_flight
-    t_sync = time.perf_counter()
-    pools.sync_weights(version, policy=train_policy)
+    pools.sync_weights(version, policy=train_policy, wait=pipe is None)  # loaded after the rounds queued before it
     t3 = time.perf_counter()
     m |= trainer_metrics(policy_stats, critic_stats)
     m["policy_version"] = float(version)
     m["staleness"] = statistics.fmean(trained_version - g.policy_version for g in groups)
+    m |= (lag_metrics(groups, trained_version) | {"async/dropped_stale": float(dropped)}) if pipe else {}
     m |= {f"restarts/{name}": float(n) for name, n in pools.restarts.items()}
     m["sync/fallbacks"] = float(pools.sync.fallbacks)
     m |= pools.sync.bytes  # sync/bytes: the policy's payload (under LoRA the adapters'), sync/critic_bytes
-    m |= step_times(m, pools, rollout=(t1 - t0) + (t_sync - t2), train=t2 - t_train, sync=t3 - t_sync,
+    m |= step_times(m, pools, rollout=t1 - t0, train=t2 - t_train, sync=t3 - t2,
                     step=time.perf_counter() - t0)
     return m, samples

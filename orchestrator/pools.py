@@ -15,6 +15,7 @@ import ray
 from actors.batch import compact
 from actors.deepspeed_ops import OpLockTimeout
 from actors.records import Group, PromptRequest, RewardSpec, SamplingParams, Shard
+from actors.weights import WeightBoard
 from orchestrator.config import JobConfig
 from orchestrator.failures import WORKER_LOST
 from orchestrator.placement import Placement, PlacementError, wait_constructed
@@ -99,6 +100,8 @@ class Pools:
         except BaseException:
             self.shutdown()  # nothing started so far keeps holding resources
             raise
+        # Partial rollouts: where each new policy version is posted for the rollout workers to take mid-sequence.
+        self.board = ray.remote(WeightBoard).options(num_cpus=0).remote() if cfg.rollout.partial else None
         self._cycle = {name: itertools.count() for name in ("rollout", "reward", "scoring")}
         self._errors_shown: set[str] = set()
         self.version = 0  # the policy version every rollout and scoring worker serves
@@ -206,7 +209,8 @@ class Pools:
         refs = []
         for lo in range(0, len(requests), prompts_per_call):
             groups = self._next("rollout").generate.remote(requests[lo : lo + prompts_per_call], sampling,
-                                                           *([self.envs] if self.envs else []))
+                                                           *([self.envs] if self.envs else []),
+                                                           **({"board": self.board} if self.board else {}))
             if generated is not None:
                 generated.append(groups)
             if self.reward:
@@ -257,9 +261,11 @@ class Pools:
         """The per-rank stats of the policy and critic ranks of a `start_train`."""
         return ray.get(started[0]), ray.get(started[1])
 
-    def sync_weights(self, version: int, policy: bool = True) -> list[int]:
-        """The trainers' weights into every worker that serves them (`WeightSync.sync`); the versions now served."""
-        return self.sync.sync(version, policy)
+    def sync_weights(self, version: int, policy: bool = True, wait: bool = True) -> list[int]:
+        """The trainers' weights into every worker that serves them (`WeightSync.sync`); the versions now served
+        (none when `wait` is False: the loads are left queued behind the work submitted before, see
+        `WeightSync.settle`)."""
+        return self.sync.sync(version, policy, wait=wait)
 
     def save_checkpoint(self, path: Path) -> None:
         """Every policy rank's (and critic rank's) DeepSpeed state under `path`/policy (and `path`/critic)."""
@@ -291,7 +297,7 @@ class Pools:
 
     def shutdown(self) -> None:
         """Kill every actor and give back the reserved bundles."""
-        for a in itertools.chain(*self.workers.values()):
+        for a in itertools.chain(*self.workers.values(), [self.board] if getattr(self, "board", None) else []):
             ray.kill(a)  # a RewardWorker's subprocesses die with it (PR_SET_PDEATHSIG)
         self.placement.remove()
 

@@ -5,6 +5,10 @@ reads it zero-copy (`actors.weights.unpack_state_dict`). NCCL (`rollout.vllm.wei
 rank 0 broadcasts into the vLLM rollout workers over a group formed at the first sync. Under ZeRO-3 every
 rank takes part in each gather. Receivers report the version they now serve. Under LoRA (`model.lora`) the payload
 is the adapters (and a critic's value head) only; `bytes` says how large each sync's payloads are.
+
+Asynchronous mode (`loop.max_staleness` > 0) does not wait for the policy loads (`sync(..., wait=False)`): each
+worker runs them after the rounds submitted before (Ray runs one caller's calls to an actor in order), so the
+trainer goes on with the next step while the workers finish generating. `settle` collects them later.
 """
 
 from __future__ import annotations
@@ -27,16 +31,20 @@ class WeightSync:
         self._nccl_ready = False  # the NCCL group is formed at the first sync
         self._sizes: dict[str, int] = {}  # payload bytes per role, asked once: the shapes never change
         self.bytes: dict[str, float] = {}
+        self.pending: list[tuple[int, list[ray.ObjectRef]]] = []  # (version, loads) submitted, not yet collected
 
-    def sync(self, version: int, policy: bool = True, tries: int = 3) -> list[int]:
+    def sync(self, version: int, policy: bool = True, tries: int = 3, wait: bool = True) -> list[int]:
         """Policy weights to every rollout worker and policy-holding scoring worker (unless `policy` is False:
         critic warm-up), the critic's to every scoring worker's critic copy; the versions now served (all `version`).
         A receiver that dies on the way is replaced and brought up to the new weights (`Pools.replace_dead`); then
-        every receiver is asked again which version it serves (`tries` rounds in all)."""
+        every receiver is asked again which version it serves (`tries` rounds in all). `wait` False (object-store
+        syncs only): the policy loads are submitted and left for `settle`; the versions returned are then only the
+        scoring workers' critic-only answers (none)."""
         p = self.pools
+        self.settle(block=False)
         for attempt in range(tries):
             try:
-                versions = self._push(version, policy) if attempt == 0 else [v for v, _ in p.served_versions()]
+                versions = self._push(version, policy, wait) if attempt == 0 else [v for v, _ in p.served_versions()]
                 break
             except WORKER_LOST as e:
                 if not p.replaceable(e) or attempt == tries - 1:  # a trainer or critic rank: the run stops
@@ -47,8 +55,27 @@ class WeightSync:
         assert set(versions) <= {version}, f"workers serve versions {versions} after syncing version {version}"
         return versions
 
-    def _push(self, version: int, policy: bool) -> list[int]:
-        """One pass of `sync`; the versions the receivers report."""
+    def settle(self, block: bool = True) -> None:
+        """Collect the deferred loads (`sync(wait=False)`): all of them (`block`), or those already done. A receiver
+        that died is replaced and brought to the newest weights (`Pools.replace_dead`); each load answers the
+        version it was given or a newer one (a rollout worker under `rollout.partial` may take weights early)."""
+        still = []
+        for version, refs in self.pending:
+            if not block and ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[1]:
+                still.append((version, refs))
+                continue
+            try:
+                got = ray.get(refs)
+            except WORKER_LOST as e:
+                if not self.pools.replaceable(e):
+                    raise
+                self.pools.replace_dead()
+                continue
+            assert min(got, default=version) >= version, f"workers serve {got} after loading version {version}"
+        self.pending = still
+
+    def _push(self, version: int, policy: bool, wait: bool = True) -> list[int]:
+        """One pass of `sync`; the versions the receivers report (the policy loads deferred unless `wait`)."""
         p = self.pools
         critic = self.rank0(p.critics, "state_dict") if p.critics else None
         waits = [w.load_value_weights.remote(critic) for w in p.scoring] if critic is not None else []
@@ -59,11 +86,16 @@ class WeightSync:
             refs = []
             if receivers:
                 packed = self.rank0(p.trainers, "state_dict")
+                if getattr(p, "board", None) is not None:  # partial rollouts: taken mid-sequence by busy workers
+                    p.board.post.remote(version, [packed])
                 refs = [w.load_weights.remote(packed, version) for w in receivers]
             if receivers or nccl:
                 self.bytes["sync/bytes"] = self._size("policy", p.trainers)
-            versions = (self._nccl_sync(version) if nccl else []) + ray.get(refs)  # the broadcast overlaps the loads
             p.version = version
+            if not wait and not nccl:
+                self.pending.append((version, refs))
+                refs = []
+            versions = (self._nccl_sync(version) if nccl else []) + ray.get(refs)  # the broadcast overlaps the loads
         else:
             versions = [v for v, _ in p.served_versions()]
         ray.get(waits)

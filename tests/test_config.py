@@ -41,7 +41,13 @@ BAD = [
     ("missing reward section", ["reward=null"], "reward"),
     ("TIS with the rollout's own log-probs", ["algorithm.tis_cap=2", "algorithm.old_logprobs=rollout"],
      "algorithm.tis_cap"),
-    ("staleness beyond one step", ["loop.max_staleness=2"], "loop.max_staleness"),
+    ("negative staleness", ["loop.max_staleness=-1"], "loop.max_staleness"),
+    ("bad stale-group policy", ["loop.stale_groups=keep"], "loop.stale_groups"),
+    ("partial rollouts on-policy", ["rollout.partial=true"], "rollout.partial"),
+    ("decoupled PPO with a scoring pass", ["algorithm.decoupled=true", "algorithm.old_logprobs=recompute"],
+     "algorithm.decoupled"),
+    ("partial rollouts scored again at one version",
+     ["rollout.partial=true", "loop.max_staleness=2", "algorithm.old_logprobs=recompute"], "rollout.partial"),
     ("bad policy loss", ["algorithm.policy_loss=grpo"], "algorithm.policy_loss"),
     ("clip_low of 1 with gspo", ["algorithm.policy_loss=gspo", "algorithm.clip_low=1.0"], "algorithm.clip_low"),
     ("dual clip with cispo", ["algorithm.policy_loss=cispo", "algorithm.dual_clip=3"], "algorithm.dual_clip"),
@@ -61,12 +67,13 @@ BAD = [
 ]
 
 
-def test_tis_cap_alone_recomputes_old_logprobs_and_staleness_one_is_valid():
+def test_tis_cap_alone_recomputes_old_logprobs_and_any_staleness_is_valid():
     from orchestrator.config import AlgorithmConfig, LoopConfig
 
     assert AlgorithmConfig().old_logprobs == "rollout" and AlgorithmConfig().tis_cap is None
     assert AlgorithmConfig(tis_cap=2.0).old_logprobs == "recompute"
     assert LoopConfig(max_staleness=1).max_staleness == 1
+    assert LoopConfig(max_staleness=5).max_staleness == 5 and LoopConfig().stale_groups == "drop"
 
 
 def test_deprecated_tis_cap_becomes_a_tis_correction_with_one_message(capsys, monkeypatch):

@@ -1,10 +1,17 @@
 """Hugging Face engine: batched sampling of G completions per prompt with a KV cache (each prompt
 prefilled once, finished rows dropped), EOS and stop strings, and each sampled token's log-prob
-under logits / temperature."""
+under logits / temperature.
+
+Partial rollouts (`rollout.partial`): `generate(..., refresh=fn)` asks `fn` at every token boundary whether newer
+weights have arrived; if they have (`fn` loaded them and returned their version), the live sequences go on from
+where they are: their KV cache is recomputed with the new weights (one forward over prompt + tokens so far), so
+every later token is sampled from, and its log-prob taken under, the new policy; `Completion.versions` records the
+version behind each token."""
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,18 +60,22 @@ class HFEngine:
         return self.tokenizer.pad({"input_ids": prompt_ids}, padding=True, return_tensors="pt")
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int,
+                 refresh: Callable[[], int | None] | None = None, version: int = 0) -> list[list[Completion]]:
         """`sampling.n` completions for each prompt (its token ids, `actors.modeling.encode_prompts`),
-        deterministic for a given seed and batch."""
+        deterministic for a given seed and batch. `refresh` (partial rollouts, loop sampler only): called at each
+        token boundary; it loads newer weights into this engine and returns their version, or returns None.
+        `version`: the weights' version at the start (each completion's `versions` say which sampled each token)."""
         if self.sampler == "generate":
             return self._generate_hf(prompt_ids, sampling, seed)
-        return self._generate_loop(prompt_ids, sampling, seed)
+        return self._generate_loop(prompt_ids, sampling, seed, refresh, version)
 
-    def _generate_loop(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int
+    def _generate_loop(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int,
+                       refresh: Callable[[], int | None] | None = None, version: int = 0
                        ) -> list[list[Completion]]:
         """Prefill each prompt once, repeat its cache n times, then decode only the rows still live. Samples
         softmax(logits / T) with top-p only: a checkpoint's other generation defaults (repetition penalty, ...)
-        are not applied, as in the vLLM engine's SamplingParams."""
+        are not applied, as in the vLLM engine's SamplingParams. With `refresh`, see the module's docstring."""
         tok, n = self.tokenizer, sampling.n
         enc = self._pad(prompt_ids)
         mask = enc["attention_mask"].to(self.device)  # [B, P]
@@ -83,12 +94,18 @@ class HFEngine:
         logps = torch.zeros(rows, sampling.max_new_tokens, device=self.device)
         lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
         live = torch.arange(rows, device=self.device)  # row index of each row still in the batch
+        versions = torch.full((rows, sampling.max_new_tokens), version, dtype=torch.long, device=self.device)  # [R, T]
+        prompts = enc["input_ids"].to(self.device).repeat_interleave(n, dim=0) if refresh else None  # [R, P]
         stop = StopOnStrings(tok, sampling.stop, 0) if sampling.stop else None
         eos = -1 if tok.eos_token_id is None else tok.eos_token_id  # -1: no EOS, never sampled
         gen = torch.Generator(device=self.device).manual_seed(seed)
         for t in range(sampling.max_new_tokens):
+            if refresh is not None and t > 0 and (loaded := refresh()) is not None:  # new weights: same sequences
+                version = loaded
+                cache, logits = self._recompute(prompts[live], tokens[live, :t], mask)
             new, logp = _sample(logits, sampling.temperature, sampling.top_p, gen)  # [r], [r]
             tokens[live, t], logps[live, t], lengths[live] = new, logp, t + 1
+            versions[live, t] = version
             done = new == eos
             if stop is not None:
                 done |= stop(tokens[live, : t + 1], None)
@@ -105,7 +122,18 @@ class HFEngine:
             logits = out.logits[:, -1]
         tokens, logps, lengths = tokens.cpu(), logps.cpu(), lengths.tolist()
         flat = [self._completion(tokens[i, : lengths[i]], logps[i, : lengths[i]], sampling.stop) for i in range(rows)]
+        if refresh is not None:
+            for i, c in enumerate(flat):
+                c.versions = versions[i, : len(c.token_ids)].tolist()
         return [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    def _recompute(self, prompts: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor):
+        """(KV cache, next-token logits `[r, V]`) of the live rows under the weights now loaded: one forward over
+        each row's left-padded prompt `[r, P]` and its tokens so far `[r, t]`, `mask` `[r, P+t]`."""
+        extra = {"logits_to_keep": 1} if self._keep_last else {}
+        out = self.model(input_ids=torch.cat([prompts, tokens], dim=1), attention_mask=mask,
+                         position_ids=position_ids(mask), use_cache=True, **extra)
+        return getattr(out, self._cache_kw), out.logits[:, -1]
 
     def _generate_hf(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int
                      ) -> list[list[Completion]]:

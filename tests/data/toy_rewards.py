@@ -9,3 +9,11 @@ def length_reward(prompt: str, completion: str, **fields) -> float:
 def char_hash_reward(prompt: str, completion: str, **fields) -> float:
     """A deterministic score that differs between completions even of equal length: groups always carry signal."""
     return (sum(map(ord, completion)) % 7) / 7.0
+
+
+def slow_char_hash_reward(prompt: str, completion: str, **fields) -> float:
+    """`char_hash_reward`, 20 ms per sample: steps long enough for a test to kill a run between two of them."""
+    import time
+
+    time.sleep(0.02)
+    return char_hash_reward(prompt, completion)
