@@ -110,6 +110,7 @@ class Pools:
         self.sync = WeightSync(self, r.vllm.weight_sync if r.engine == "vllm" else "object_store",
                                zero3=cfg.trainer.zero_stage == 3)
 
+    board = None  # the WeightBoard actor under rollout.partial (set in __init__ after the pools start)
     rollout = property(lambda self: self.workers["rollout"], doc="RolloutWorkers")
     envs = property(lambda self: self.workers.get("env", []), doc="EnvHosts (multi-turn rollouts; none without env)")
     reward = property(lambda self: self.workers["reward"], doc="RewardWorkers (none when every reward is a model)")
@@ -297,7 +298,7 @@ class Pools:
 
     def shutdown(self) -> None:
         """Kill every actor and give back the reserved bundles."""
-        for a in itertools.chain(*self.workers.values(), [self.board] if getattr(self, "board", None) else []):
+        for a in itertools.chain(*self.workers.values(), [self.board] if self.board else []):
             ray.kill(a)  # a RewardWorker's subprocesses die with it (PR_SET_PDEATHSIG)
         self.placement.remove()
 
