@@ -133,9 +133,9 @@ class RolloutConfig(Section):
     prompts_per_call: int = Field(4, gt=0, description="Prompts per generate call: the streaming granularity.")
     partial: bool = Field(
         False, description="Partial rollouts (needs loop.max_staleness > 0; vllm: weight_sync object_store): when "
-        "new weights arrive, generations in flight load them at the next token boundary and continue the same sequences; each token "
-        "records the policy version that sampled it (async/lag_* count per token) and its rollout log-prob is "
-        "that version's. Long completions no longer hold back a weight update.")
+        "new weights arrive, generations in flight load them at the next token boundary and continue the same "
+        "sequences; each token records the policy version that sampled it (async/lag_* count per token) and its "
+        "rollout log-prob is that version's. Long completions no longer hold back a weight update.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="rollout.engine: vllm only.")
 
 
