@@ -63,7 +63,8 @@ def test_the_summary_by_hand():
 
 
 def test_the_commands_the_docs_show_parse():
-    pages = [REPO / "docs" / "performance.md", REPO / "benchmarks" / "README.md", REPO / "benchmarks" / "async_modes.py"]
+    pages = [REPO / "docs" / "performance.md", REPO / "benchmarks" / "README.md",
+             REPO / "benchmarks" / "async_modes.py"]
     commands = [c for p in pages for c in re.findall(r"python benchmarks/async_modes\.py([^\n`]*)", p.read_text())]
     assert len(commands) >= 3
     for args in commands:

@@ -36,11 +36,11 @@ mass) per token; verl and the vLLM-team's vime make the same choice and the same
 each of the n samples its own request, seeded `seed + i` as vLLM seeds a request's n children), with
 `RequestOutputKind.DELTA` outputs so every step hands over only the new tokens, which are tagged with the version then
 served. Between steps it asks `fn`; when newer weights come, `load_weights` first aborts every request in flight
-(vLLM's engine core runs ahead of `step()`: tokens it made after the abort are dropped, so every kept token is the
-old weights'), reloads, resets the prefix cache (vLLM keeps KV blocks computed by the old weights otherwise; it
-does not reset it on a weight update, vllm#9744) and each unfinished sequence is added again as a new request
-whose prompt is the prompt + its tokens so far, `max_tokens` the rest of its budget and a fresh seed. This is the
-abort-and-resume scheme of AReaL and slime. A stop string split across a resume (vLLM sees only the new part) is
+(vLLM's engine core runs ahead of `step()`: the tokens it made that `step()` had not handed over are dropped, and
+every token kept was made by the old weights), reloads, resets the prefix cache (vLLM keeps KV blocks computed by
+the old weights otherwise; it does not reset it on a weight update, vllm#9744) and each unfinished sequence is added
+again as a new request whose prompt is the prompt + its tokens so far, `max_tokens` the rest of its budget and a
+fresh seed. This is the abort-and-resume scheme of AReaL and slime. A stop string split across a resume (vLLM sees only the new part) is
 found here and the sequence cut after it. Checked against a fake `vllm` module only: not run on vLLM itself.
 
 **LoRA** (`model.lora`; object-store path only): the engine is built with `enable_lora=True` and serves the base
