@@ -40,8 +40,9 @@ served. Between steps it asks `fn`; when newer weights come, `load_weights` firs
 every token kept was made by the old weights), reloads, resets the prefix cache (vLLM keeps KV blocks computed by
 the old weights otherwise; it does not reset it on a weight update, vllm#9744) and each unfinished sequence is added
 again as a new request whose prompt is the prompt + its tokens so far, `max_tokens` the rest of its budget and a
-fresh seed. This is the abort-and-resume scheme of AReaL and slime. A stop string split across a resume (vLLM sees only the new part) is
-found here and the sequence cut after it. Checked against a fake `vllm` module only: not run on vLLM itself.
+fresh seed. This is the abort-and-resume scheme of AReaL and slime. A stop string split across a resume (vLLM sees
+only the new part) is found here and the sequence cut after it. Checked against a fake `vllm` module only: not run on
+vLLM itself.
 
 **LoRA** (`model.lora`; object-store path only): the engine is built with `enable_lora=True` and serves the base
 plus one adapter. Each `load_weights` receives the adapters only (trainer rank 0's `actors.lora.sync_state`), writes
