@@ -7,7 +7,7 @@ Run (the lead's command; about 15 minutes on an idle 2-core machine, see "Budget
 
 Options: --config JOB.yaml (default examples/arith_scratch_grpo.yaml; `toy` is the old random-init job),
 --modes ... (default DEFAULT_MODES; also async2_2rollout, async1_decoupled, async2_partial_decoupled),
---repeats N, --steps N, --eval-every N, --eval-size N, --threshold X, --lr X (default: the config's).
+--repeats N, --steps N, --eval-every N, --eval-size N, --metric KEY, --threshold X, --lr X (default: the config's).
 
 The job (default): issue 20's compute-bound GRPO job, scratchpad addition with a 20.5M-parameter Llama warm-started
 by `examples/scratch/warmstart.py` (built on the first run, ~35 minutes on 2 cores: copy
@@ -19,15 +19,17 @@ Modes (`MODES`): `on_policy` (max_staleness 0, one torch thread per actor, the p
 (max_staleness 0 with every core per actor: generation and training take turns, so each may use all cores: on-policy
 at its best), `async1`, `async2`, `async2_partial` (+ rollout.partial), `async2_decoupled` (+ algorithm.decoupled),
 all asynchronous modes at one thread per actor (each actor its own core). `async2_2rollout`: 2 rollout workers and
-one trainer (the issue's "trainer busy most of the step"; three single-threaded actors on 2 cores here).
+one trainer (the issue's "trainer busy most of the step"; three single-threaded actors on 2 cores here): checked in
+a 2-step run at load 14, trainer utilization 0.72 in the first step (which also fills the rounds ahead), 1.00 in the
+second.
 
 The modes run interleaved (mode after mode, `--repeats` times), each a full `raylhf train` from the same warm start
 with the same seed and prompts, so a slow patch of the machine hits them alike. Per mode it prints generated tokens/s
 over every step (`tokens/generated` summed / `time/step` summed), the mean completion length, the wall time from the
 first step to the first held-out evaluation at or above `--threshold` (summed step and evaluation walls; none: not
-reached), the held-out accuracies, the mean version lag per token, the trainer's utilization (busy share of the
-step) and the 1-minute load average before and after (another job on the machine shows there). Compare ratios
-measured in one run; absolute timings move with the machine.
+reached), the held-out values of `--metric` at each evaluation, the mean version lag per token, the trainer's
+utilization (busy share of the step) and the 1-minute load average before and after (another job on the machine
+shows there). Compare ratios measured in one run; absolute timings move with the machine.
 
 Threshold (`--metric`, `--threshold`): the held-out greedy accuracy (answer exactly right) is 0.0 for the warm start
 and stayed 0.0 in every short run of this job seen (10 steps at the config's lr 3e-5; 6 at lr 1e-4), so the default
@@ -37,9 +39,11 @@ warm start, default threshold 0.12. Short runs move it slowly and noisily: on-po
 likely report "none" for every mode: time to the threshold needs a longer run, e.g. `--steps 20 --eval-every 4 --modes
 on_policy_cores async2_partial async2_decoupled` (about 15 minutes more).
 
-Budget (estimated from 1-step runs on the shared machine, see benchmarks/README.md): an on-policy step ~18 s on one
-thread, an evaluation of 64 prompts ~10 s, start-up ~25 s; 6 steps x 6 modes with evaluations at steps 0, 3, 6
-fits in about 15 minutes on an idle 2-core machine.
+Budget, estimated from 1-6 step checks on the shared 2-core machine at load average 9-17 (2026-12-04): on-policy,
+6 steps took 305 s (steps 182 s, three evaluations of 64 prompts 36 s, start-up and the final save 87 s); an
+asynchronous step took 12-14 s after a first step of 38-58 s (it also generates the rounds ahead). Scaled to a quiet
+machine (on-policy 18.2 s a step at load 4-6, benchmarks/README.md), a mode takes about 2.5-3 minutes, the six
+default modes about 15-16 minutes.
 """
 
 from __future__ import annotations
