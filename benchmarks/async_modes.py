@@ -43,7 +43,8 @@ Budget, estimated from 1-6 step checks on the shared 2-core machine at load aver
 6 steps took 305 s (steps 182 s, three evaluations of 64 prompts 36 s, start-up and the final save 87 s); an
 asynchronous step took 12-14 s after a first step of 38-58 s (it also generates the rounds ahead). Scaled to a quiet
 machine (on-policy 18.2 s a step at load 4-6, benchmarks/README.md), a mode takes about 2.5-3 minutes, the six
-default modes about 15-16 minutes.
+default modes about 15-16 minutes. `on_policy_cores` needs the machine to itself: at load 7-11 its steps took 73-94 s
+(generation 47-63 s on two OpenMP threads that stall each other with other processes about), 2 steps 5 minutes.
 """
 
 from __future__ import annotations
