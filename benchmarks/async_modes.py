@@ -1,23 +1,50 @@
-"""Asynchronous modes side by side on a compute-bound job: `loop.max_staleness` 0, 1, 2 and 2 with partial rollouts.
+"""Asynchronous modes side by side on a job where training keeps going: on-policy (one thread per actor, and the
+machine's cores per actor), `loop.max_staleness` 1 and 2, 2 with partial rollouts, and decoupled PPO.
 
-Run: python benchmarks/async_modes.py [--steps 20] [--repeats 1] [--modes on_policy async1 async2 async2_partial]
-     [--lr 5e-4] [--out runs/async_modes]
+Run (the lead's command; about 15 minutes on an idle 2-core machine, see "Budget" below):
 
-The job: a random-init Llama of 20.5M parameters (hidden 512, 6 layers; the example's character tokenizer) built
-from code, GRPO with G = 8, 8 prompts per step, completions of up to 96 tokens whose length varies (each ends at a
-sampled EOS), rewarded by `benchmarks/async_task.py:sevens` (7s in the completion / 48, at most 1: long strings of
-7s score 1), which a random policy learns over tens of steps; held-out greedy accuracy is the share of 64 held-out
-prompts whose greedy completion scores >= 0.5, evaluated every 2 steps. One rollout worker and one trainer rank, one
-torch thread each.
+    python benchmarks/async_modes.py --steps 6 --out runs/async_modes
 
-The modes run interleaved (mode after mode, `--repeats` times), each a full `raylhf train` (same seed, same prompts),
-so a slow patch of the machine hits them alike; per mode it prints generated tokens per second over the steps after
-the first two (`tokens/generated` summed / `time/step` summed) and over every step (a short asynchronous run's
-last steps only drain the rounds buffered ahead, which flatters the first number), the mean completion length, the
-wall time from the first step to the first evaluation at or above `--threshold` (none: not reached), the version
-lag, the trainer's utilization, and the 1-minute load average before and after the run (another job on the machine
-shows there).
-Timings move with whatever else runs on the machine: compare ratios measured in the same run.
+Options: --config JOB.yaml (default examples/arith_scratch_grpo.yaml; `toy` is the old random-init job),
+--modes ... (default DEFAULT_MODES; also async2_2rollout, async1_decoupled, async2_partial_decoupled),
+--repeats N, --steps N, --eval-every N, --eval-size N, --metric KEY, --threshold X, --lr X (default: the config's).
+
+The job (default): issue 20's compute-bound GRPO job, scratchpad addition with a 20.5M-parameter Llama warm-started
+by `examples/scratch/warmstart.py` (built on the first run, ~35 minutes on 2 cores: copy
+`checkpoints/arith-scratch-20m` from a checkout that has it), 8 prompts x G 8 per step, responses of 22-85 tokens, a
+partial-credit reward per answer digit, so groups keep differing in reward and every step trains (training is about
+two thirds of an on-policy step on one thread). One rollout worker and one trainer rank.
+
+Modes (`MODES`): `on_policy` (max_staleness 0, one torch thread per actor, the project default), `on_policy_cores`
+(max_staleness 0 with every core per actor: generation and training take turns, so each may use all cores: on-policy
+at its best), `async1`, `async2`, `async2_partial` (+ rollout.partial), `async2_decoupled` (+ algorithm.decoupled),
+all asynchronous modes at one thread per actor (each actor its own core). `async2_2rollout`: 2 rollout workers and
+one trainer (the issue's "trainer busy most of the step"; three single-threaded actors on 2 cores here): checked in
+a 2-step run at load 14, trainer utilization 0.72 in the first step (which also fills the rounds ahead), 1.00 in the
+second.
+
+The modes run interleaved (mode after mode, `--repeats` times), each a full `raylhf train` from the same warm start
+with the same seed and prompts, so a slow patch of the machine hits them alike. Per mode it prints generated tokens/s
+over every step (`tokens/generated` summed / `time/step` summed), the mean completion length, the wall time from the
+first step to the first held-out evaluation at or above `--threshold` (summed step and evaluation walls; none: not
+reached), the held-out values of `--metric` at each evaluation, the mean version lag per token, the trainer's
+utilization (busy share of the step) and the 1-minute load average before and after (another job on the machine
+shows there). Compare ratios measured in one run; absolute timings move with the machine.
+
+Threshold (`--metric`, `--threshold`): the held-out greedy accuracy (answer exactly right) is 0.0 for the warm start
+and stayed 0.0 in every short run of this job seen (10 steps at the config's lr 3e-5; 6 at lr 1e-4), so the default
+threshold is on `eval/reward`, the mean partial credit of the greedy answers on 64 held-out prompts: 0.100 for the
+warm start, default threshold 0.12. Short runs move it slowly and noisily: on-policy at lr 1e-4 read 0.100 -> 0.062 ->
+0.088 at steps 0, 3, 6; at lr 3e-5 (32 prompts) 0.072 -> 0.078 -> 0.100 at steps 0, 5, 10. So a 6-step run will most
+likely report "none" for every mode: time to the threshold needs a longer run, e.g. `--steps 20 --eval-every 4 --modes
+on_policy_cores async2_partial async2_decoupled` (about 15 minutes more).
+
+Budget, estimated from 1-6 step checks on the shared 2-core machine at load average 9-17 (2026-12-04): on-policy,
+6 steps took 305 s (steps 182 s, three evaluations of 64 prompts 36 s, start-up and the final save 87 s); an
+asynchronous step took 12-14 s after a first step of 38-58 s (it also generates the rounds ahead). Scaled to a quiet
+machine (on-policy 18.2 s a step at load 4-6, benchmarks/README.md), a mode takes about 2.5-3 minutes, the six
+default modes about 15-16 minutes. `on_policy_cores` needs the machine to itself: at load 7-11 its steps took 73-94 s
+(generation 47-63 s on two OpenMP threads that stall each other with other processes about), 2 steps 5 minutes.
 """
 
 from __future__ import annotations
@@ -34,20 +61,64 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "examples/arith_scratch_grpo.yaml"
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 MODES = {
     "on_policy": {"loop": {"max_staleness": 0}},
+    "on_policy_cores": {"loop": {"max_staleness": 0}, "rollout": {"threads": CORES}, "trainer": {"threads": CORES}},
     "async1": {"loop": {"max_staleness": 1}},
     "async2": {"loop": {"max_staleness": 2}},
     "async2_partial": {"loop": {"max_staleness": 2}, "rollout": {"partial": True}},
-    "async2_decoupled": {"loop": {"max_staleness": 2}, "algorithm": {"decoupled": True}},  # not run by default
+    "async2_decoupled": {"loop": {"max_staleness": 2}, "algorithm": {"decoupled": True}},
+    # not run by default:
+    "async1_decoupled": {"loop": {"max_staleness": 1}, "algorithm": {"decoupled": True}},
+    "async2_partial_decoupled": {"loop": {"max_staleness": 2}, "rollout": {"partial": True},
+                                 "algorithm": {"decoupled": True}},
+    "async2_2rollout": {"loop": {"max_staleness": 2}, "rollout": {"num_workers": 2}},
 }
-DEFAULT_MODES = ["on_policy", "async1", "async2", "async2_partial"]
-SIZE = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
-        "num_key_value_heads": 8}
+DEFAULT_MODES = ["on_policy", "on_policy_cores", "async1", "async2", "async2_partial", "async2_decoupled"]
+METRIC, THRESHOLD = "eval/reward", 0.12  # held-out value to reach on the default job (see the module docstring)
+TOY_SIZE = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
+            "num_key_value_heads": 8}
 
 
-def build_model(path: Path) -> str:
-    """The random-init ~20M-parameter policy (seeded), built once."""
+def merge(base: dict, over: dict) -> dict:
+    """`base` with `over`'s sections merged in, one level deep (section -> field)."""
+    out = dict(base)
+    for section, values in over.items():
+        out[section] = {**out.get(section, {}), **values} if isinstance(values, dict) else values
+    return out
+
+
+def base_job(config: str, out: Path, steps: int, eval_every: int, eval_size: int, lr: float | None) -> dict:
+    """The job every mode starts from: `config` (or the toy job) with the benchmark's loop, evaluation and logging."""
+    cfg = toy_job(out) if config == "toy" else yaml.safe_load((REPO / config).read_text())
+    cfg = merge(cfg, {"loop": {"steps": steps, "eval_every": eval_every, "eval_size": eval_size},
+                      "logging": {"progress": False, "tensorboard": False, "sample_groups": 0},
+                      "checkpoint": {"every": 0}})
+    if lr is not None:
+        cfg = merge(cfg, {"trainer": {"lr": lr}})
+    return cfg
+
+
+def toy_job(out: Path) -> dict:
+    """The earlier job: a random-init 20M Llama rewarded for writing 7s (`benchmarks/async_task.py`), which
+    on-policy solves in two steps, after which every group ties and training costs nothing."""
+    return {
+        "model": {"path": build_toy_model(out / "policy")},
+        "data": {"train": {"source": "examples.arith.task:make_rows", "kwargs": {"split": "train", "n": 4096}},
+                 "eval": {"source": "examples.arith.task:make_rows", "kwargs": {"split": "eval", "n": 64}}},
+        "rollout": {"group_size": 8, "max_new_tokens": 96, "prompts_per_call": 2, "temperature": 1.0},
+        "reward": {"functions": [{"name": str(REPO / "benchmarks" / "async_task.py") + ":sevens"}],
+                   "accuracy_threshold": 0.5},
+        "algorithm": {"estimator": "grpo", "kl_coef": 0.0},
+        "trainer": {"lr": 5e-4, "micro_batch_size": 16},
+        "loop": {"prompts_per_step": 8},
+    }
+
+
+def build_toy_model(path: Path) -> str:
+    """The toy job's random-init ~20M-parameter policy (seeded), built once."""
     if (path / "config.json").is_file():
         return str(path)
     import torch
@@ -58,97 +129,99 @@ def build_model(path: Path) -> str:
 
     torch.manual_seed(0)
     tok = build_tokenizer()
-    model = LlamaForCausalLM(tiny_config(tok, **SIZE))
-    print(f"policy: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", flush=True)
+    model = LlamaForCausalLM(tiny_config(tok, **TOY_SIZE))
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
 
 
-def job(model: str, steps: int, mode: str, lr: float) -> dict:
-    cfg = {
-        "model": {"path": model},
-        "data": {"train": {"source": "examples.arith.task:make_rows", "kwargs": {"split": "train", "n": 4096}},
-                 "eval": {"source": "examples.arith.task:make_rows", "kwargs": {"split": "eval", "n": 64}}},
-        "rollout": {"group_size": 8, "max_new_tokens": 96, "prompts_per_call": 2, "temperature": 1.0},
-        "reward": {"functions": [{"name": str(REPO / "benchmarks" / "async_task.py") + ":sevens"}],
-                   "accuracy_threshold": 0.5},
-        "algorithm": {"estimator": "grpo", "kl_coef": 0.0},
-        "trainer": {"lr": lr, "micro_batch_size": 16},
-        "loop": {"steps": steps, "prompts_per_step": 8, "eval_every": 2, "eval_size": 64},
-        "logging": {"progress": False, "tensorboard": False, "sample_groups": 0},
-    }
-    for section, values in MODES[mode].items():
-        cfg[section] = {**cfg[section], **values}
-    return cfg
-
-
-def run(model: str, steps: int, mode: str, run_dir: Path, threshold: float, lr: float) -> dict:
+def run(job: dict, mode: str, run_dir: Path, metric: str, threshold: float) -> dict:
+    """One `raylhf train` of `job` in `mode`; its numbers from metrics.jsonl."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config = run_dir / "job.yaml"
-    config.write_text(yaml.safe_dump(job(model, steps, mode, lr)))
+    config.write_text(yaml.safe_dump(merge(job, MODES[mode])))
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(config), "--run-dir", str(run_dir / "run")],
-                   cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(run_dir / "train.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", str(config), "--run-dir",
+                        str(run_dir / "run")], cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     records = [json.loads(line) for line in (run_dir / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps_ = [r for r in records if r["step"] > 0]
-    measured = steps_[2:]
+    samples = job["rollout"].get("group_size", 8) * job["loop"]["prompts_per_step"]
+    return summarize(records, metric, threshold, samples) | {
+        "wall_s": wall, "load_before": load_before, "load_after": os.getloadavg()[0]}
+
+
+def summarize(records: list[dict], metric: str, threshold: float, samples_per_step: int) -> dict:
+    """A run's numbers from its metrics.jsonl records (step 0: the evaluation before RL)."""
+    steps = [r for r in records if r["step"] > 0]
     elapsed, reached = 0.0, None
-    for r in steps_:  # time to the threshold: summed step and evaluation walls from the first step on
+    for r in steps:  # time to the threshold: summed step and evaluation walls from the first step on
         elapsed += r["time/step"] + r.get("time/eval", 0.0)
-        if reached is None and r.get("eval/accuracy", -1.0) >= threshold:
+        if reached is None and r.get(metric, float("-inf")) >= threshold:
             reached = elapsed
     return {
-        "tokens_per_s": sum(r["tokens/generated"] for r in measured) / sum(r["time/step"] for r in measured),
-        # every step: in a short run the asynchronous modes' last steps only drain the rounds buffered ahead (no
-        # generation left to overlap), which flatters the steps-3-on number; this one is the run's throughput
-        "tokens_per_s_all_steps": sum(r["tokens/generated"] for r in steps_) / sum(r["time/step"] for r in steps_),
-        "mean_completion_tokens": statistics.fmean(r["tokens/generated"] for r in steps_) / (8 * 8),
+        "tokens_per_s": sum(r["tokens/generated"] for r in steps) / sum(r["time/step"] for r in steps),
+        "step_seconds": [round(r["time/step"], 2) for r in steps],
+        "mean_completion_tokens": statistics.fmean(r["tokens/generated"] for r in steps) / samples_per_step,
+        "reward_mean": statistics.fmean(r.get("reward/mean", float("nan")) for r in steps),
         "seconds_to_threshold": reached,
         "eval_accuracy": [r["eval/accuracy"] for r in records if "eval/accuracy" in r],
-        "lag_mean": statistics.fmean(r.get("async/lag_mean", 0.0) for r in measured),
-        "trainer_utilization": statistics.fmean(r.get("utilization/trainer", 0.0) for r in measured),
-        "steps_seconds": sum(r["time/step"] for r in steps_),
-        "wall_s": wall,
-        "load_before": load_before,
-        "load_after": os.getloadavg()[0],
+        "eval_reward": [round(r["eval/reward"], 4) for r in records if "eval/reward" in r],
+        "eval_seconds": sum(r.get("time/eval", 0.0) for r in records),
+        "lag_mean": statistics.fmean(r.get("async/lag_mean", 0.0) for r in steps),
+        "trainer_utilization": statistics.fmean(r.get("utilization/trainer", 0.0) for r in steps),
+        "rollout_utilization": statistics.fmean(r.get("utilization/rollout", 0.0) for r in steps),
+        "steps_seconds": sum(r["time/step"] for r in steps),
     }
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=DEFAULT_CONFIG, help="job YAML every mode starts from ('toy': the old job)")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--eval-every", type=int, default=3)
+    ap.add_argument("--eval-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--metric", default=METRIC, help="held-out metric the threshold is on")
+    ap.add_argument("--threshold", type=float, default=THRESHOLD, help="value of --metric to reach")
+    ap.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
+    ap.add_argument("--lr", type=float, default=None, help="trainer.lr of every mode (default: the config's)")
+    ap.add_argument("--out", default="runs/async_modes")
+    return ap
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threshold", type=float, default=0.5, help="held-out greedy accuracy to reach")
-    ap.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
-    ap.add_argument("--lr", type=float, default=5e-4, help="trainer.lr of every mode")
-    ap.add_argument("--out", default="runs/async_modes")
-    args = ap.parse_args()
+    args = parser().parse_args()
     out = Path(args.out).resolve()
-    model = build_model(out / "policy")
+    job = base_job(args.config, out, args.steps, args.eval_every, args.eval_size, args.lr)
+    print(f"{args.config}: {args.steps} steps, modes {' '.join(args.modes)}, {CORES} cores, "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
     rows: dict[str, list[dict]] = {m: [] for m in args.modes}
     for rep in range(args.repeats):
         for mode in args.modes:
-            rows[mode].append(run(model, args.steps, mode, out / f"{mode}-{rep}", args.threshold, args.lr))
+            rows[mode].append(run(job, mode, out / f"{mode}-{rep}", args.metric, args.threshold))
             print(mode, json.dumps(rows[mode][-1]), flush=True)
     (out / "result.json").write_text(json.dumps(rows, indent=1) + "\n")
-    base = statistics.fmean(r["tokens_per_s"] for r in rows[args.modes[0]])
-    base_all = statistics.fmean(r["tokens_per_s_all_steps"] for r in rows[args.modes[0]])
-    print(f"\n{'mode':16s}{'tokens/s':>10s}{'ratio':>8s}{'all steps':>10s}{'ratio':>8s}{'mean len':>10s}"
-          f"{'to thr. s':>11s}{'lag':>6s}{'trainer util':>14s}{'load avg':>16s}")
+    report(rows, args.modes[0], args.metric)
+    print(f"written: {out / 'result.json'}")
+
+
+def report(rows: dict[str, list[dict]], base_mode: str, metric: str) -> None:
+    """One line per mode, tokens/s as a ratio to `base_mode`'s."""
+    base = statistics.fmean(r["tokens_per_s"] for r in rows[base_mode])
+    print(f"\n{'mode':26s}{'tokens/s':>10s}{'ratio':>8s}{'mean len':>10s}{'to thr. s':>11s}{'held-out':>20s}"
+          f"{'lag':>6s}{'trainer util':>14s}{'load avg':>12s}")
     for mode, rs in rows.items():
         tps = statistics.fmean(r["tokens_per_s"] for r in rs)
         reach = [r["seconds_to_threshold"] for r in rs]
         reach_s = "none" if None in reach else f"{statistics.fmean(reach):.0f}"
         loads = f"{min(r['load_before'] for r in rs):.1f}-{max(r['load_after'] for r in rs):.1f}"
-        tps_all = statistics.fmean(r["tokens_per_s_all_steps"] for r in rs)
-        length = statistics.fmean(r["mean_completion_tokens"] for r in rs)
-        print(f"{mode:16s}{tps:10.1f}{tps / base:8.2f}{tps_all:10.1f}{tps_all / base_all:8.2f}{length:10.1f}"
-              f"{reach_s:>11s}{statistics.fmean(r['lag_mean'] for r in rs):6.2f}"
-              f"{statistics.fmean(r['trainer_utilization'] for r in rs):14.2f}{loads:>16s}")
-    print(f"written: {out / 'result.json'}")
+        key = "eval_reward" if metric == "eval/reward" else "eval_accuracy"
+        acc = "/".join(f"{a:.3f}" for a in rs[0][key])
+        print(f"{mode:26s}{tps:10.1f}{tps / base:8.2f}{statistics.fmean(r['mean_completion_tokens'] for r in rs):10.1f}"
+              f"{reach_s:>11s}{acc:>20s}{statistics.fmean(r['lag_mean'] for r in rs):6.2f}"
+              f"{statistics.fmean(r['trainer_utilization'] for r in rs):14.2f}{loads:>12s}")
 
 
 if __name__ == "__main__":

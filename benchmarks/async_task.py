@@ -1,5 +1,6 @@
-"""The reward of `benchmarks/async_modes.py`: learnable from a random-init policy in tens of steps, and it asks for
-long completions (so generation, not the trainer's fixed costs, dominates a step)."""
+"""The reward of `benchmarks/async_modes.py --config toy`, the earlier job (the default is now issue 20's): learnable
+from a random-init policy in tens of steps, and it asks for long completions (so generation, not the trainer's fixed
+costs, dominates a step)."""
 
 from __future__ import annotations
 

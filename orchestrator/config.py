@@ -132,10 +132,10 @@ class RolloutConfig(Section):
     stop: list[str] = Field(default_factory=list, description="Stop strings (the stop string is kept).")
     prompts_per_call: int = Field(4, gt=0, description="Prompts per generate call: the streaming granularity.")
     partial: bool = Field(
-        False, description="Partial rollouts (needs loop.max_staleness > 0, engine hf): when new weights arrive, "
-        "generations in flight load them at the next token boundary and continue the same sequences; each token "
-        "records the policy version that sampled it (async/lag_* count per token) and its rollout log-prob is "
-        "that version's. Long completions no longer hold back a weight update.")
+        False, description="Partial rollouts (needs loop.max_staleness > 0; vllm: weight_sync object_store): when "
+        "new weights arrive, generations in flight load them at the next token boundary and continue the same "
+        "sequences; each token records the policy version that sampled it (async/lag_* count per token) and its "
+        "rollout log-prob is that version's. Long completions no longer hold back a weight update.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="rollout.engine: vllm only.")
 
 
@@ -720,8 +720,10 @@ def _check_partial(cfg: "JobConfig") -> None:
     if cfg.loop.max_staleness == 0:
         raise ValueError("rollout.partial: with loop.max_staleness 0 no new weights arrive while generating; "
                          "set loop.max_staleness >= 1 or rollout.partial: false")
-    if cfg.rollout.engine != "hf":
-        raise ValueError("rollout.partial: implemented for rollout.engine: hf only (not yet for vllm)")
+    if cfg.rollout.engine == "vllm" and cfg.rollout.vllm.weight_sync != "object_store":
+        raise ValueError("rollout.partial: a busy vLLM worker takes new weights from the object store mid-generation; "
+                         "an NCCL broadcast waits for its generate call to end. Set rollout.vllm.weight_sync: "
+                         "object_store or rollout.partial: false")
     if cfg.algorithm.old_logprobs == "recompute":
         raise ValueError("rollout.partial: a group's tokens come from several policy versions, which one scoring "
                          "pass at one version cannot reproduce; use algorithm.old_logprobs: rollout (the "

@@ -278,3 +278,19 @@ def test_a_non_finite_number_in_the_yaml_file_is_rejected(tmp_path, tiny_model):
 
     with pytest.raises(ConfigError, match=r"reward\.functions\.0\.weight: .*finite"):
         load_config(str(tmp_path / "job.yaml"))
+
+
+def test_partial_rollouts_take_the_vllm_engine_with_object_store_sync_only(tiny_model):
+    """rollout.partial with vllm: valid when the weights reach busy workers through the object store (the board);
+    refused, naming rollout.partial, under an NCCL broadcast (which waits for the generate call to end)."""
+    from pydantic import ValidationError
+
+    from orchestrator.config import JobConfig
+
+    partial = {"rollout": {"engine": "vllm", "num_gpus": 1, "partial": True}, "loop": {"max_staleness": 2}}
+    cfg = JobConfig.model_validate(base_config(tiny_model, **partial))
+    assert cfg.rollout.partial and cfg.rollout.vllm.weight_sync == "object_store"
+    nccl = base_config(tiny_model, **partial, trainer={"num_gpus": 1})
+    nccl["rollout"]["vllm"] = {"weight_sync": "nccl"}
+    with pytest.raises(ValidationError, match="rollout.partial: .*weight_sync: object_store"):
+        JobConfig.model_validate(nccl)

@@ -7,6 +7,7 @@ import importlib.util
 import subprocess
 import sys
 import types
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ import torch
 from actors.engines import make_engine
 from actors.engines import vllm as vllm_engine
 from actors.engines.vllm import (VLLMEngine, WeightMeta, completion_from_output, completions_from_outputs,
-                                 packed_checksum, request_seeds, weight_group_ranks)
+                                 packed_checksum, request_seeds, stop_across, weight_group_ranks)
 from actors.modeling import encode_prompts, load_tokenizer
 from actors.records import Completion, SamplingParams
 from actors.weights import pack_state_dict, weights_checksum
@@ -118,16 +119,81 @@ def test_request_seeds_never_share_a_random_stream():
 # ----------------------------------------------------------------------------- the engine against a fake vLLM
 
 
+def fake_token(context: list[int], version: str, seed: int, index: int) -> int:
+    """The fake model's next token (the example tokenizer's: EOS = 1, digits 4-13): a function of the context, the
+    weights (their version) and the request's random stream (its seed and how many tokens it has sampled)."""
+    h = zlib.crc32(f"{context}|{version}|{seed}|{index}".encode())
+    return 1 if h % 7 == 0 else 4 + h % 10
+
+
+def fake_logprob(version: str) -> float:
+    """The log-prob the fake model gives any token it samples under the weights of `version`."""
+    return -0.5 - int(version)
+
+
+class FakeLLMEngine:
+    """`LLM.llm_engine` as the partial rollouts drive it (vLLM's `add_request` / `step` / `abort_request`): each
+    `step` samples one token (`FakeLLM.model`) for every request and returns DELTA `RequestOutput`s; a request ends at
+    EOS ("stop"), at a stop string in its own output text ("stop", the string kept) or after `max_tokens` ("length")."""
+
+    def __init__(self, llm: "FakeLLM"):
+        self.llm, self.requests, self.added, self.aborted, self.steps = llm, {}, [], [], 0
+
+    def add_request(self, request_id, prompt, params, arrival_time=None, lora_request=None, tokenization_kwargs=None,
+                    trace_headers=None, priority=0):
+        from vllm.sampling_params import RequestOutputKind
+
+        assert params.output_kind == RequestOutputKind.DELTA and params.n == 1, "the fake streams DELTA, n = 1"
+        assert not self.llm.stale_cache, "a request added while the prefix cache holds KV of replaced weights"
+        assert request_id not in self.requests and request_id not in [a[0] for a in self.added]
+        self.added.append((request_id, prompt["prompt_token_ids"], params, lora_request))
+        self.requests[request_id] = SimpleNamespace(context=list(prompt["prompt_token_ids"]), params=params, made=0,
+                                                   text="")
+
+    def step(self):
+        self.steps += 1
+        outs = []
+        for request_id, r in list(self.requests.items()):
+            token = FakeLLM.model(r.context, self.llm.version, r.params.seed, r.made)
+            r.context.append(token)
+            r.made += 1
+            piece = self.llm.get_tokenizer().decode([token], skip_special_tokens=True)
+            r.text += piece
+            finish = ("stop" if token == 1 or any(s in r.text for s in r.params.stop or ()) else
+                      "length" if r.made == r.params.max_tokens else None)
+            outs.append(SimpleNamespace(request_id=request_id, finished=finish is not None, outputs=[
+                output(0, [token], piece, [fake_logprob(self.llm.version)], finish)]))
+            if finish:
+                del self.requests[request_id]
+        if FakeLLM.after_step is not None:
+            FakeLLM.after_step(self)
+        return outs
+
+    def abort_request(self, request_ids, internal=False):
+        for request_id in request_ids:
+            self.aborted.append(request_id)
+            self.requests.pop(request_id, None)
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+
 class FakeLLM:
-    """Records what the engine asks of `vllm.LLM`; `generate` echoes one sample per requested `n`."""
+    """Records what the engine asks of `vllm.LLM`; `generate` echoes one sample per requested `n`. A weight reload
+    refuses requests in flight (their KV would mix two versions) and leaves the prefix cache stale until
+    `reset_prefix_cache` (vLLM keeps cached blocks across weight updates); requests meeting a stale cache fail."""
 
     instances: list["FakeLLM"] = []
+    model = staticmethod(fake_token)  # the partial rollouts' sampler (`FakeLLMEngine.step`)
+    after_step = None  # called with the FakeLLMEngine after each step (a test's hook)
 
     def __init__(self, **kwargs):
         self.kwargs, self.calls, self.version = kwargs, [], "0"
+        self.llm_engine, self.stale_cache, self.prefix_resets = FakeLLMEngine(self), False, 0
         FakeLLM.instances.append(self)
 
     def generate(self, prompts, params, use_tqdm=True, **lora):
+        assert not self.stale_cache, "generate with a prefix cache that holds KV of replaced weights"
         self.calls.append(("generate", prompts, params, *lora.values()))
         return [request(*[output(i, [3, 4], "ok", [-0.5, -0.5], "stop") for i in range(p.n)]) for p in params]
 
@@ -135,9 +201,18 @@ class FakeLLM:
         if method == "reload_weights":  # read the staged file now: the engine overwrites it on the next load
             from safetensors.torch import load_file
 
+            assert not self.llm_engine.requests, "weights reloaded under requests in flight"
             kwargs = {**kwargs, "loaded": load_file(f"{kwargs['weights_path']}/model.safetensors")}
+            self.stale_cache = True
         self.calls.append((method, kwargs))
         return [None]
+
+    def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
+        """Kept out of `calls` (the tests of the weight protocols list those); counted in `prefix_resets`."""
+        if self.llm_engine.requests:
+            return False  # vLLM: blocks still in use are not freed
+        self.stale_cache, self.prefix_resets = False, self.prefix_resets + 1
+        return True
 
     def update_weight_version(self, version):
         self.calls.append(("update_weight_version", version))
@@ -154,7 +229,7 @@ class FakeLLM:
 
     def finish_weight_update(self, weight_version=None):
         self.calls.append(("finish_weight_update", weight_version))
-        self.version = weight_version
+        self.version, self.stale_cache = weight_version, True
 
     def get_weight_version(self):
         return self.version
@@ -167,15 +242,23 @@ class FakeLLM:
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    """A `vllm` module with `SamplingParams` (keeps its keyword arguments), `LLM` (FakeLLM) and
-    `vllm.config.WeightTransferConfig`, injected into sys.modules."""
+    """A `vllm` module with `SamplingParams` (keeps its keyword arguments), `LLM` (FakeLLM),
+    `vllm.config.WeightTransferConfig` and `vllm.sampling_params.RequestOutputKind`, injected into sys.modules."""
+    import enum
+
     module, config = types.ModuleType("vllm"), types.ModuleType("vllm.config")
+    sampling_params = types.ModuleType("vllm.sampling_params")
+    sampling_params.RequestOutputKind = enum.IntEnum("RequestOutputKind", {"CUMULATIVE": 0, "DELTA": 1,
+                                                                           "FINAL_ONLY": 2})
     module.SamplingParams = lambda **kw: SimpleNamespace(**kw)
     module.LLM = FakeLLM
     config.WeightTransferConfig = lambda backend: SimpleNamespace(backend=backend)
-    module.config = config
+    module.config, module.sampling_params = config, sampling_params
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setitem(sys.modules, "vllm.config", config)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling_params)
+    monkeypatch.setattr(FakeLLM, "model", staticmethod(fake_token))
+    monkeypatch.setattr(FakeLLM, "after_step", None)
     FakeLLM.instances.clear()
     return module
 
@@ -337,6 +420,179 @@ def test_lora_adapters_reach_vllm_as_a_new_lora_request_per_version(fake_vllm, t
 def test_unknown_weight_sync_is_refused(fake_vllm, tiny_model):
     with pytest.raises(ValueError, match="'object_store', 'nccl'"):
         VLLMEngine(tiny_model, weight_sync="carrier-pigeon")
+
+
+# ----------------------------------------------------------------------------- partial rollouts (fake vLLM)
+
+
+def sample_by_hand(prompt: list[int], seed: int, budget: int, switch_after: int | None, rows: int):
+    """(ids, versions, finish reason) of one sample simulated directly with the fake model: up to `switch_after`
+    tokens from its first request (version 0, `seed`), the rest from a second request (version 1, seed + rows) whose
+    context is the prompt + those tokens: what the engine must produce when new weights come after that step."""
+    ids, versions = [], []
+    segments = [("0", seed, budget if switch_after is None else switch_after), ("1", seed + rows, budget)]
+    for version, request_seed, limit in segments:
+        index = 0
+        while len(ids) < limit:
+            token = fake_token(prompt + ids, version, request_seed, index)
+            index += 1
+            ids.append(token)
+            versions.append(int(version))
+            if token == 1:
+                return ids, versions, "stop"
+    return ids, versions, "length"
+
+
+def _loader(engine: VLLMEngine, model, at_call: int, version: int = 1):
+    """A `refresh` like the rollout worker's: on its `at_call`-th call it loads `model`'s weights (as version
+    `version`) into the engine and returns the version, else None."""
+    packed, calls = pack_state_dict(model), []
+
+    def refresh():
+        calls.append(1)
+        if len(calls) == at_call:
+            engine.load_weights(packed, version)
+            return version
+        return None
+
+    return refresh
+
+
+def test_a_partial_rollout_takes_new_weights_between_steps_and_continues_the_same_sequences(fake_vllm, tiny_model):
+    """Weights of version 1 come after step 3: each unfinished sample goes on as a new request whose prompt is its
+    prompt + its 3 tokens, whose max_tokens is the rest of the budget and whose seed is its own; tokens 0-2 are
+    version 0's (their log-probs the old weights'), the rest version 1's; the aborted requests were out of the engine
+    before the reload and the prefix cache was reset before anything was added again."""
+    from transformers import AutoModelForCausalLM
+
+    engine = VLLMEngine(tiny_model)
+    llm = FakeLLM.instances[0]
+    prompts = encode_prompts(engine.tokenizer, ["12+345=", "7+8="])
+    sampling, seed, rows = SamplingParams(n=3, temperature=0.7, max_new_tokens=8), 1000, 6
+    refresh = _loader(engine, AutoModelForCausalLM.from_pretrained(tiny_model), at_call=3)
+    groups = engine.generate(prompts, sampling, seed, refresh=refresh, version=0)
+
+    resumed = 0
+    for p, (prompt, group) in enumerate(zip(prompts, groups)):
+        for i, c in enumerate(group):
+            ids, versions, finish = sample_by_hand(prompt, seed + p * 3 + i, 8, 3, rows)
+            assert (c.token_ids, c.versions, c.finish_reason) == (ids, versions, finish)
+            assert c.logprobs == [fake_logprob(str(v)) for v in versions]  # each token's from its own version
+            assert c.text == engine.tokenizer.decode(ids, skip_special_tokens=True) and len(ids) <= 8
+            resumed += len(ids) > 3
+    assert resumed >= 2  # several samples went on past the update (else this test proves little)
+    first, again = llm.llm_engine.added[:rows], llm.llm_engine.added[rows:]
+    assert [a[1] for a in first] == [p for p in prompts for _ in range(3)] and len(again) == resumed
+    flat = [c for group in groups for c in group]
+    resumed_rows = []
+    for _, context, params, _ in again:
+        j = params.seed - rows - seed  # row j's second request is seeded seed + j + rows
+        resumed_rows.append(j)
+        assert context == first[j][1] + flat[j].token_ids[:3]  # the same sequence, from where it was
+        assert params.max_tokens == 8 - 3 and flat[j].versions[3:] and len(flat[j].token_ids) > 3
+    assert sorted(llm.llm_engine.aborted) == sorted(first[j][0] for j in resumed_rows)  # the unfinished ones
+    assert len({a[2].seed for a in llm.llm_engine.added}) == len(llm.llm_engine.added)  # no shared random stream
+    assert llm.prefix_resets == 1 and not llm.llm_engine.requests and not engine._in_flight
+
+
+def test_a_partial_rollout_whose_refresh_never_loads_is_one_request_per_sample_at_one_version(fake_vllm, tiny_model):
+    engine = VLLMEngine(tiny_model)
+    prompts = encode_prompts(engine.tokenizer, ["12+345=", "7+8="])
+    groups = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=6), 7, refresh=lambda: None, version=4)
+    for p, (prompt, group) in enumerate(zip(prompts, groups)):
+        for i, c in enumerate(group):
+            ids, _, finish = sample_by_hand(prompt, 7 + p * 2 + i, 6, None, 4)
+            assert (c.token_ids, c.versions, c.finish_reason) == (ids, [4] * len(ids), finish)
+    llm = FakeLLM.instances[0]
+    assert len(llm.llm_engine.added) == 4 and not llm.llm_engine.aborted and llm.prefix_resets == 0
+
+
+def test_a_stop_string_split_by_a_weight_update_ends_the_sequence(fake_vllm, tiny_model, monkeypatch):
+    """Stop "12": "1" is the last token before the update and "2" the first after, which the resumed request (its
+    output text "2...") cannot see: the engine finds it, cuts after the "2" and aborts the request; a stop string
+    inside one request is vLLM's own."""
+    from transformers import AutoModelForCausalLM
+
+    digits = {"0": [4, 5, 4, 4], "1": [6, 7, 8, 9, 10, 11]}  # version 0: "0100"; version 1: "234567"
+    monkeypatch.setattr(FakeLLM, "model", staticmethod(lambda context, version, seed, index: digits[version][index]))
+    engine = VLLMEngine(tiny_model)
+    llm = FakeLLM.instances[0]
+    sampling = SamplingParams(n=1, max_new_tokens=8, stop=("12",))
+    refresh = _loader(engine, AutoModelForCausalLM.from_pretrained(tiny_model), at_call=2)
+    ((c,),) = engine.generate([[2, 5]], sampling, 3, refresh=refresh, version=0)
+    assert (c.token_ids, c.text, c.versions, c.finish_reason) == ([4, 5, 6], "012", [0, 0, 1], "stop")
+    assert c.logprobs == [fake_logprob("0")] * 2 + [fake_logprob("1")]
+    assert llm.llm_engine.aborted[-1] == llm.llm_engine.added[-1][0] and not llm.llm_engine.requests
+
+    ((c,),) = engine.generate([[2, 5]], SamplingParams(n=1, max_new_tokens=8, stop=("34",)), 3,
+                              refresh=lambda: None, version=1)
+    assert (c.token_ids, c.text, c.finish_reason) == ([6, 7, 8], "234", "stop")  # vLLM's own stop (kept)
+
+
+def test_stop_across_finds_only_a_stop_string_that_straddles_the_resume_point():
+    assert stop_across("ab12cd", 3, ["12"]) and stop_across("ab12cd", 3, ["x", "b12c"])
+    assert not stop_across("ab12cd", 2, ["12"])  # all of it after the resume: vLLM saw it
+    assert not stop_across("ab12cd", 4, ["12"])  # all of it before: the sequence would have stopped there
+    assert not stop_across("ab12cd", 3, ["13"])
+
+
+def test_the_token_budget_counts_the_whole_sequence_across_resumes(fake_vllm, tiny_model, monkeypatch):
+    """Never EOS: with weights updated after steps 2 and 4 each sample ends at exactly max_new_tokens, its three
+    requests asked for 5, 3 and 1 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(FakeLLM, "model", staticmethod(lambda context, version, seed, index: 4 + index % 10))
+    engine = VLLMEngine(tiny_model)
+    llm = FakeLLM.instances[0]
+    packed, calls = pack_state_dict(AutoModelForCausalLM.from_pretrained(tiny_model)), []
+
+    def refresh():
+        calls.append(1)
+        if len(calls) in (2, 4):
+            engine.load_weights(packed, len(calls) // 2)
+            return len(calls) // 2
+        return None
+
+    groups = engine.generate([[2, 5], [2, 6, 7]], SamplingParams(n=2, max_new_tokens=5), 0, refresh=refresh)
+    for group in groups:
+        for c in group:
+            assert (len(c.token_ids), c.finish_reason, c.versions) == (5, "length", [0, 0, 1, 1, 2])
+    assert [a[2].max_tokens for a in llm.llm_engine.added] == [5] * 4 + [3] * 4 + [1] * 4
+    assert llm.prefix_resets == 2
+
+
+def test_a_partial_rollout_that_fails_leaves_nothing_running(fake_vllm, tiny_model):
+    engine = VLLMEngine(tiny_model)
+    llm = FakeLLM.instances[0]
+
+    def refresh():
+        raise RuntimeError("the board is gone")
+
+    with pytest.raises(RuntimeError, match="board is gone"):
+        engine.generate([[2, 5]], SamplingParams(n=2, max_new_tokens=30), 0, refresh=refresh)
+    assert not llm.llm_engine.requests and not engine._in_flight
+
+
+def test_a_vllm_rollout_worker_takes_weights_posted_on_the_board(fake_vllm, tiny_model, ray_local):
+    """The Ray wiring of partial rollouts with the vllm engine: the worker hands `refresh` and `version` to it, the
+    weights posted on a `WeightBoard` are loaded (the fake serves version 3) and every token carries version 3."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.records import PromptRequest
+    from actors.rollout import RolloutWorker
+    from actors.weights import WeightBoard
+
+    worker = RolloutWorker.serving(VLLMEngine(tiny_model), seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    board = ray_local.remote(WeightBoard).options(num_cpus=0).remote()
+    ray_local.get(board.post.remote(3, [ray_local.put(pack_state_dict(model))]))
+    prompts = encode_prompts(worker.engine.tokenizer, ["12+34="])
+    (group,) = worker.generate([PromptRequest("u", "12+34=", prompts[0], {})], SamplingParams(n=2, max_new_tokens=6),
+                               board=board)
+    assert group.policy_version == 3 and worker.version == 3 and FakeLLM.instances[0].version == "3"
+    assert all(s.versions == [3] * len(s.response_ids) and s.rollout_logp == [fake_logprob("3")] * len(s.response_ids)
+               for s in group.samples)
+    assert worker.engine.checksum() == weights_checksum(model)
 
 
 # ----------------------------------------------------------------------------- the real engine (GPU)

@@ -31,6 +31,19 @@ mass) per token; verl and the vLLM-team's vime make the same choice and the same
   tensor by tensor (`packed=False`) or in ~1 GB packed buckets (`packed=True`). `receive_weights` returns the
   version vLLM reports serving after `finish_weight_update`, the handshake the orchestrator checks.
 
+**Partial rollouts** (`rollout.partial`; object-store weight sync): `generate(..., refresh=fn, version=v)` drives
+`LLM.llm_engine` itself, one `step()` at a time (`add_request` / `step` / `abort_request`, vLLM's LLMEngine API;
+each of the n samples its own request, seeded `seed + i` as vLLM seeds a request's n children), with
+`RequestOutputKind.DELTA` outputs so every step hands over only the new tokens, which are tagged with the version then
+served. Between steps it asks `fn`; when newer weights come, `load_weights` first aborts every request in flight
+(vLLM's engine core runs ahead of `step()`: the tokens it made that `step()` had not handed over are dropped, and
+every token kept was made by the old weights), reloads, resets the prefix cache (vLLM keeps KV blocks computed by
+the old weights otherwise; it does not reset it on a weight update, vllm#9744) and each unfinished sequence is added
+again as a new request whose prompt is the prompt + its tokens so far, `max_tokens` the rest of its budget and a
+fresh seed. This is the abort-and-resume scheme of AReaL and slime. A stop string split across a resume (vLLM sees
+only the new part) is found here and the sequence cut after it. Checked against a fake `vllm` module only: not run on
+vLLM itself.
+
 **LoRA** (`model.lora`; object-store path only): the engine is built with `enable_lora=True` and serves the base
 plus one adapter. Each `load_weights` receives the adapters only (trainer rank 0's `actors.lora.sync_state`), writes
 them in peft's format (`actors.lora.save_adapter`) to a directory of their own and from then on passes a
@@ -45,12 +58,13 @@ a fake `vllm` module only: it has not run on vLLM itself.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +89,13 @@ def import_vllm():
 # ----------------------------------------------------------------------------- sampling and results
 
 
-def vllm_sampling_params(vllm: Any, sampling: SamplingParams, seed: int) -> Any:
+def vllm_sampling_params(vllm: Any, sampling: SamplingParams, seed: int, **overrides: Any) -> Any:
     """`vllm.SamplingParams` for our `SamplingParams`: the same sampling as the `hf` engine, each sampled
     token's log-prob (`logprobs=0`), stop strings kept in the text (our contract), `seed` for the request
-    (vLLM seeds its n samples `seed`, `seed + 1`, ...)."""
+    (vLLM seeds its n samples `seed`, `seed + 1`, ...). `overrides`: other fields (partial rollouts: n, max_tokens,
+    output_kind)."""
     greedy = sampling.temperature == 0
-    return vllm.SamplingParams(
+    return vllm.SamplingParams(**{**dict(
         n=sampling.n,
         temperature=0.0 if greedy else sampling.temperature,
         top_p=1.0 if greedy else sampling.top_p,
@@ -91,7 +106,7 @@ def vllm_sampling_params(vllm: Any, sampling: SamplingParams, seed: int) -> Any:
         logprobs=0,  # only the sampled token's log-prob (with processed_logprobs: under logits / T)
         seed=seed,
         skip_special_tokens=True,
-    )
+    ), **overrides})
 
 
 def request_seeds(seed: int, num_prompts: int, n: int) -> list[int]:
@@ -102,6 +117,15 @@ def request_seeds(seed: int, num_prompts: int, n: int) -> list[int]:
 def completion_from_output(output: Any) -> Completion:
     """Our `Completion` from one vLLM `CompletionOutput` (`token_ids`, `text`, `logprobs` as one
     {token_id: Logprob} per position, `finish_reason`)."""
+    ids, logps = sampled_logprobs(output)
+    if output.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM request ended with finish_reason={output.finish_reason!r} (expected 'stop' or "
+                           "'length'): it was aborted, e.g. the engine ran out of KV-cache memory or was stopped")
+    return Completion(ids, output.text, logps, output.finish_reason)
+
+
+def sampled_logprobs(output: Any) -> tuple[list[int], list[float]]:
+    """(token ids, each one's log-prob) of a `CompletionOutput` (or, streamed as DELTA, of its new tokens)."""
     ids = [int(t) for t in output.token_ids]
     if output.logprobs is None:
         raise RuntimeError("vLLM returned no log-probs; the engine must request them with SamplingParams(logprobs=0)")
@@ -112,10 +136,7 @@ def completion_from_output(output: Any) -> Completion:
         if candidates is None or token not in candidates:
             raise RuntimeError(f"vLLM returned no log-prob for sampled token {token} at position {pos}")
         logps.append(float(candidates[token].logprob))
-    if output.finish_reason not in ("stop", "length"):
-        raise RuntimeError(f"vLLM request ended with finish_reason={output.finish_reason!r} (expected 'stop' or "
-                           "'length'): it was aborted, e.g. the engine ran out of KV-cache memory or was stopped")
-    return Completion(ids, output.text, logps, output.finish_reason)
+    return ids, logps
 
 
 def completions_from_outputs(outputs: Sequence[Any], n: int) -> list[list[Completion]]:
@@ -130,6 +151,42 @@ def completions_from_outputs(outputs: Sequence[Any], n: int) -> list[list[Comple
 
 
 # ----------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class PartialRow:
+    """One sample of a partial rollout: what vLLM has handed over so far and the policy version behind each token."""
+
+    prompt: list[int]
+    seed: int  # the seed a plain generate gives this sample (its request's seed + its index)
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # None while unfinished
+    resumes: int = 0  # times it was added again after a weight update
+    text_start: int = 0  # len(text) when its current request began: a stop string may straddle it
+
+    def completion(self) -> Completion:
+        return Completion(self.ids, self.text, self.logprobs, self.finish_reason or "length", self.versions)
+
+
+def stop_across(text: str, start: int, stops: Sequence[str]) -> bool:
+    """Whether a stop string in `text` begins before `start` and ends after it (one vLLM could not see: it saw
+    only the text from `start` on)."""
+    for stop in stops:
+        at = text.find(stop, max(0, start - len(stop) + 1))
+        if at != -1 and at < start < at + len(stop):
+            return True
+    return False
+
+
+def first_stop_end(tokenizer: Any, ids: list[int], stops: Sequence[str]) -> int:
+    """The fewest leading tokens of `ids` whose text holds a stop string (len(ids) if none does)."""
+    for k in range(1, len(ids) + 1):
+        if any(s in tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stops):
+            return k
+    return len(ids)
 
 
 @dataclass(frozen=True)
@@ -189,6 +246,8 @@ class VLLMEngine:
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._staging), True)
         self._checksum: str | None = None
         self._asleep = False
+        self._request_ids = itertools.count()  # partial rollouts: a new request id per (sample, resume)
+        self._in_flight: dict[str, int] = {}  # partial rollouts: request id -> its row, until finished or aborted
 
     @property
     def tokenizer(self):
@@ -197,15 +256,95 @@ class VLLMEngine:
         by default) serves that shared prefix from its KV cache."""
         return self.llm.get_tokenizer()
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int) -> list[list[Completion]]:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int,
+                 refresh: Callable[[], int | None] | None = None, version: int = 0) -> list[list[Completion]]:
         """`sampling.n` completions per prompt (its token ids, `actors.modeling.encode_prompts`), with each sampled
-        token's log-prob under logits / T."""
+        token's log-prob under logits / T. `refresh` (partial rollouts): asked between engine steps; it loads newer
+        weights (`load_weights`) and returns their version, or returns None. `version`: the weights' version at the
+        start; each completion's `versions` then say which version sampled each token (module docstring)."""
         self.wake_up()
+        if refresh is not None:
+            return self._generate_partial(prompt_ids, sampling, seed, refresh, version)
         params = [vllm_sampling_params(self._vllm, sampling, s)
                   for s in request_seeds(seed, len(prompt_ids), sampling.n)]
         lora = {"lora_request": self._lora_request} if self.lora else {}
         outputs = self.llm.generate([{"prompt_token_ids": x} for x in prompt_ids], params, use_tqdm=False, **lora)
         return completions_from_outputs(outputs, sampling.n)
+
+    def _generate_partial(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int,
+                          refresh: Callable[[], int | None], version: int) -> list[list[Completion]]:
+        """Partial rollouts: the engine stepped by hand, each sample its own request; after new weights, every
+        unfinished sample goes on from its tokens so far (see the module docstring)."""
+        n = sampling.n
+        rows = [PartialRow(list(p), s + i) for p, s in zip(prompt_ids, request_seeds(seed, len(prompt_ids), n))
+                for i in range(n)]
+        engine = self.llm.llm_engine
+        try:
+            for j in range(len(rows)):
+                self._submit(rows, j, sampling)
+            while self._in_flight:
+                for out in engine.step():
+                    j = self._in_flight.get(out.request_id)
+                    if j is not None:  # else: aborted since (its last tokens were made by replaced weights)
+                        self._take(rows, j, out, version, sampling.stop)
+                if self._in_flight and (loaded := refresh()) is not None:  # load_weights aborted what was in flight
+                    version = loaded
+                    for j, row in enumerate(rows):
+                        if row.finish_reason is None:
+                            row.resumes += 1
+                            self._submit(rows, j, sampling)
+        finally:  # an error leaves nothing of this call running in the engine
+            self._abort_in_flight()
+        flat = [row.completion() for row in rows]
+        return [flat[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    def _submit(self, rows: list[PartialRow], j: int, sampling: SamplingParams) -> None:
+        """Add row `j` as a new request: its prompt + tokens so far, the rest of its token budget, and a seed of its
+        own per resume (`row.seed + resumes * len(rows)`: no two requests of the call share a random stream)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        row = rows[j]
+        left = sampling.max_new_tokens - len(row.ids)
+        if left <= 0:
+            row.finish_reason = "length"
+            return
+        params = vllm_sampling_params(self._vllm, sampling, row.seed + row.resumes * len(rows), n=1, max_tokens=left,
+                                      output_kind=RequestOutputKind.DELTA)
+        request_id = f"raylhf-partial-{next(self._request_ids)}"
+        lora = {"lora_request": self._lora_request} if self.lora else {}
+        self.llm.llm_engine.add_request(request_id, {"prompt_token_ids": row.prompt + row.ids}, params, **lora)
+        self._in_flight[request_id] = j
+        row.text_start = len(row.text)
+
+    def _take(self, rows: list[PartialRow], j: int, out: Any, version: int, stops: Sequence[str]) -> None:
+        """Append one DELTA `RequestOutput`'s new tokens to row `j`, each tagged `version`; finish the row when vLLM
+        finished it, or when a stop string straddles its last resume (the request is then aborted)."""
+        row, (completion,) = rows[j], out.outputs
+        ids, logps = sampled_logprobs(completion)
+        row.ids += ids
+        row.logprobs += logps
+        row.versions += [version] * len(ids)
+        row.text += completion.text
+        if out.finished:
+            del self._in_flight[out.request_id]
+            if completion.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"vLLM request ended with finish_reason={completion.finish_reason!r} (expected "
+                                   "'stop' or 'length'): it was aborted, e.g. out of KV-cache memory or stopped")
+            row.finish_reason = completion.finish_reason
+        if row.resumes and stops and stop_across(row.text, row.text_start, stops):
+            k = first_stop_end(self.tokenizer, row.ids, stops)
+            row.ids, row.logprobs, row.versions = row.ids[:k], row.logprobs[:k], row.versions[:k]
+            row.text, row.finish_reason = self.tokenizer.decode(row.ids, skip_special_tokens=True), "stop"
+            if not out.finished:
+                del self._in_flight[out.request_id]
+                self.llm.llm_engine.abort_request([out.request_id])
+
+    def _abort_in_flight(self) -> None:
+        """Partial rollouts: abort the requests of a generate call in progress before its weights change (their rows
+        keep the tokens handed over so far; `_generate_partial` adds them again)."""
+        if self._in_flight:
+            self.llm.llm_engine.abort_request(list(self._in_flight))
+            self._in_flight.clear()
 
     # -- object-store weight updates
 
@@ -217,6 +356,7 @@ class VLLMEngine:
         from actors.weights import unpack_state_dict
 
         self.wake_up()
+        self._abort_in_flight()
         if self.lora:
             self._load_adapter(unpack_state_dict(packed), version)
             self._checksum = packed_checksum(packed)
@@ -227,6 +367,7 @@ class VLLMEngine:
         os.replace(tmp, self._staging / "model.safetensors")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(self._staging),
                                                           "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # cached KV blocks are the old weights' (vLLM keeps them: vllm#9744)
         if version is not None:
             self.llm.update_weight_version(str(version))
         self._checksum = packed_checksum(packed)
@@ -276,6 +417,7 @@ class VLLMEngine:
         self.llm.update_weights({"update_info": dict(names=meta.names, dtype_names=meta.dtype_names,
                                                      shapes=meta.shapes)})
         self.llm.finish_weight_update(weight_version=str(version))
+        self.llm.reset_prefix_cache()  # cached KV blocks are the old weights' (vLLM keeps them: vllm#9744)
         self._checksum = checksum or f"unverified (NCCL broadcast of version {version})"
         return int(self.llm.get_weight_version())
 
