@@ -246,3 +246,11 @@ def test_fair_differences_describe_both_thread_settings_once():
     plain = [d["what"] for d in bench.differences(settings(), 1)]
     assert "precision (--trl-precision)" not in plain
     assert "precision (--trl-precision)" in [d["what"] for d in bench.differences(settings(), 1, trl_precision="default")]
+
+
+def test_report_of_one_framework_says_no_goal_is_met():
+    """`--frameworks trl` (one framework, no ratios): the report prints, every goal "no" (it raised a KeyError)."""
+    result = {"frameworks": {"trl": {"tokens_per_s": 500.0}}, "ratios": {}, "threshold": 0.5, "variants": {},
+              "goals": bench.goals({}, {"tokens_per_s": 500.0}), "differences": []}
+    text = bench.report(result)
+    assert "throughput >= 2x TRL: no" in text and "overhead <= 3% of the step: no" in text and "500" in text
