@@ -37,8 +37,8 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
         if CPUINFO.is_file():
             cpuinfo = CPUINFO.read_text()
         else:
-            checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-            return any(bool(check()) for check in checks if check is not None)
+            names = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+            return any(bool(check()) for check in (getattr(torch.cpu, n, None) for n in names) if check is not None)
     return any(flag in cpu_flags(cpuinfo) for flag in NATIVE_BF16_FLAGS)
 
 

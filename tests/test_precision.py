@@ -69,6 +69,19 @@ def test_this_machines_flags_agree_with_torchs_cpuid_check():
     assert ("amx_tile" in flags) == bool(torch.cpu._is_amx_tile_supported())
 
 
+def test_without_proc_cpuinfo_torchs_cpuid_check_answers(monkeypatch, tmp_path):
+    from actors import precision
+
+    monkeypatch.setattr(precision, "CPUINFO", tmp_path / "no-cpuinfo")  # not Linux
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert cpu_has_native_bf16() is (avx512_bf16 or amx)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert cpu_has_native_bf16() is False  # no way to tell: float32, never an assumed bf16
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -76,7 +89,8 @@ def test_this_machines_flags_agree_with_torchs_cpuid_check():
 def test_config_takes_the_three_modes_and_refuses_others(pool):
     assert getattr(JobConfig.model_validate(base_config("unused")), pool).autocast == "off"  # the default
     for mode in ("off", "bf16", "auto"):
-        assert getattr(JobConfig.model_validate(base_config("unused", **{pool: {"autocast": mode}})), pool).autocast == mode
+        cfg = JobConfig.model_validate(base_config("unused", **{pool: {"autocast": mode}}))
+        assert getattr(cfg, pool).autocast == mode
     with pytest.raises(ValueError, match=f"{pool}.autocast"):
         JobConfig.model_validate(base_config("unused", **{pool: {"autocast": "fp16"}}))
     with pytest.raises(ValueError, match=f"{pool}.autocast: bf16 autocast keeps float32 weights"):
