@@ -53,7 +53,8 @@ class ScoringWorker:
         bf16, auto): the forward passes under bf16 autocast (`actors.precision`), log-probs and values in float32."""
         set_threads(threads)
         self.bf16, self.device = use_bf16_autocast(autocast, device), device
-        print(f"raylhf ScoringWorker: {describe(autocast, self.bf16, device)}", flush=True)
+        if autocast != "off":  # say what auto chose (or that bf16 was asked for), once
+            print(f"raylhf ScoringWorker: {describe(autocast, self.bf16, device)}", flush=True)
         tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.pad_id = tokenizer.pad_token_id
         policy = load_causal_lm(model_path, dtype, trust_remote_code, device) if with_policy else None

@@ -188,9 +188,8 @@ class DeepSpeedRank:
         if self.lora:  # checkpoints hold what trains; DeepSpeed's exclude_frozen_parameters misses a tied weight's
             full, names = self.engine.module_state_dict, trainable_names(model)  # second name (lm_head = embeddings)
             self.engine.module_state_dict = lambda *a, **k: {n: t for n, t in full(*a, **k).items() if n in names}
-        if self.rank == 0:
-            print(f"raylhf {type(self).__name__}: {describe(c.get('autocast', 'off'), self.bf16, self.device)}",
-                  flush=True)
+        if self.rank == 0 and c.get("autocast", "off") != "off":  # what auto chose, once (and train/autocast_bf16)
+            print(f"raylhf {type(self).__name__}: {describe(c['autocast'], self.bf16, self.device)}", flush=True)
         gc.freeze()  # the modules and libraries live on: Python's collector stops re-walking them every step
         return sum(p.numel() for p in model.parameters())
 

@@ -46,8 +46,9 @@ def _autocast_field(pool: str, where: str) -> Any:
         f"bf16 autocast of the forward passes of the {pool} ({where}): the weights, gradients and optimizer state stay "
         "float32 (model.dtype float32) and log-probs and losses are computed in float32; only the matmuls run in "
         "bf16. off; bf16 (always, also on a CPU that emulates it, often far slower); auto (a CUDA GPU with bf16, or "
-        "a CPU whose /proc/cpuinfo flags have avx512_bf16 or amx_bf16; else float32). Each actor logs its choice. "
-        "Set rollout, scoring and trainer alike: numerics that differ show in mismatch/logprob_abs_*."))
+        "a CPU whose /proc/cpuinfo flags have avx512_bf16 or amx_bf16; else float32); under auto or bf16 each actor "
+        "prints its choice. Set rollout, scoring and trainer alike: numerics that differ show in "
+        "mismatch/logprob_abs_*."))
 
 
 def _check_resources(field: str, resources: dict[str, float]) -> dict[str, float]:

@@ -40,7 +40,8 @@ class HFEngine:
         self._serve((wrap(model, lora) if lora else model).eval(), load_tokenizer(model_path, trust_remote_code),
                     device, sampler)
         self.bf16 = use_bf16_autocast(autocast, device)
-        print(f"raylhf HFEngine: {describe(autocast, self.bf16, device)}", flush=True)
+        if autocast != "off":  # say what auto chose (or that bf16 was asked for), once
+            print(f"raylhf HFEngine: {describe(autocast, self.bf16, device)}", flush=True)
 
     @classmethod
     def from_model(cls, model, tokenizer, sampler: str = "loop") -> HFEngine:
