@@ -140,10 +140,10 @@ def make_rank(tiny_model):
     if not torch.distributed.is_initialized():
         forget_deepspeed_groups()
 
-    def make(mode: str) -> PolicyTrainer:
+    def make(mode: str, **algorithm) -> PolicyTrainer:
         trainer = TrainerConfig(lr=LR, micro_batch_size=64, grad_clip=1e9, autocast=mode).model_dump()
         rank = PolicyTrainer(0, 1, ModelConfig(path=tiny_model).model_dump(), trainer,
-                             AlgorithmConfig().model_dump(), 1.0, 8, 1, 1, 0)
+                             AlgorithmConfig(**algorithm).model_dump(), 1.0, 8, 1, 1, 0)
         rank.setup("127.0.0.1", 0) if torch.distributed.is_initialized() else rank.setup(*rank.rendezvous())
         return rank
 
@@ -216,6 +216,16 @@ def test_bf16_losses_and_logprobs_are_float32(make_rank):
         loss, stats, _, logits = rank._micro_loss(batch.trim(), float(batch.response_mask.sum()))
     assert loss.dtype == torch.float32 and logits.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in stats.values() if torch.is_tensor(v))
+
+
+def test_decoupled_proximal_pass_runs_in_the_updates_precision(make_rank):
+    """Decoupled PPO recomputes pi_prox before the first update; under bf16 it must run in bf16 too, or the first
+    update's ratio pi / pi_prox would carry the bf16-float32 gap (~1e-3 per token) instead of being exactly 1."""
+    rank = make_rank("bf16", decoupled=True)
+    batch = synthetic_batch(16, vocab=rank.engine.module.config.vocab_size, seed=4)
+    stats = rank.train_step([compact(Shard(batch, float(batch.response_mask.sum())))], 0.0)
+    assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-6) and abs(stats["approx_kl"]) < 1e-9, stats
+    assert stats["train/autocast_bf16"] == 1.0
 
 
 def test_bf16_scoring_and_generation_run_in_bf16_with_float32_logprobs_near_float32(tiny_model):
