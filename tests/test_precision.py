@@ -140,10 +140,15 @@ def make_rank(tiny_model):
     if not torch.distributed.is_initialized():
         forget_deepspeed_groups()
 
-    def make(mode: str, **algorithm) -> PolicyTrainer:
+    def make(mode: str, critic: bool = False, **algorithm) -> PolicyTrainer:
         trainer = TrainerConfig(lr=LR, micro_batch_size=64, grad_clip=1e9, autocast=mode).model_dump()
-        rank = PolicyTrainer(0, 1, ModelConfig(path=tiny_model).model_dump(), trainer,
-                             AlgorithmConfig(**algorithm).model_dump(), 1.0, 8, 1, 1, 0)
+        model = ModelConfig(path=tiny_model).model_dump()
+        if critic:
+            from actors.critic import CriticTrainer
+
+            rank = CriticTrainer(0, 1, model, trainer, None, "token-mean", 1, 1, 0)
+        else:
+            rank = PolicyTrainer(0, 1, model, trainer, AlgorithmConfig(**algorithm).model_dump(), 1.0, 8, 1, 1, 0)
         rank.setup("127.0.0.1", 0) if torch.distributed.is_initialized() else rank.setup(*rank.rendezvous())
         return rank
 
@@ -226,6 +231,23 @@ def test_decoupled_proximal_pass_runs_in_the_updates_precision(make_rank):
     stats = rank.train_step([compact(Shard(batch, float(batch.response_mask.sum())))], 0.0)
     assert stats["ratio_max"] == pytest.approx(1.0, abs=1e-6) and abs(stats["approx_kl"]) < 1e-9, stats
     assert stats["train/autocast_bf16"] == 1.0
+
+
+def test_bf16_critic_runs_in_bf16_and_its_value_loss_is_float32(make_rank):
+    """The critic follows trainer.autocast: its Linear layers put out bf16, its values and loss are float32. Its head
+    starts at zero, so V = 0 exactly in either precision and the first loss is ½ mean R² (as in test_ppo)."""
+    from tests.test_ppo import _synthetic
+
+    critic = make_rank("bf16", critic=True)
+    batch = _synthetic(8, vocab=critic.engine.module.config.vocab_size, seed=0)
+    seen, hooks = linear_output_dtypes(critic.engine.module)
+    stats = critic.train_step([compact(Shard(batch, float(batch.response_mask.sum())))])
+    for h in hooks:
+        h.remove()
+    assert seen and set(seen) == {torch.bfloat16} and stats["train/autocast_bf16"] == 1.0
+    expected = 0.5 * float((batch.returns ** 2).sum() / batch.response_mask.sum())
+    assert stats["critic/value_loss"] == pytest.approx(expected, rel=1e-5)
+    assert {p.dtype for p in critic.engine.module.parameters()} == {torch.float32}
 
 
 def test_bf16_scoring_and_generation_run_in_bf16_with_float32_logprobs_near_float32(tiny_model):
