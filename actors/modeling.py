@@ -119,9 +119,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 def response_logprobs(model, batch: TrainBatch, temperature: float, share_prompts: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs `[B, T]`, logits `[B, T, V]`) of the response tokens of a collated batch."""
+    """(log-probs `[B, T]`, logits `[B, T, V]`, both float32) of the response tokens of a collated batch."""
     t = batch.response_mask.shape[1]
-    logits = response_logits(model, batch.input_ids, batch.attention_mask, t, share_prompts)
+    logits = response_logits(model, batch.input_ids, batch.attention_mask, t, share_prompts).float()  # [B, T, V]
+    # float32 (a no-op for a float32 model): under bf16 autocast the log-softmax, entropy and losses stay float32
     return token_logprobs(logits, batch.input_ids[:, -t:], temperature), logits
 
 

@@ -27,6 +27,7 @@ from actors.batch import collate_groups
 from actors.lora import load_sync_state, sync_state, wrap
 from actors.modeling import (check_same_vocabulary, load_causal_lm, load_tokenizer, load_value_model, response_logprobs,
                              response_values, set_threads)
+from actors.precision import autocast, describe, use_bf16_autocast
 from actors.records import Group, TrainBatch
 from actors.weights import state_checksum, unpack_state_dict
 
@@ -42,14 +43,18 @@ class ScoringWorker:
                  with_reference: bool = True, temperature: float = 1.0, micro_batch_size: int = 64,
                  threads: int | None = None, device: str = "cpu", value_model: str | None = None,
                  with_policy: bool = True, share_prompts: bool = True, lora: dict | None = None,
-                 teacher_model: str | None = None):
+                 teacher_model: str | None = None, autocast: str = "off"):
         """`value_model`: where the critic starts (PPO); None scores no values. `with_policy` False: no
         old-policy scoring (pi_old comes from the rollout's log-probs). `share_prompts`: see
         `actors.modeling.response_logits`. `lora` (`model.lora`): the policy and critic copies carry adapters (the
         critic's head trained whole) and take only those in weight syncs; the reference is the bare base.
         `teacher_model`: a causal LM with the policy's tokenizer whose log-probs of the sampled tokens go to
-        `Sample.teacher_logp` (on-policy distillation); None: no teacher."""
+        `Sample.teacher_logp` (on-policy distillation); None: no teacher. `autocast` (`scoring.autocast`: off,
+        bf16, auto): the forward passes under bf16 autocast (`actors.precision`), log-probs and values in float32."""
         set_threads(threads)
+        self.bf16, self.device = use_bf16_autocast(autocast, device), device
+        if autocast != "off":  # say what auto chose (or that bf16 was asked for), once
+            print(f"raylhf ScoringWorker: {describe(autocast, self.bf16, device)}", flush=True)
         tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.pad_id = tokenizer.pad_token_id
         policy = load_causal_lm(model_path, dtype, trust_remote_code, device) if with_policy else None
@@ -66,7 +71,8 @@ class ScoringWorker:
         self.version = 0
 
     def _per_token(self, fn, batch: TrainBatch) -> list[list[float]]:
-        return per_token(fn, batch, self.micro_batch_size)
+        with autocast(self.bf16, self.device):  # every scoring pass: the forwards under `scoring.autocast`
+            return per_token(fn, batch, self.micro_batch_size)
 
     def _logprobs(self, model, batch: TrainBatch) -> list[list[float]]:
         return self._per_token(lambda mb: response_logprobs(model, mb, self.temperature, self.share_prompts)[0], batch)

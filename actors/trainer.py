@@ -24,6 +24,7 @@ from actors.deepspeed_ops import load_shm_comm
 from actors.lora import load_sync_state, save_merged_policy, state_bytes, sync_state, trainable_names, wrap
 from actors.modeling import load_causal_lm, load_tokenizer, response_logprobs, set_threads
 from actors.objectives import policy_objective
+from actors.precision import autocast, describe, use_bf16_autocast
 from actors.records import Group, Shard, TrainBatch
 from actors.scoring import per_token
 from actors.weights import pack_state, state_checksum
@@ -137,6 +138,7 @@ class DeepSpeedRank:
         self._store_listener: socket.socket | None = None  # rank 0 on CPU: see `rendezvous`
         self._clip: float | None = None  # set in `setup` where the trainer clips itself (`clips_itself`)
         self._trained: list[torch.nn.Parameter] = []
+        self.bf16 = use_bf16_autocast(trainer.get("autocast", "off"), device)  # forward passes under bf16 autocast
         set_threads(trainer.get("threads"))
 
     def rendezvous(self) -> tuple[str, int]:
@@ -186,6 +188,8 @@ class DeepSpeedRank:
         if self.lora:  # checkpoints hold what trains; DeepSpeed's exclude_frozen_parameters misses a tied weight's
             full, names = self.engine.module_state_dict, trainable_names(model)  # second name (lm_head = embeddings)
             self.engine.module_state_dict = lambda *a, **k: {n: t for n, t in full(*a, **k).items() if n in names}
+        if self.rank == 0 and c.get("autocast", "off") != "off":  # what auto chose, once (and train/autocast_bf16)
+            print(f"raylhf {type(self).__name__}: {describe(c['autocast'], self.bf16, self.device)}", flush=True)
         gc.freeze()  # the modules and libraries live on: Python's collector stops re-walking them every step
         return sum(p.numel() for p in model.parameters())
 
@@ -207,7 +211,8 @@ class DeepSpeedRank:
                 micro_batches = [shard.rows.select(rows).trim() for rows in micro_slices(shard.rows.rows, self.grad_accum)]
                 for micro in micro_batches:
                     t0 = time.perf_counter()
-                    loss, stats, weight, output = self._micro_loss(micro, shard.global_units)
+                    with self.autocast():  # the forward only; logits are cast to float32 before the loss
+                        loss, stats, weight, output = self._micro_loss(micro, shard.global_units)
                     if not torch.isfinite(loss.detach()).all():  # skip it here; the other ranks' data still count
                         skipped += 1
                         loss, stats = zero_loss(output), {}
@@ -244,7 +249,13 @@ class DeepSpeedRank:
         out["time/optimizer"] = t_opt  # engine.step(): gradient clipping, the AdamW update, ZeRO's gathers
         out["optimizer/state_bytes"] = float(optimizer_state_bytes(engine.optimizer, engine.module))
         out["memory/peak_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+        out["train/autocast_bf16"] = float(self.bf16)
         return out
+
+    def autocast(self):
+        """The context of this rank's forward passes: bf16 autocast where `trainer.autocast` chose it
+        (`actors.precision`), else nothing; parameters, gradients and optimizer state stay in model.dtype."""
+        return autocast(self.bf16, self.device)
 
     def prepare(self, minibatches: list[Shard]) -> list[Shard]:
         """This step's mini-batches before the first update (a hook: as they are, unless a subclass recomputes)."""
@@ -356,8 +367,9 @@ class PolicyTrainer(DeepSpeedRank):
             prox = torch.zeros_like(rows.rollout_logp)  # [B, T]
             for part in micro_slices(rows.rows, self.grad_accum):
                 micro = rows.select(part).trim()
-                logp, _ = response_logprobs(self.engine, micro, self.temperature,
-                                            self.model_cfg["share_prompt_forward"])  # [b, t]
+                with self.autocast():  # pi_prox in the numerics of the update's own forward
+                    logp, _ = response_logprobs(self.engine, micro, self.temperature,
+                                                self.model_cfg["share_prompt_forward"])  # [b, t]
                 prox[part, : logp.shape[1]] = logp
             prox = torch.where(rows.response_mask.bool(), prox, 0)  # [B, T]
             out.append(dataclasses.replace(shard, rows=dataclasses.replace(rows, old_logp=prox)))
@@ -407,7 +419,7 @@ class PolicyTrainer(DeepSpeedRank):
         was_training = module.training
         module.eval()
         try:
-            with module.disable_adapter():
+            with module.disable_adapter(), self.autocast():
                 rows = per_token(lambda mb: response_logprobs(module, mb, self.temperature, m["share_prompt_forward"])[0],
                                  batch, self.cfg["micro_batch_size"])
         finally:

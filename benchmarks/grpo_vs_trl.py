@@ -146,8 +146,21 @@ def trl_batching(s: Settings) -> tuple[int, int]:
     return micro, mini // micro
 
 
-def trl_config_kwargs(s: Settings, output_dir: str) -> dict:
-    """`trl.GRPOConfig` keyword arguments that run the same GRPO as raylhf with `s` (see `differences`)."""
+TRL_PRECISIONS = ("default", "fp32")
+
+
+def trl_precision_kwargs(precision: str) -> dict:
+    """GRPOConfig's precision fields: "fp32" pins float32 (bf16=False); "default" sets nothing, so TRL decides (its
+    GRPOConfig turns bf16 on unless fp16 is set; on CPU transformers' Trainer then runs every forward of the
+    model, generation included, under torch.autocast(cpu, bfloat16) with float32 weights, through accelerate)."""
+    if precision not in TRL_PRECISIONS:
+        raise ValueError(f"TRL precision must be one of {TRL_PRECISIONS}, got {precision!r}")
+    return {"bf16": False, "fp16": False} if precision == "fp32" else {}
+
+
+def trl_config_kwargs(s: Settings, output_dir: str, precision: str = "fp32") -> dict:
+    """`trl.GRPOConfig` keyword arguments that run the same GRPO as raylhf with `s` (see `differences`), in
+    float32 or at TRL's default precision (`trl_precision_kwargs`)."""
     micro, accum = trl_batching(s)
     return dict(
         output_dir=output_dir,
@@ -176,9 +189,8 @@ def trl_config_kwargs(s: Settings, output_dir: str) -> dict:
         lr_scheduler_type={"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[s.lr_schedule],
         warmup_steps=s.warmup_steps,  # the worker passes raylhf's own LambdaLR, which these describe
         seed=s.seed,
-        bf16=False,  # TRL's default is bf16; raylhf trains float32 here
-        fp16=False,
-        gradient_checkpointing=False,  # TRL's default is on; raylhf does not checkpoint
+        **trl_precision_kwargs(precision),  # fp32: bf16 off (TRL's default is bf16); default: TRL's own choice
+        gradient_checkpointing=False,  # TRL's default is on; raylhf does not checkpoint (off is TRL's faster)
         use_cpu=True,
         report_to="none",
         logging_steps=1,
@@ -189,8 +201,8 @@ def trl_config_kwargs(s: Settings, output_dir: str) -> dict:
     )
 
 
-def differences(s: Settings, trl_threads: int | None, raylhf_only: list[str] | None = None, fair: bool = False
-                ) -> list[dict]:
+def differences(s: Settings, trl_threads: int | None, raylhf_only: list[str] | None = None, fair: bool = False,
+                trl_precision: str = "fp32") -> list[dict]:
     """What is not the same between the two runs, and why (written to the JSON and printed)."""
     micro, accum = trl_batching(s)
     threads = trl_threads or f"torch's default ({os.cpu_count()})"
@@ -198,10 +210,21 @@ def differences(s: Settings, trl_threads: int | None, raylhf_only: list[str] | N
         return [{"what": "processes and threads (--fair: both settings of each measured)",
                  "raylhf": f"Ray actors, 1 torch thread each (its default) or {os.cpu_count()} each",
                  "trl": f"one process, torch's default of {os.cpu_count()} threads (TRL's default) or 1",
-                 "why": "each framework at its own defaults and at its other thread setting; pairs compare both"}
+                 "why": "each framework at its own defaults and at its other thread setting; pairs compare both"},
+                {"what": "precision (--fair: both settings of each measured)",
+                 "raylhf": "float32 (its default: rollout/scoring/trainer.autocast off) or, where the CPU has native "
+                           "bf16 (avx512_bf16 / amx_bf16), bf16 autocast of every actor's forward passes (autocast: "
+                           "auto); float32 weights, optimizer and losses either way",
+                 "trl": "TRL's default (GRPOConfig bf16=True: transformers runs the model's forward, generation "
+                        "included, under torch.autocast(cpu, bfloat16), float32 weights) or float32 (bf16=False)",
+                 "why": "each framework at its own default precision and at the other one; pairs compare both"},
                 ] + [d for d in differences(s, trl_threads, raylhf_only) if d["what"] != "processes and threads"]
     extra = [{"what": "raylhf-only settings (--raylhf-set)", "raylhf": ", ".join(raylhf_only), "trl": "(none)",
               "why": "raylhf features TRL has no counterpart for, e.g. loop.max_staleness=1"}] if raylhf_only else []
+    if trl_precision != "fp32":
+        extra.append({"what": "precision (--trl-precision)", "raylhf": "as configured (*.autocast; default float32)",
+                      "trl": "TRL's default: bf16=True, the forward passes under torch.autocast(cpu, bfloat16)",
+                      "why": "TRL at its own default precision"})
     return extra + [
         {"what": "processes and threads",
          "raylhf": "Ray actors (rollout, reward, scoring, trainer), 1 torch thread each (rollout/scoring/trainer.threads)",
@@ -321,12 +344,13 @@ def goals(ours: dict, theirs: dict, throughput_x: float = 2.0) -> dict:
 class Variant:
     """One framework at one setting: the unit the harness runs, repeats and compares. `raylhf_sets` are overrides of
     the raylhf run only (threads, `loop.max_staleness`, ...); `trl_threads` the TRL process's torch threads (0:
-    torch's default, one per core: TRL's own default)."""
+    torch's default, one per core: TRL's own default); `trl_precision` "default" (TRL's: bf16) or "fp32"."""
 
     name: str
     framework: str
     raylhf_sets: tuple[str, ...] = ()
     trl_threads: int = 0
+    trl_precision: str = "default"
 
 
 def raylhf_thread_sets(threads: int) -> tuple[str, ...]:
@@ -334,21 +358,33 @@ def raylhf_thread_sets(threads: int) -> tuple[str, ...]:
     return tuple(f"{section}.threads={threads}" for section in ("rollout", "trainer", "scoring"))
 
 
-def fair_variants(cores: int, raylhf_only: list[str] | None = None) -> list[Variant]:
-    """Issue 20's fair comparison: each framework at its own defaults and at its other thread setting on a machine
-    of `cores` cores: raylhf as configured (1 thread per actor) and with `cores` threads per actor (in strict
-    on-policy mode generation and training take turns, so each may use every core); TRL at torch's default (one
-    thread per core) and on 1 thread. The "best" of each is picked from the measurements (`pairs`)."""
+AUTOCAST_SETS = tuple(f"{pool}.autocast=auto" for pool in ("rollout", "scoring", "trainer"))  # bf16 where native
+
+
+def fair_variants(cores: int, raylhf_only: list[str] | None = None, native_bf16: bool = True) -> list[Variant]:
+    """Issue 20's fair comparison on a machine of `cores` cores: each framework at its own defaults, then at its other
+    settings of threads x precision. raylhf as configured (1 thread per actor, float32) and with `cores` threads per
+    actor (in strict on-policy mode generation and training take turns, so each may use every core), each also with
+    bf16 autocast on every actor (`AUTOCAST_SETS`) when the CPU has native bf16 (`native_bf16`; elsewhere autocast
+    auto is float32, the same run). TRL at torch's default threads (one per core) and on 1 thread, each at TRL's
+    default precision (bf16) and in float32. The "best" of each is picked from the measurements (`pairs`)."""
     extra = tuple(raylhf_only or ())
-    return [Variant("raylhf", "raylhf", extra), Variant(f"raylhf-{cores}threads", "raylhf",
-                                                        extra + raylhf_thread_sets(cores)),
-            Variant("trl", "trl", trl_threads=0), Variant("trl-1thread", "trl", trl_threads=1)]
+    raylhf = [Variant("raylhf", "raylhf", extra),
+              Variant(f"raylhf-{cores}threads", "raylhf", extra + raylhf_thread_sets(cores))]
+    if native_bf16:
+        raylhf += [Variant(f"{v.name}-bf16", "raylhf", v.raylhf_sets + AUTOCAST_SETS) for v in raylhf]
+    trl = [Variant("trl", "trl", trl_threads=0), Variant("trl-1thread", "trl", trl_threads=1),
+           Variant("trl-fp32", "trl", trl_threads=0, trl_precision="fp32"),
+           Variant("trl-1thread-fp32", "trl", trl_threads=1, trl_precision="fp32")]
+    return raylhf + trl
 
 
-def legacy_variants(frameworks: list[str], raylhf_only: list[str] | None, trl_threads: int) -> list[Variant]:
-    """The two-run comparison of earlier versions: raylhf with `--raylhf-set`, TRL with `--trl-threads`."""
+def legacy_variants(frameworks: list[str], raylhf_only: list[str] | None, trl_threads: int,
+                    trl_precision: str = "fp32") -> list[Variant]:
+    """The two-run comparison of earlier versions: raylhf with `--raylhf-set`, TRL with `--trl-threads` and
+    `--trl-precision` (float32 unless asked)."""
     table = {"raylhf": Variant("raylhf", "raylhf", tuple(raylhf_only or ())),
-             "trl": Variant("trl", "trl", trl_threads=trl_threads)}
+             "trl": Variant("trl", "trl", trl_threads=trl_threads, trl_precision=trl_precision)}
     return [table[f] for f in frameworks]
 
 
@@ -486,13 +522,13 @@ def run_raylhf(config: str, shared: list[str], run_dir: Path, timeout: float) ->
 
 
 def run_trl(config: str, shared: list[str], run_dir: Path, threads: int | None, timeout: float,
-            python: str | None = None) -> tuple[dict, list[dict]]:
+            python: str | None = None, precision: str = "fp32") -> tuple[dict, list[dict]]:
     """This script's --trl-worker in a subprocess (of `python`, default this interpreter); its measurements and
     metrics records."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [python or sys.executable, str(Path(__file__).resolve()), "--trl-worker", "--config", config, "--out",
            str(run_dir)]
-    cmd += ["--trl-threads", str(threads or 0)]  # 0: torch's default
+    cmd += ["--trl-threads", str(threads or 0), "--trl-precision", precision]  # threads 0: torch's default
     for o in shared:
         cmd += ["--set", o]
     measured = run_measured(cmd, run_dir.parent / f"{run_dir.name}.log", timeout)
@@ -513,7 +549,7 @@ def trl_reward(fn, name: str, columns: list[str], counter: list[int] | None):
     return reward
 
 
-def trl_worker(config: str, overrides: list[str], out: Path, threads: int | None) -> int:
+def trl_worker(config: str, overrides: list[str], out: Path, threads: int | None, precision: str = "fp32") -> int:
     """Train with TRL's GRPOTrainer on the settings of `config`; writes out/metrics.jsonl like raylhf's."""
     import torch
 
@@ -595,8 +631,11 @@ def trl_worker(config: str, overrides: list[str], out: Path, threads: int | None
                 print(f"[trl] step {record['step']}: held-out greedy accuracy {record['eval/accuracy']:.1%}",
                       file=sys.stderr, flush=True)
 
+    args = GRPOConfig(**trl_config_kwargs(s, str(out), precision), reward_weights=weights)
+    print(f"[trl] precision {precision}: bf16={args.bf16} fp16={args.fp16}, {torch.get_num_threads()} torch threads",
+          file=sys.stderr, flush=True)
     trainer = GRPOTrainer(
-        model=model, reward_funcs=funcs, args=GRPOConfig(**trl_config_kwargs(s, str(out)), reward_weights=weights),
+        model=model, reward_funcs=funcs, args=args,
         train_dataset=Dataset.from_list([{"prompt": r[key], **{k: r[k] for k in columns}} for r in rows]),
         processing_class=tokenizer, callbacks=[Clock()], optimizers=(optimizer, scheduler))
     trainer.train()
@@ -709,9 +748,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="runs per framework, alternated (ABBA...); medians reported")
     p.add_argument("--trl-threads", type=int, default=1,
                    help="torch threads of the TRL process: 1 (default) as each raylhf actor; 0: torch's default")
+    p.add_argument("--trl-precision", choices=TRL_PRECISIONS, default="fp32",
+                   help="TRL's precision without --fair: fp32 (default, bf16=False) or default (TRL's own: bf16)")
     p.add_argument("--fair", action="store_true",
-                   help="issue 20's comparison: raylhf as configured and with a thread per core per actor, TRL at "
-                        "torch's default threads and on 1 thread, alternated; reports the defaults and best pairs")
+                   help="issue 20's comparison: raylhf as configured and with a thread per core per actor, each also "
+                        "with bf16 autocast where the CPU has native bf16; TRL at torch's default threads and on 1 "
+                        "thread, each at TRL's default precision (bf16) and in float32; alternated; reports the "
+                        "defaults and best pairs")
     p.add_argument("--trl-python", default=None,
                    help="Python interpreter with TRL installed for the TRL runs (default: this one)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before one framework's run is killed")
@@ -732,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.chdir(ROOT)  # config paths (model.path, data sources) are relative to the repository
     if args.trl_worker:
-        return trl_worker(args.config, args.overrides or [], Path(args.out), args.trl_threads)
+        return trl_worker(args.config, args.overrides or [], Path(args.out), args.trl_threads, args.trl_precision)
     from orchestrator.config import load_config
     from rewards.loader import load_function
 
@@ -743,8 +786,10 @@ def main(argv: list[str] | None = None) -> int:
     if not set(frameworks) <= set(FRAMEWORKS):
         print(f"--frameworks: choose from {', '.join(FRAMEWORKS)}", file=sys.stderr)
         return 2
-    variants = fair_variants(os.cpu_count() or 1, args.raylhf_only) if args.fair else \
-        legacy_variants(frameworks, args.raylhf_only, args.trl_threads)
+    from actors.precision import cpu_has_native_bf16
+
+    variants = fair_variants(os.cpu_count() or 1, args.raylhf_only, cpu_has_native_bf16()) if args.fair else \
+        legacy_variants(frameworks, args.raylhf_only, args.trl_threads, args.trl_precision)
     variants = [v for v in variants if v.framework in frameworks]
     if "trl" in frameworks:
         probe = subprocess.run([args.trl_python or sys.executable, "-c", "import trl"], capture_output=True)
@@ -765,7 +810,8 @@ def main(argv: list[str] | None = None) -> int:
         if v.framework == "raylhf":
             measured, records = run_raylhf(args.config, shared + list(v.raylhf_sets), run_dir, args.timeout)
         else:
-            measured, records = run_trl(args.config, shared, run_dir, v.trl_threads, args.timeout, args.trl_python)
+            measured, records = run_trl(args.config, shared, run_dir, v.trl_threads, args.timeout, args.trl_python,
+                                        v.trl_precision)
         if measured["returncode"] != 0:
             print(f"[bench] {v.name} failed (exit {measured['returncode']}); see {run_dir}.log", file=sys.stderr)
             return 1
@@ -786,15 +832,15 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": args.threshold,
         "settings": dataclasses.asdict(s),
         "raylhf_overrides": raylhf_overrides(shared + (args.raylhf_only or [])),
-        "trl_config": trl_config_kwargs(s, "<out>/trl-<i>"),
+        "trl_config": trl_config_kwargs(s, "<out>/trl-<i>", args.trl_precision),  # --fair: each variant's precision
         "trl_threads": args.trl_threads or None,
-        "differences": differences(s, args.trl_threads, args.raylhf_only, fair=args.fair),
+        "differences": differences(s, args.trl_threads, args.raylhf_only, fair=args.fair,
+                                   trl_precision=args.trl_precision),
         "variants": {v.name: dataclasses.asdict(v) | {"result": combined[v.name]} for v in variants},
         "pairs": pairs(combined, variants),
         "frameworks": fw,
         "ratios": ratios(fw["raylhf"], fw["trl"]) if both else {},
-        "goals": goals(fw["raylhf"], fw["trl"]) if both else {"throughput_2x": False,
-                                                              "steps_to_threshold_not_more": False},
+        "goals": goals(fw.get("raylhf", {}), fw.get("trl", {})),  # all False with one framework
         "runs": runs,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")

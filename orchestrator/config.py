@@ -40,6 +40,17 @@ def _resources_field(pool: str) -> Any:
         "An embedded Ray offers whatever the pools ask for."))
 
 
+def _autocast_field(pool: str, where: str) -> Any:
+    """`autocast`: whether `pool`'s forward passes (`where`) run in bf16 (`actors.precision`)."""
+    return Field("off", description=(
+        f"bf16 autocast of the forward passes of the {pool} ({where}): the weights, gradients and optimizer state stay "
+        "float32 (model.dtype float32) and log-probs and losses are computed in float32; only the matmuls run in "
+        "bf16. off; bf16 (always, also on a CPU that emulates it, often far slower); auto (a CUDA GPU with bf16, or "
+        "a CPU whose /proc/cpuinfo flags have avx512_bf16 or amx_bf16; else float32); under auto or bf16 each actor "
+        "prints its choice. Set rollout, scoring and trainer alike: numerics that differ show in "
+        "mismatch/logprob_abs_*."))
+
+
 def _check_resources(field: str, resources: dict[str, float]) -> dict[str, float]:
     for key, amount in resources.items():
         if key in ("CPU", "GPU", "memory", "object_store_memory"):
@@ -137,6 +148,8 @@ class RolloutConfig(Section):
         "sequences; each token records the policy version that sampled it (async/lag_* count per token) and its "
         "rollout log-prob is that version's. Long completions no longer hold back a weight update.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="rollout.engine: vllm only.")
+    autocast: Literal["off", "bf16", "auto"] = _autocast_field("rollout workers", "generation and held-out "
+                                                                "evaluation; engine hf only: vLLM has its own dtype")
 
 
 _LABEL = re.compile(r"[\w.:-]+")
@@ -322,6 +335,8 @@ class ScoringConfig(Section):
     resources: dict[str, float] = _resources_field("scoring")
     threads: int = Field(1, gt=0, description="torch intra-op threads per worker (more oversubscribes small CPUs).")
     micro_batch_size: int = Field(64, gt=0, description="Sequences per scoring forward pass.")
+    autocast: Literal["off", "bf16", "auto"] = _autocast_field("scoring workers", "reference, old-policy, teacher "
+                                                                "and value scoring")
 
 
 # Bounds each correction takes when the config gives none: TIS caps at 2 (Yao et al. 2025); IcePop keeps
@@ -533,6 +548,9 @@ class TrainerConfig(Section):
     max_nonfinite_steps: int = Field(
         3, gt=0, description="Micro-batches whose loss is NaN or inf are skipped (zero gradient) and counted; "
         "this many steps in a row with such skips stop the run.")
+    autocast: Literal["off", "bf16", "auto"] = _autocast_field(
+        "trainer ranks", "the policy's and the critic's forward for the loss, decoupled PPO's proximal pass, the "
+        "LoRA reference; the backward follows the forward's dtypes; train/autocast_bf16 logs the choice")
 
 
 class LoopConfig(Section):
@@ -650,6 +668,18 @@ class JobConfig(Section):
         if v.weight_sync == "nccl" and (r.engine != "vllm" or self.trainer.num_gpus <= 0):
             raise ValueError("rollout.vllm.weight_sync: nccl broadcasts from a GPU trainer into vLLM; it needs "
                              "rollout.engine: vllm and trainer.num_gpus > 0")
+        return self
+
+    @model_validator(mode="after")
+    def _autocast(self) -> "JobConfig":
+        for pool in ("rollout", "scoring", "trainer"):
+            if getattr(self, pool).autocast != "off" and self.model.dtype != "float32":
+                raise ValueError(f"{pool}.autocast: bf16 autocast keeps float32 weights and casts for each matmul; "
+                                 f"model.dtype is {self.model.dtype}, so set {pool}.autocast: off (or model.dtype: "
+                                 "float32)")
+        if self.rollout.autocast != "off" and self.rollout.engine == "vllm":
+            raise ValueError("rollout.autocast: applies to the hf engine; vLLM runs in its own dtype (set "
+                             "rollout.autocast: off)")
         return self
 
     @model_validator(mode="after")

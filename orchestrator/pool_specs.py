@@ -109,6 +109,8 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
     rollout = dict(engine=r.engine, threads=r.threads, seed=cfg.loop.seed,  # samples depend on prompts, not workers
                    device=_device(r.num_gpus), engine_options=r.vllm.model_dump() if r.engine == "vllm" else {},
                    env=env_limits(cfg), lora=lora, **common)
+    if r.engine == "hf":
+        rollout["engine_options"] = {"autocast": r.autocast}  # the hf engine's forward passes (rollout.autocast)
     e = cfg.env if cfg.env.enabled else None
     n_env = e.num_workers if e else 0
     env = dict(name=absolute_file_spec(e.env_name), kwargs=e.env_kwargs(cfg.data.prompt_key), timeout_s=e.timeout_s,
@@ -119,7 +121,8 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
     scoring = dict(with_reference=scoring_reference, temperature=r.temperature,
                    micro_batch_size=s.micro_batch_size, threads=s.threads, device=_device(s.num_gpus),
                    value_model=critic_path(cfg, model_path), with_policy=cfg.algorithm.old_logprobs == "recompute",
-                   share_prompts=m.share_prompt_forward, lora=lora, teacher_model=teacher_path(cfg), **common)
+                   share_prompts=m.share_prompt_forward, lora=lora, teacher_model=teacher_path(cfg),
+                   autocast=s.autocast, **common)
     trainer = dict(world_size=t.num_workers, model=m.model_dump() | {"path": model_path},
                    trainer=trainer_cfg | {"micro_batch_size": policy.micro_batch_size},
                    algorithm=cfg.algorithm.model_dump(), temperature=r.temperature, max_new_tokens=r.max_new_tokens,

@@ -187,16 +187,41 @@ def test_the_mapping_builds_a_real_grpo_config(tmp_path):
     assert cfg.beta == 0.0 and cfg.loss_type == "dapo" and cfg.scale_rewards == "group"
 
 
-def test_fair_variants_give_each_framework_its_defaults_and_its_other_thread_setting():
-    vs = bench.fair_variants(2, ["loop.max_staleness=1"])
-    assert [(v.name, v.framework) for v in vs] == [("raylhf", "raylhf"), ("raylhf-2threads", "raylhf"),
-                                                   ("trl", "trl"), ("trl-1thread", "trl")]
+def test_fair_variants_give_each_framework_its_defaults_and_its_other_thread_and_precision_settings():
+    """Each framework's defaults first (the "defaults" pair takes them), then its other threads x precision settings:
+    raylhf's bf16 autocast only where the CPU has native bf16 (elsewhere autocast auto is the float32 run again)."""
+    vs = bench.fair_variants(2, ["loop.max_staleness=1"], native_bf16=True)
+    assert [(v.name, v.framework) for v in vs] == [
+        ("raylhf", "raylhf"), ("raylhf-2threads", "raylhf"), ("raylhf-bf16", "raylhf"),
+        ("raylhf-2threads-bf16", "raylhf"), ("trl", "trl"), ("trl-1thread", "trl"), ("trl-fp32", "trl"),
+        ("trl-1thread-fp32", "trl")]
+    by = {v.name: v for v in vs}
     assert vs[0].raylhf_sets == ("loop.max_staleness=1",)
     assert set(vs[1].raylhf_sets) >= {"rollout.threads=2", "trainer.threads=2", "loop.max_staleness=1"}
-    assert (vs[2].trl_threads, vs[3].trl_threads) == (0, 1)  # 0: torch's default, one thread per core
-    load_config(CONFIG, bench.raylhf_overrides(list(vs[1].raylhf_sets)))  # every override names a real field
-    assert [v.name for v, _ in bench.variant_order(vs[:3], 2)] == ["raylhf", "raylhf-2threads", "trl",
-                                                                  "trl", "raylhf-2threads", "raylhf"]
+    assert not any("autocast" in x for x in vs[0].raylhf_sets + vs[1].raylhf_sets)  # raylhf's default: float32
+    autocast = {"rollout.autocast=auto", "scoring.autocast=auto", "trainer.autocast=auto"}
+    assert set(by["raylhf-bf16"].raylhf_sets) == autocast | {"loop.max_staleness=1"}
+    assert set(by["raylhf-2threads-bf16"].raylhf_sets) == set(vs[1].raylhf_sets) | autocast
+    assert [(v.trl_threads, v.trl_precision) for v in vs[4:]] == [(0, "default"), (1, "default"), (0, "fp32"),
+                                                                  (1, "fp32")]  # threads 0: torch's default
+    for v in vs[:4]:  # every override names a real field and validates
+        load_config(CONFIG, bench.raylhf_overrides(list(v.raylhf_sets)))
+    assert [v.name for v, _ in bench.variant_order(vs[:2] + vs[4:5], 2)] == [
+        "raylhf", "raylhf-2threads", "trl", "trl", "raylhf-2threads", "raylhf"]
+    plain = bench.fair_variants(2, native_bf16=False)  # no native bf16: no raylhf autocast runs; TRL's bf16 stays
+    assert [v.name for v in plain] == ["raylhf", "raylhf-2threads", "trl", "trl-1thread", "trl-fp32",
+                                       "trl-1thread-fp32"]
+
+
+def test_trl_precision_default_leaves_bf16_to_trl_and_fp32_pins_it():
+    s = settings()
+    assert bench.trl_config_kwargs(s, "out")["bf16"] is False  # the legacy comparison: float32
+    assert {"bf16", "fp16"}.isdisjoint(bench.trl_config_kwargs(s, "out", "default"))
+    with pytest.raises(ValueError, match="TRL precision"):
+        bench.trl_config_kwargs(s, "out", "bf16")
+    trl = pytest.importorskip("trl")
+    assert trl.GRPOConfig(**bench.trl_config_kwargs(s, "out", "default")).bf16 is True  # TRL's own default
+    assert trl.GRPOConfig(**bench.trl_config_kwargs(s, "out", "fp32")).bf16 is False
 
 
 def test_pairs_compare_the_defaults_and_each_frameworks_fastest_variant():
@@ -215,4 +240,18 @@ def test_fair_differences_describe_both_thread_settings_once():
     diffs = bench.differences(settings(), 1, ["loop.max_staleness=1"], fair=True)
     whats = [d["what"] for d in diffs]
     assert whats[0].startswith("processes and threads (--fair") and "processes and threads" not in whats
-    assert "raylhf-only settings (--raylhf-set)" in whats and len(whats) == len(bench.differences(settings(), 1, ["x"]))
+    assert whats[1].startswith("precision (--fair") and "bf16" in diffs[1]["raylhf"] + diffs[1]["trl"]
+    # the rest is the plain comparison's list: threads and precision replace its threads entry
+    assert "raylhf-only settings (--raylhf-set)" in whats
+    assert len(whats) == len(bench.differences(settings(), 1, ["x"])) + 1
+    plain = [d["what"] for d in bench.differences(settings(), 1)]
+    trl_bf16 = [d["what"] for d in bench.differences(settings(), 1, trl_precision="default")]
+    assert "precision (--trl-precision)" not in plain and "precision (--trl-precision)" in trl_bf16
+
+
+def test_report_of_one_framework_says_no_goal_is_met():
+    """`--frameworks trl` (one framework, no ratios): the report prints, every goal "no" (it raised a KeyError)."""
+    result = {"frameworks": {"trl": {"tokens_per_s": 500.0}}, "ratios": {}, "threshold": 0.5, "variants": {},
+              "goals": bench.goals({}, {"tokens_per_s": 500.0}), "differences": []}
+    text = bench.report(result)
+    assert "throughput >= 2x TRL: no" in text and "overhead <= 3% of the step: no" in text and "500" in text

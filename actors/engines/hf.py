@@ -19,6 +19,7 @@ from transformers import StoppingCriteria
 
 from actors.lora import load_sync_state, sync_state, wrap
 from actors.modeling import cache_argument, hf_model, load_causal_lm, load_tokenizer, position_ids, token_logprobs
+from actors.precision import autocast, describe, use_bf16_autocast
 from actors.records import Completion, SamplingParams
 from actors.weights import state_checksum, unpack_state_dict
 
@@ -29,13 +30,18 @@ class HFEngine:
     """Holds one model and its tokenizer; `generate` takes prompts' token ids and returns completions.
     `sampler`: "loop" (our cache loop, falls back to "generate" for caches it cannot reshape) or
     "generate" (Hugging Face `model.generate`). `lora` (`model.lora` of the config): the base is wrapped with
-    adapters, and weight updates carry the adapters only (applied unmerged, as the trainer computes)."""
+    adapters, and weight updates carry the adapters only (applied unmerged, as the trainer computes). `autocast`
+    (`rollout.autocast`: off, bf16, auto): the forward passes of `generate` under bf16 autocast
+    (`actors.precision`); the weights stay in `dtype` and sampling and log-probs in float32."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu",
-                 sampler: str = "loop", lora: dict | None = None):
+                 sampler: str = "loop", lora: dict | None = None, autocast: str = "off"):
         model = load_causal_lm(model_path, dtype, trust_remote_code, device)
         self._serve((wrap(model, lora) if lora else model).eval(), load_tokenizer(model_path, trust_remote_code),
                     device, sampler)
+        self.bf16 = use_bf16_autocast(autocast, device)
+        if autocast != "off":  # say what auto chose (or that bf16 was asked for), once
+            print(f"raylhf HFEngine: {describe(autocast, self.bf16, device)}", flush=True)
 
     @classmethod
     def from_model(cls, model, tokenizer, sampler: str = "loop") -> HFEngine:
@@ -51,6 +57,7 @@ class HFEngine:
         self.tokenizer, self.model = tokenizer, model
         self.tokenizer.padding_side = "left"
         self.device, self.sampler = device, sampler
+        self.bf16 = False  # `__init__` sets `rollout.autocast`'s choice
         # Prefill needs only the last position's logits; not every remote-code model takes the argument.
         self._keep_last = "logits_to_keep" in inspect.signature(hf_model(self.model).forward).parameters
         self._cache_kw = cache_argument(self.model)
@@ -66,9 +73,10 @@ class HFEngine:
         deterministic for a given seed and batch. `refresh` (partial rollouts, loop sampler only): called at each
         token boundary; it loads newer weights into this engine and returns their version, or returns None.
         `version`: the weights' version at the start (each completion's `versions` say which sampled each token)."""
-        if self.sampler == "generate":
-            return self._generate_hf(prompt_ids, sampling, seed)
-        return self._generate_loop(prompt_ids, sampling, seed, refresh, version)
+        with autocast(self.bf16, self.device):  # one context per call: each weight is cast to bf16 once per call
+            if self.sampler == "generate":
+                return self._generate_hf(prompt_ids, sampling, seed)
+            return self._generate_loop(prompt_ids, sampling, seed, refresh, version)
 
     def _generate_loop(self, prompt_ids: list[list[int]], sampling: SamplingParams, seed: int,
                        refresh: Callable[[], int | None] | None = None, version: int = 0
