@@ -5,10 +5,11 @@ Run: python benchmarks/gpu_smoke.py [--device cuda] [--prompts 64] [--group 8] [
 
 The model has the compute-bound job's shape (`examples.scratch.warmstart.SIZE`, 20.5M parameters) with random
 weights, built from config into a temporary folder; prompts are scratchpad-addition training prompts. It prints:
-* generation-only tokens/s of the `hf` engine's KV-cache loop and of Hugging Face `generate`, both in bf16, on the
-  same prompts (a warm-up call first, then `--repeats` timed calls each);
-* the seconds of one policy update on the sampled rows, the trainer's own pieces: `response_logprobs` under bf16
-  autocast, the PPO-clip token-mean loss (`algorithms.losses.policy_loss`, the default objective's core), backward, the trainer's clip and a fused AdamW step, fp32 master weights (a warm-up update first).
+* generation-only tokens/s of the `hf` engine's KV-cache loop and of Hugging Face `generate` with bf16 weights, and
+  of the loop with float32 weights under `rollout.autocast: bf16`, on the same prompts (a warm-up call first, then
+  `--repeats` timed calls each);
+* the seconds of one policy update on the sampled rows, float32 and under `trainer.autocast: bf16`, the trainer's own
+  pieces: `response_logprobs` (under `actors.precision.autocast`), the PPO-clip token-mean loss (`algorithms.losses.policy_loss`, the default objective's core), backward, the trainer's clip and a fused AdamW step, fp32 master weights (a warm-up update first).
 Ray, DeepSpeed and pydantic are not needed (the GPU image lacks the first two), so this is the trainer's computation,
 not its actor.
 """
@@ -65,6 +66,7 @@ def main() -> None:
     from actors.batch import collate
     from actors.engines.hf import HFEngine
     from actors.modeling import encode_prompts, response_logprobs
+    from actors.precision import autocast
     from actors.records import SamplingParams, TrainBatch
     from actors.trainer import make_optimizer
     from algorithms.losses import policy_loss
@@ -80,8 +82,9 @@ def main() -> None:
     sampling = SamplingParams(n=args.group, temperature=1.0, max_new_tokens=args.max_new_tokens)
 
     groups = None
-    for sampler in ("loop", "generate"):
-        engine = HFEngine(path, dtype="bfloat16", device=args.device, sampler=sampler)
+    for sampler, dtype, cast in (("loop", "bfloat16", "off"), ("generate", "bfloat16", "off"), ("loop", "float32", "bf16")):
+        name = f"{sampler}, {dtype} weights, autocast {cast}"
+        engine = HFEngine(path, dtype=dtype, device=args.device, sampler=sampler, autocast=cast)
         prompts = encode_prompts(engine.tokenizer, [r["prompt"] for r in rows])
         engine.generate(prompts[:8], sampling, seed=0)  # warm-up
         rates = []
@@ -90,10 +93,10 @@ def main() -> None:
             seconds = timed(lambda: out.append(engine.generate(prompts, sampling, seed=1 + k)), sync)
             tokens = sum(len(c.token_ids) for g in out[0] for c in g)
             rates.append(tokens / seconds)
-            print(f"generate [{sampler}] bf16: {tokens} tokens in {seconds:.3f} s, {tokens / seconds:,.0f} tokens/s",
+            print(f"generate [{name}]: {tokens} tokens in {seconds:.3f} s, {tokens / seconds:,.0f} tokens/s",
                   flush=True)
             groups = groups or (prompts, out[0], engine.tokenizer)
-        print(f"generate [{sampler}] median {statistics.median(rates):,.0f} tokens/s", flush=True)
+        print(f"generate [{name}] median {statistics.median(rates):,.0f} tokens/s", flush=True)
         del engine
 
     prompts, out, tokenizer = groups
@@ -110,8 +113,8 @@ def main() -> None:
     model = LlamaForCausalLM.from_pretrained(path).to(args.device).train()  # fp32 master weights
     optimizer = make_optimizer(list(model.parameters()), 1e-5, (0.9, 0.999), 0.0, impl="fused")
 
-    def update() -> None:
-        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16):
+    def update(bf16: bool) -> None:
+        with autocast(bf16, args.device):
             logp, _ = response_logprobs(model, batch, 1.0)
         loss, _ = policy_loss(logp.float(), batch.old_logp, batch.advantages, batch.response_mask, 0.2, 0.2, "token-mean")
         loss.backward()
@@ -119,11 +122,12 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    update()  # warm-up
-    seconds = [timed(update, sync) for _ in range(args.repeats)]
-    print(f"policy update, bf16 autocast: {mask.shape[0]} rows, {int(mask.sum())} response tokens, "
-          f"median {statistics.median(seconds):.3f} s ({int(mask.sum()) / statistics.median(seconds):,.0f} "
-          "trained tokens/s)", flush=True)
+    for bf16 in (False, True):
+        update(bf16)  # warm-up
+        seconds = [timed(lambda: update(bf16), sync) for _ in range(args.repeats)]
+        print(f"policy update, {'bf16 autocast' if bf16 else 'float32'}: {mask.shape[0]} rows, {int(mask.sum())} response tokens, "
+              f"median {statistics.median(seconds):.3f} s ({int(mask.sum()) / statistics.median(seconds):,.0f} "
+              "trained tokens/s)", flush=True)
 
 
 if __name__ == "__main__":
