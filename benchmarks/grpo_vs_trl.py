@@ -189,26 +189,57 @@ def trl_config_kwargs(s: Settings, output_dir: str) -> dict:
     )
 
 
-def differences(s: Settings, trl_threads: int | None, raylhf_only: list[str] | None = None, fair: bool = False
-                ) -> list[dict]:
-    """What is not the same between the two runs, and why (written to the JSON and printed)."""
+def default_threads(cfg, cores: int) -> list[int]:
+    """The torch threads raylhf's config gives each actor that runs torch (rollout, scoring, trainer, critic) on
+    this machine: its embedded Ray is one node of `cores` cores, and `threads: auto` resolves as in
+    `orchestrator.threads` (strict on-policy: the phase's actors share the cores; asynchronous: each its num_cpus)."""
+    from orchestrator.pool_specs import job_demands, thread_settings
+    from orchestrator.threads import resolve_threads
+
+    placed = [d for d in job_demands(cfg) if d.count]
+    nodes = {d.name: ["this machine"] * d.count for d in placed}
+    asked = {pool: threads for pool, threads in thread_settings(cfg).items() if pool in nodes}
+    got = resolve_threads(asked, nodes, {d.name: [n.get("CPU", 0.0) for n in d.needs] for d in placed},
+                          {"this machine": cores}, on_policy=cfg.loop.max_staleness == 0)
+    return sorted(n for pool in got.values() for n in pool)
+
+
+def describe_threads(threads: list[int] | None) -> str:
+    """raylhf's torch threads per actor, as configured (`default_threads`), in words."""
+    if not threads:
+        return "rollout/scoring/trainer.threads as configured (threads: auto by default)"
+    per = f"{threads[0]} each" if len(set(threads)) == 1 else "/".join(map(str, threads))
+    return f"{per} (threads as configured, `auto` by default: docs/performance.md, Threads)"
+
+
+def differences(s: Settings, trl_threads: int | None, raylhf_only: list[str] | None = None, fair: bool = False,
+                raylhf_threads: list[int] | None = None) -> list[dict]:
+    """What is not the same between the two runs, and why (written to the JSON and printed). `raylhf_threads`:
+    what raylhf's config gives each actor here (`default_threads`; None: not worked out)."""
     micro, accum = trl_batching(s)
     threads = trl_threads or f"torch's default ({os.cpu_count()})"
+    cores = os.cpu_count() or 1
     if fair:
+        same = bool(raylhf_threads) and set(raylhf_threads) == {cores} and cores > 1
+        other = "1 each (raylhf-1thread)" if same else f"{cores} each (raylhf-{cores}threads)"
+        note = (f"; here its default already is the {cores}-thread setting (raylhf = raylhf-{cores}threads), so "
+                "the other setting run is 1 thread" if same else "")
         return [{"what": "processes and threads (--fair: both settings of each measured)",
-                 "raylhf": f"Ray actors, 1 torch thread each (its default) or {os.cpu_count()} each",
+                 "raylhf": f"Ray actors, torch threads {describe_threads(raylhf_threads)} or {other}",
                  "trl": f"one process, torch's default of {os.cpu_count()} threads (TRL's default) or 1",
-                 "why": "each framework at its own defaults and at its other thread setting; pairs compare both"}
-                ] + [d for d in differences(s, trl_threads, raylhf_only) if d["what"] != "processes and threads"]
+                 "why": "each framework at its own defaults and at its other thread setting; pairs compare both"
+                        + note}
+                ] + [d for d in differences(s, trl_threads, raylhf_only, raylhf_threads=raylhf_threads)
+                     if d["what"] != "processes and threads"]
     extra = [{"what": "raylhf-only settings (--raylhf-set)", "raylhf": ", ".join(raylhf_only), "trl": "(none)",
               "why": "raylhf features TRL has no counterpart for, e.g. loop.max_staleness=1"}] if raylhf_only else []
     return extra + [
         {"what": "processes and threads",
-         "raylhf": "Ray actors (rollout, reward, scoring, trainer), 1 torch thread each (rollout/scoring/trainer.threads)",
+         "raylhf": f"Ray actors (rollout, reward, scoring, trainer), torch threads {describe_threads(raylhf_threads)}",
          "trl": f"one process, {threads} torch thread(s) (--trl-threads)",
-         "why": "each framework's own layout. TRL gets 1 thread like each raylhf actor: with torch's default (one per "
-                "core) it ran 7-10x slower whenever other processes shared the cores (OpenMP threads spin-waiting "
-                "for a descheduled sibling)"},
+         "why": "each framework's own layout. TRL gets 1 thread by default: with torch's default (one per core) it "
+                "ran 7-10x slower whenever other processes shared the cores (OpenMP threads waiting for a "
+                "descheduled sibling); `--raylhf-set rollout.threads=1` (and trainer, scoring) pins raylhf's too"},
         {"what": "generation batching",
          "raylhf": "rollout.prompts_per_call prompts (x G) per generate call, groups streamed to reward and scoring",
          "trl": f"the step's {s.prompts_per_step} x {s.group_size} completions in one generate call",
@@ -334,14 +365,18 @@ def raylhf_thread_sets(threads: int) -> tuple[str, ...]:
     return tuple(f"{section}.threads={threads}" for section in ("rollout", "trainer", "scoring"))
 
 
-def fair_variants(cores: int, raylhf_only: list[str] | None = None) -> list[Variant]:
+def fair_variants(cores: int, raylhf_only: list[str] | None = None, default: list[int] | None = None
+                  ) -> list[Variant]:
     """Issue 20's fair comparison: each framework at its own defaults and at its other thread setting on a machine
-    of `cores` cores: raylhf as configured (1 thread per actor) and with `cores` threads per actor (in strict
-    on-policy mode generation and training take turns, so each may use every core); TRL at torch's default (one
-    thread per core) and on 1 thread. The "best" of each is picked from the measurements (`pairs`)."""
+    of `cores` cores: raylhf as configured and with `cores` threads per actor (in strict on-policy mode generation
+    and training take turns, so each may use every core); TRL at torch's default (one thread per core) and on 1
+    thread. The "best" of each is picked from the measurements (`pairs`). `default`: the threads raylhf's config
+    gives each actor here (`default_threads`); when that is already `cores` each (`threads: auto`, on-policy, one
+    actor per phase), raylhf's other setting is 1 thread per actor (`raylhf-1thread`) instead."""
     extra = tuple(raylhf_only or ())
-    return [Variant("raylhf", "raylhf", extra), Variant(f"raylhf-{cores}threads", "raylhf",
-                                                        extra + raylhf_thread_sets(cores)),
+    other = 1 if default and set(default) == {cores} and cores > 1 else cores
+    name = "raylhf-1thread" if other == 1 else f"raylhf-{cores}threads"
+    return [Variant("raylhf", "raylhf", extra), Variant(name, "raylhf", extra + raylhf_thread_sets(other)),
             Variant("trl", "trl", trl_threads=0), Variant("trl-1thread", "trl", trl_threads=1)]
 
 
@@ -710,8 +745,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trl-threads", type=int, default=1,
                    help="torch threads of the TRL process: 1 (default) as each raylhf actor; 0: torch's default")
     p.add_argument("--fair", action="store_true",
-                   help="issue 20's comparison: raylhf as configured and with a thread per core per actor, TRL at "
-                        "torch's default threads and on 1 thread, alternated; reports the defaults and best pairs")
+                   help="issue 20's comparison: raylhf as configured and at its other thread setting (a thread per "
+                        "core per actor, or 1 where its default already gives that), TRL at torch's default threads "
+                        "and on 1 thread, alternated; reports the defaults and best pairs")
     p.add_argument("--trl-python", default=None,
                    help="Python interpreter with TRL installed for the TRL runs (default: this one)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before one framework's run is killed")
@@ -743,7 +779,9 @@ def main(argv: list[str] | None = None) -> int:
     if not set(frameworks) <= set(FRAMEWORKS):
         print(f"--frameworks: choose from {', '.join(FRAMEWORKS)}", file=sys.stderr)
         return 2
-    variants = fair_variants(os.cpu_count() or 1, args.raylhf_only) if args.fair else \
+    threads = default_threads(load_config(args.config, shared + (args.raylhf_only or [])),
+                              len(os.sched_getaffinity(0)))  # what raylhf's config gives each actor here
+    variants = fair_variants(os.cpu_count() or 1, args.raylhf_only, threads) if args.fair else \
         legacy_variants(frameworks, args.raylhf_only, args.trl_threads)
     variants = [v for v in variants if v.framework in frameworks]
     if "trl" in frameworks:
@@ -788,7 +826,8 @@ def main(argv: list[str] | None = None) -> int:
         "raylhf_overrides": raylhf_overrides(shared + (args.raylhf_only or [])),
         "trl_config": trl_config_kwargs(s, "<out>/trl-<i>"),
         "trl_threads": args.trl_threads or None,
-        "differences": differences(s, args.trl_threads, args.raylhf_only, fair=args.fair),
+        "raylhf_threads": threads,
+        "differences": differences(s, args.trl_threads, args.raylhf_only, fair=args.fair, raylhf_threads=threads),
         "variants": {v.name: dataclasses.asdict(v) | {"result": combined[v.name]} for v in variants},
         "pairs": pairs(combined, variants),
         "frameworks": fw,
