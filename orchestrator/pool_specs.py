@@ -3,6 +3,7 @@ arguments it is built with. `Pools` builds actors from these specs; placement re
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,7 +20,17 @@ from orchestrator.placement import Placement, PoolDemand
 from orchestrator.references import absolute_file_spec
 from orchestrator.threads import PHASES, ray_node_cores, resolve_threads
 
-CPU_ENV = {"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}}
+
+def omp_wait(environ: dict[str, str]) -> dict[str, str]:
+    """How the CPU actors' OpenMP threads wait: the driver's OMP_WAIT_POLICY / GOMP_SPINCOUNT when it sets either,
+    else PASSIVE: waiting threads sleep at once, where libgomp's default spins ~3 ms first. A thread spinning at a
+    barrier for a descheduled sibling burns the core that sibling needs: with other processes on the machine, 2
+    threads per actor stalled (docs/performance.md, Threads)."""
+    return {k: environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in environ} or {
+        "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+CPU_ENV = {"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **omp_wait(dict(os.environ))}}
 
 
 @dataclass

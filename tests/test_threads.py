@@ -8,7 +8,7 @@ import os
 import pytest
 
 from orchestrator.config import JobConfig
-from orchestrator.pool_specs import config_rewards, placed_threads, pool_specs
+from orchestrator.pool_specs import config_rewards, omp_wait, placed_threads, pool_specs
 from orchestrator.threads import auto_threads, ray_node_cores, resolve_threads
 from tests.conftest import base_config
 
@@ -93,6 +93,16 @@ def test_resolved_threads_reach_every_actors_constructor_arguments(tiny_model, m
     assert all(kw["threads"] == "auto" for kw in {s.name: s for s in specs}["rollout"].kwargs)  # specs not mutated
 
 
+def test_cpu_actors_openmp_threads_wait_passively_unless_the_driver_says_otherwise(tiny_model):
+    assert omp_wait({}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert omp_wait({"OMP_WAIT_POLICY": "ACTIVE", "X": "1"}) == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert omp_wait({"GOMP_SPINCOUNT": "300000"}) == {"GOMP_SPINCOUNT": "300000"}  # libgomp's default spin again
+    cfg = JobConfig.model_validate(base_config(tiny_model, algorithm={"kl_coef": 0.1}))
+    envs = {s.name: s.runtime_env for s in pool_specs(cfg, tiny_model, config_rewards(cfg))}
+    for pool in ("rollout", "scoring", "trainer", "reward"):
+        assert envs[pool]["env_vars"].items() >= omp_wait(dict(os.environ)).items(), pool
+
+
 @pytest.mark.slow
 def test_actors_built_with_the_default_run_the_resolved_threads(ray_local, tiny_model):
     """The session's embedded Ray offers 8 logical CPUs whatever the machine, so its node counts as the cores this
@@ -110,6 +120,8 @@ def test_actors_built_with_the_default_run_the_resolved_threads(ray_local, tiny_
     try:
         threads = [ray_local.get(a.__ray_call__.remote(lambda self: torch.get_num_threads()))
                    for a in (*pools.rollout, *pools.trainers)]
+        wait = ray_local.get(pools.trainers[0].__ray_call__.remote(lambda self: os.environ.get("OMP_WAIT_POLICY")))
     finally:
         pools.shutdown()
     assert threads == [max(1, cores // 2)] * 2 + [cores]
+    assert wait == os.environ.get("OMP_WAIT_POLICY", "PASSIVE" if "GOMP_SPINCOUNT" not in os.environ else None)
