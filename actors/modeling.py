@@ -15,10 +15,10 @@ from actors.records import TrainBatch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def set_threads(threads: int | None) -> None:
-    """Bound torch's intra-op threads (default: every core this process may use). Several actors
-    share a machine, so each gets few threads: oversubscribed cores make tiny ops many times slower."""
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+def set_threads(threads: int | str | None) -> None:
+    """Bound torch's intra-op threads (None or "auto": every core this process may use; the pools resolve "auto"
+    per actor from the placement first, `orchestrator.threads`). Oversubscribed cores slow tiny ops many times."""
+    torch.set_num_threads(threads if isinstance(threads, int) and threads > 0 else len(os.sched_getaffinity(0)))
 
 
 def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu"):

@@ -201,16 +201,46 @@ def trl_config_kwargs(s: Settings, output_dir: str, precision: str = "fp32") -> 
     )
 
 
+def default_threads(cfg, cores: int) -> list[int]:
+    """The torch threads raylhf's config gives each actor that runs torch (rollout, scoring, trainer, critic) on
+    this machine: its embedded Ray is one node of `cores` cores, and `threads: auto` resolves as in
+    `orchestrator.threads` (strict on-policy: the phase's actors share the cores; asynchronous: each its num_cpus)."""
+    from orchestrator.pool_specs import job_demands, thread_settings
+    from orchestrator.threads import resolve_threads
+
+    placed = [d for d in job_demands(cfg) if d.count]
+    nodes = {d.name: ["this machine"] * d.count for d in placed}
+    asked = {pool: threads for pool, threads in thread_settings(cfg).items() if pool in nodes}
+    got = resolve_threads(asked, nodes, {d.name: [n.get("CPU", 0.0) for n in d.needs] for d in placed},
+                          {"this machine": cores}, on_policy=cfg.loop.max_staleness == 0)
+    return sorted(n for pool in got.values() for n in pool)
+
+
+def describe_threads(threads: list[int] | None) -> str:
+    """raylhf's torch threads per actor, as configured (`default_threads`), in words."""
+    if not threads:
+        return "rollout/scoring/trainer.threads as configured (threads: auto by default)"
+    per = f"{threads[0]} each" if len(set(threads)) == 1 else "/".join(map(str, threads))
+    return f"{per} (threads as configured, `auto` by default: docs/performance.md, Threads)"
+
+
 def differences(s: Settings, trl_threads: int | None, raylhf_only: list[str] | None = None, fair: bool = False,
-                trl_precision: str = "fp32") -> list[dict]:
-    """What is not the same between the two runs, and why (written to the JSON and printed)."""
+                trl_precision: str = "fp32", raylhf_threads: list[int] | None = None) -> list[dict]:
+    """What is not the same between the two runs, and why (written to the JSON and printed). `raylhf_threads`:
+    what raylhf's config gives each actor here (`default_threads`; None: not worked out)."""
     micro, accum = trl_batching(s)
     threads = trl_threads or f"torch's default ({os.cpu_count()})"
+    cores = os.cpu_count() or 1
     if fair:
+        same = bool(raylhf_threads) and set(raylhf_threads) == {cores} and cores > 1
+        other = "1 each (raylhf-1thread)" if same else f"{cores} each (raylhf-{cores}threads)"
+        note = (f"; here its default already is the {cores}-thread setting (raylhf = raylhf-{cores}threads), so "
+                "the other setting run is 1 thread" if same else "")
         return [{"what": "processes and threads (--fair: both settings of each measured)",
-                 "raylhf": f"Ray actors, 1 torch thread each (its default) or {os.cpu_count()} each",
+                 "raylhf": f"Ray actors, torch threads {describe_threads(raylhf_threads)} or {other}",
                  "trl": f"one process, torch's default of {os.cpu_count()} threads (TRL's default) or 1",
-                 "why": "each framework at its own defaults and at its other thread setting; pairs compare both"},
+                 "why": "each framework at its own defaults and at its other thread setting; pairs compare both"
+                        + note},
                 {"what": "precision (--fair: both settings of each measured)",
                  "raylhf": "float32 (its default: rollout/scoring/trainer.autocast off) or, where the CPU has native "
                            "bf16 (avx512_bf16 / amx_bf16), bf16 autocast of every actor's forward passes (autocast: "
@@ -218,7 +248,8 @@ def differences(s: Settings, trl_threads: int | None, raylhf_only: list[str] | N
                  "trl": "TRL's default (GRPOConfig bf16=True: transformers runs the model's forward, generation "
                         "included, under torch.autocast(cpu, bfloat16), float32 weights) or float32 (bf16=False)",
                  "why": "each framework at its own default precision and at the other one; pairs compare both"},
-                ] + [d for d in differences(s, trl_threads, raylhf_only) if d["what"] != "processes and threads"]
+                ] + [d for d in differences(s, trl_threads, raylhf_only, raylhf_threads=raylhf_threads)
+                     if d["what"] != "processes and threads"]
     extra = [{"what": "raylhf-only settings (--raylhf-set)", "raylhf": ", ".join(raylhf_only), "trl": "(none)",
               "why": "raylhf features TRL has no counterpart for, e.g. loop.max_staleness=1"}] if raylhf_only else []
     if trl_precision != "fp32":
@@ -227,11 +258,11 @@ def differences(s: Settings, trl_threads: int | None, raylhf_only: list[str] | N
                       "why": "TRL at its own default precision"})
     return extra + [
         {"what": "processes and threads",
-         "raylhf": "Ray actors (rollout, reward, scoring, trainer), 1 torch thread each (rollout/scoring/trainer.threads)",
+         "raylhf": f"Ray actors (rollout, reward, scoring, trainer), torch threads {describe_threads(raylhf_threads)}",
          "trl": f"one process, {threads} torch thread(s) (--trl-threads)",
-         "why": "each framework's own layout. TRL gets 1 thread like each raylhf actor: with torch's default (one per "
-                "core) it ran 7-10x slower whenever other processes shared the cores (OpenMP threads spin-waiting "
-                "for a descheduled sibling)"},
+         "why": "each framework's own layout. TRL gets 1 thread by default: with torch's default (one per core) it "
+                "ran 7-10x slower whenever other processes shared the cores (OpenMP threads waiting for a "
+                "descheduled sibling); `--raylhf-set rollout.threads=1` (and trainer, scoring) pins raylhf's too"},
         {"what": "generation batching",
          "raylhf": "rollout.prompts_per_call prompts (x G) per generate call, groups streamed to reward and scoring",
          "trl": f"the step's {s.prompts_per_step} x {s.group_size} completions in one generate call",
@@ -361,16 +392,20 @@ def raylhf_thread_sets(threads: int) -> tuple[str, ...]:
 AUTOCAST_SETS = tuple(f"{pool}.autocast=auto" for pool in ("rollout", "scoring", "trainer"))  # bf16 where native
 
 
-def fair_variants(cores: int, raylhf_only: list[str] | None = None, native_bf16: bool = True) -> list[Variant]:
+def fair_variants(cores: int, raylhf_only: list[str] | None = None, native_bf16: bool = True,
+                  default: list[int] | None = None) -> list[Variant]:
     """Issue 20's fair comparison on a machine of `cores` cores: each framework at its own defaults, then at its other
-    settings of threads x precision. raylhf as configured (1 thread per actor, float32) and with `cores` threads per
-    actor (in strict on-policy mode generation and training take turns, so each may use every core), each also with
-    bf16 autocast on every actor (`AUTOCAST_SETS`) when the CPU has native bf16 (`native_bf16`; elsewhere autocast
-    auto is float32, the same run). TRL at torch's default threads (one per core) and on 1 thread, each at TRL's
-    default precision (bf16) and in float32. The "best" of each is picked from the measurements (`pairs`)."""
+    settings of threads x precision. raylhf as configured and at its other thread setting: `cores` threads per actor
+    (in strict on-policy mode generation and training take turns, so each may use every core), or 1 per actor
+    (`raylhf-1thread`) where `default` (the threads its config gives each actor here, `default_threads`) already is
+    `cores` each; each also with bf16 autocast on every actor (`AUTOCAST_SETS`) when the CPU has native bf16
+    (`native_bf16`; elsewhere autocast auto is float32, the same run). TRL at torch's default threads (one per core)
+    and on 1 thread, each at TRL's default precision (bf16) and in float32. The "best" of each is picked from the
+    measurements (`pairs`)."""
     extra = tuple(raylhf_only or ())
-    raylhf = [Variant("raylhf", "raylhf", extra),
-              Variant(f"raylhf-{cores}threads", "raylhf", extra + raylhf_thread_sets(cores))]
+    other = 1 if default and set(default) == {cores} and cores > 1 else cores
+    name = "raylhf-1thread" if other == 1 else f"raylhf-{cores}threads"
+    raylhf = [Variant("raylhf", "raylhf", extra), Variant(name, "raylhf", extra + raylhf_thread_sets(other))]
     if native_bf16:
         raylhf += [Variant(f"{v.name}-bf16", "raylhf", v.raylhf_sets + AUTOCAST_SETS) for v in raylhf]
     trl = [Variant("trl", "trl", trl_threads=0), Variant("trl-1thread", "trl", trl_threads=1),
@@ -751,10 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trl-precision", choices=TRL_PRECISIONS, default="fp32",
                    help="TRL's precision without --fair: fp32 (default, bf16=False) or default (TRL's own: bf16)")
     p.add_argument("--fair", action="store_true",
-                   help="issue 20's comparison: raylhf as configured and with a thread per core per actor, each also "
-                        "with bf16 autocast where the CPU has native bf16; TRL at torch's default threads and on 1 "
-                        "thread, each at TRL's default precision (bf16) and in float32; alternated; reports the "
-                        "defaults and best pairs")
+                   help="issue 20's comparison: raylhf as configured and at its other thread setting (a thread per "
+                        "core per actor, or 1 where its default already gives that), each also with bf16 autocast "
+                        "where the CPU has native bf16; TRL at torch's default threads and on 1 thread, each at TRL's "
+                        "default precision (bf16) and in float32; alternated; reports the defaults and best pairs")
     p.add_argument("--trl-python", default=None,
                    help="Python interpreter with TRL installed for the TRL runs (default: this one)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before one framework's run is killed")
@@ -788,7 +823,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from actors.precision import cpu_has_native_bf16
 
-    variants = fair_variants(os.cpu_count() or 1, args.raylhf_only, cpu_has_native_bf16()) if args.fair else \
+    threads = default_threads(load_config(args.config, shared + (args.raylhf_only or [])),
+                              len(os.sched_getaffinity(0)))  # what raylhf's config gives each actor here
+    variants = fair_variants(os.cpu_count() or 1, args.raylhf_only, cpu_has_native_bf16(), threads) if args.fair else \
         legacy_variants(frameworks, args.raylhf_only, args.trl_threads, args.trl_precision)
     variants = [v for v in variants if v.framework in frameworks]
     if "trl" in frameworks:
@@ -834,8 +871,9 @@ def main(argv: list[str] | None = None) -> int:
         "raylhf_overrides": raylhf_overrides(shared + (args.raylhf_only or [])),
         "trl_config": trl_config_kwargs(s, "<out>/trl-<i>", args.trl_precision),  # --fair: each variant's precision
         "trl_threads": args.trl_threads or None,
+        "raylhf_threads": threads,
         "differences": differences(s, args.trl_threads, args.raylhf_only, fair=args.fair,
-                                   trl_precision=args.trl_precision),
+                                   trl_precision=args.trl_precision, raylhf_threads=threads),
         "variants": {v.name: dataclasses.asdict(v) | {"result": combined[v.name]} for v in variants},
         "pairs": pairs(combined, variants),
         "frameworks": fw,

@@ -43,7 +43,7 @@ def main() -> None:
     base = {"model": {"path": model}, "data": {"train": {"source": "examples.arith.task:make_rows",
                                                            "kwargs": {"split": "train", "n": 5000}}},
             "reward": {"functions": [{"name": "rewards.final_answer:hash_answer"}]},
-            "rollout": {"prompts_per_call": 8, "group_size": args.group}}
+            "rollout": {"prompts_per_call": 8, "group_size": args.group, "threads": 1}}  # not auto: 1 each always
     requests = load_data(JobConfig.model_validate(base), model).stream.next(args.prompts)
     sampling = SamplingParams(n=args.group, temperature=1.0, max_new_tokens=args.tokens)
     results = {}

@@ -21,7 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = {
-    "on_policy": [],  # the example as it is: pi_old from the rollout's log-probs, no scoring pool
+    "on_policy": [],  # the example as it is: pi_old from the rollout's log-probs, no scoring pool, threads: auto
+    "one_thread": ["rollout.threads=1", "trainer.threads=1", "scoring.threads=1"],  # the default before auto
+    "spin": [],  # threads: auto with libgomp's own wait (spin ~3 ms, then sleep) instead of PASSIVE: see ENV
     "recompute": ["algorithm.old_logprobs=recompute"],  # a ScoringWorker re-scores pi_old (the old default)
     "async": ["loop.max_staleness=1"],  # the next step generates while this one trains
     "async_1thread": ["loop.max_staleness=1", "rollout.threads=1"],
@@ -29,6 +31,7 @@ SETTINGS = {
     "no_skip": ["algorithm.skip_zero_advantage=false"],  # all-equal groups run through the trainer too
     "small_calls": ["rollout.prompts_per_call=8", "trainer.micro_batch_size=64"],  # the example's earlier batching
 }
+ENV = {"spin": {"GOMP_SPINCOUNT": "300000"}}  # environment of a setting's run (the actors take the driver's)
 KEYS = ["time/step", "time/rollout", "time/generate", "time/reward", "time/score", "time/train_forward_backward",
         "time/optimizer", "time/sync", "time/overhead"]
 
@@ -37,7 +40,8 @@ def run(name: str, steps: int, out: Path) -> dict:
     run_dir = out / name
     sets = [f"loop.steps={steps}", "loop.eval_every=0", "logging.progress=false", *SETTINGS[name]]
     cmd = [sys.executable, "-m", "orchestrator.cli", "train", "examples/arith_grpo.yaml", "--run-dir", str(run_dir)]
-    subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=REPO, check=True, stdout=subprocess.DEVNULL,
+                   env=os.environ | ENV.get(name, {}))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps_ = [r for r in records if "reward/mean" in r][2:]
     row = {k: statistics.fmean(r[k] for r in steps_) for k in KEYS if k in steps_[0]}

@@ -13,10 +13,10 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.references import UnresolvedReference, check_model_dir, check_source, resolve_callable
 
@@ -49,6 +49,24 @@ def _autocast_field(pool: str, where: str) -> Any:
         "a CPU whose /proc/cpuinfo flags have avx512_bf16 or amx_bf16; else float32); under auto or bf16 each actor "
         "prints its choice. Set rollout, scoring and trainer alike: numerics that differ show in "
         "mismatch/logprob_abs_*."))
+
+
+def _check_threads(value: Any) -> Any:
+    """A pool's `threads`: a positive int or "auto" (one message for both forms)."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    raise ValueError(f'a positive int or "auto", got {value!r}')
+
+
+Threads = Annotated[int | Literal["auto"], BeforeValidator(_check_threads)]  # torch intra-op threads per actor
+
+
+def _threads_field(actor: str) -> Any:
+    """`threads`: torch intra-op threads per `actor`, "auto" (the default) following the placement."""
+    return Field("auto", description=(
+        f'torch intra-op threads per {actor}; "auto": strict on-policy (loop.max_staleness 0), the cores of its '
+        "node shared by the actors that compute at the same time there (generation and training take turns); "
+        "asynchronous, its own num_cpus (at least 1). An int fixes it (docs/performance.md, Threads)."))
 
 
 def _check_resources(field: str, resources: dict[str, float]) -> dict[str, float]:
@@ -135,7 +153,7 @@ class RolloutConfig(Section):
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs reserved per rollout worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per rollout worker (vllm: >= vllm.tensor_parallel_size).")
     resources: dict[str, float] = _resources_field("rollout")
-    threads: int = Field(1, gt=0, description="torch intra-op threads per worker (more oversubscribes small CPUs).")
+    threads: Threads = _threads_field("rollout worker")
     group_size: int = Field(8, gt=0, description="G: completions sampled per prompt.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trained policy is logits/T).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
@@ -333,7 +351,7 @@ class ScoringConfig(Section):
     num_cpus: float = Field(0.5, ge=0, description="Logical CPUs per scoring worker.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per scoring worker.")
     resources: dict[str, float] = _resources_field("scoring")
-    threads: int = Field(1, gt=0, description="torch intra-op threads per worker (more oversubscribes small CPUs).")
+    threads: Threads = _threads_field("scoring worker")
     micro_batch_size: int = Field(64, gt=0, description="Sequences per scoring forward pass.")
     autocast: Literal["off", "bf16", "auto"] = _autocast_field("scoring workers", "reference, old-policy, teacher "
                                                                 "and value scoring")
@@ -531,7 +549,7 @@ class TrainerConfig(Section):
     num_cpus: float = Field(1.0, ge=0, description="Logical CPUs per trainer rank.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per trainer rank (0: CPU with gloo; > 0: CUDA with NCCL).")
     resources: dict[str, float] = _resources_field("trainer")
-    threads: int = Field(1, gt=0, description="torch intra-op threads per rank (more oversubscribes small CPUs).")
+    threads: Threads = _threads_field("trainer rank (and critic rank)")
     zero_stage: Literal[0, 1, 2, 3] = Field(
         2, description="DeepSpeed ZeRO stage: 2 shards optimizer state and gradients; 3 also the parameters "
         "(gathered on every rank for each weight sync and save). With one rank, 1 and 2 shard nothing and run as 0 "

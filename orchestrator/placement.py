@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (PlacementGroup, placement_group, placement_group_table,
+                                      remove_placement_group)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 _EPS = 1e-9
@@ -119,6 +120,11 @@ class Placement:
         """Ray actor options placing worker `index` of `pool` in its bundle (its own resources still asked)."""
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
             placement_group=self.groups[pool], placement_group_bundle_index=index, placement_group_capture_child_tasks=True)}
+
+    def nodes(self, pool: str) -> list[str]:
+        """The Ray node id of each worker's bundle of `pool` (reserved, so already on a node)."""
+        where = placement_group_table(self.groups[pool])["bundles_to_node_id"]
+        return [where[i] for i in range(self.pools[pool].count)]
 
     def remaining_s(self) -> float:
         """Seconds left of the start-up budget (actors must be constructed within it too)."""

@@ -3,7 +3,8 @@ arguments it is built with. `Pools` builds actors from these specs; placement re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from actors.critic import CriticTrainer
@@ -15,10 +16,21 @@ from actors.rollout import RolloutWorker
 from actors.scoring import ScoringWorker
 from actors.trainer import PolicyTrainer
 from orchestrator.config import JobConfig
-from orchestrator.placement import PoolDemand
+from orchestrator.placement import Placement, PoolDemand
 from orchestrator.references import absolute_file_spec
+from orchestrator.threads import PHASES, ray_node_cores, resolve_threads
 
-CPU_ENV = {"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}}
+
+def omp_wait(environ: dict[str, str]) -> dict[str, str]:
+    """How the CPU actors' OpenMP threads wait: the driver's OMP_WAIT_POLICY / GOMP_SPINCOUNT when it sets either,
+    else PASSIVE: waiting threads sleep at once, where libgomp's default spins ~3 ms first. A thread spinning at a
+    barrier for a descheduled sibling burns the core that sibling needs: with other processes on the machine, 2
+    threads per actor stalled (docs/performance.md, Threads)."""
+    return {k: environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in environ} or {
+        "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+CPU_ENV = {"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **omp_wait(dict(os.environ))}}
 
 
 @dataclass
@@ -149,6 +161,31 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
         PoolSpec("critic", CriticTrainer, [_ask(c.num_cpus, c.num_gpus, c.resources)] * n_critic,
                  [critic | {"rank": i} for i in range(n_critic)], None if c.num_gpus > 0 else CPU_ENV),
     ]
+
+
+def thread_settings(cfg: JobConfig) -> dict[str, int | str]:
+    """Each torch pool's `threads` setting (an int, or "auto"); critic ranks follow `trainer.threads`."""
+    return {"rollout": cfg.rollout.threads, "scoring": cfg.scoring.threads, "trainer": cfg.trainer.threads,
+            "critic": cfg.trainer.threads}
+
+
+def with_threads(spec: PoolSpec, threads: list[int]) -> PoolSpec:
+    """`spec` with worker i built with `threads[i]` torch threads (trainer and critic ranks read them from their
+    `trainer` settings)."""
+    ranks = spec.name in ("trainer", "critic")
+    return replace(spec, kwargs=[kw | {"trainer": kw["trainer"] | {"threads": n}} if ranks else kw | {"threads": n}
+                                 for kw, n in zip(spec.kwargs, threads)])
+
+
+def placed_threads(cfg: JobConfig, specs: list[PoolSpec], placement: Placement) -> list[PoolSpec]:
+    """`specs` with every "auto" `threads` resolved (`orchestrator.threads`) from where `placement` put each worker
+    and the cores Ray's nodes offer; strict on-policy when `loop.max_staleness` is 0."""
+    placed = [s for s in specs if s.needs and s.name in PHASES]
+    threads = resolve_threads({k: v for k, v in thread_settings(cfg).items() if any(s.name == k for s in placed)},
+                              {s.name: placement.nodes(s.name) for s in placed},
+                              {s.name: [need.get("CPU", 0.0) for need in s.needs] for s in placed},
+                              ray_node_cores(), on_policy=cfg.loop.max_staleness == 0)
+    return [with_threads(s, threads[s.name]) if s.name in threads else s for s in specs]
 
 
 def env_limits(cfg: JobConfig) -> dict | None:

@@ -19,7 +19,7 @@ from actors.weights import WeightBoard
 from orchestrator.config import JobConfig
 from orchestrator.failures import WORKER_LOST
 from orchestrator.placement import Placement, PlacementError, wait_constructed
-from orchestrator.pool_specs import PoolSpec, pool_specs, reference_on_trainers
+from orchestrator.pool_specs import PoolSpec, placed_threads, pool_specs, reference_on_trainers
 from orchestrator.weight_sync import WeightSync
 
 __all__ = ["Pools", "PlacementError"]
@@ -80,7 +80,6 @@ class Pools:
 
         Every pool's bundles are reserved first (`orchestrator.placement`), then its actors start inside them."""
         specs = pool_specs(cfg, model_path, [x if isinstance(x, RewardSpec) else RewardSpec(*x) for x in rewards])
-        self.specs = {spec.name: spec for spec in specs}
         self.demands = [spec.demand for spec in specs]
         # An embedded Ray has all it will ever have; a cluster may still be scaling up, so there we only wait.
         embedded = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
@@ -91,6 +90,8 @@ class Pools:
         self.scoring_holds_policy = cfg.algorithm.old_logprobs == "recompute"  # else pi_old is the rollout's
         self.reference_on_trainers = reference_on_trainers(cfg)  # LoRA: the trainers' base, adapters disabled
         try:
+            specs = placed_threads(cfg, specs, self.placement)  # "auto" threads follow where each worker landed
+            self.specs = {spec.name: spec for spec in specs}
             for spec in specs:
                 self.workers[spec.name] = [self._start(spec, i) for i in range(len(spec.needs))]
             wait_constructed([(d, self.workers[d.name]) for d in self.demands], self.placement.remaining_s())

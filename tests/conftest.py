@@ -11,6 +11,10 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# As the pools do for their CPU actors (orchestrator.pool_specs.omp_wait): OpenMP threads that wait sleep instead of
+# spinning, so tests running side by side (xdist) with a thread per core do not stall each other.
+if "GOMP_SPINCOUNT" not in os.environ:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -255,3 +255,24 @@ def test_report_of_one_framework_says_no_goal_is_met():
               "goals": bench.goals({}, {"tokens_per_s": 500.0}), "differences": []}
     text = bench.report(result)
     assert "throughput >= 2x TRL: no" in text and "overhead <= 3% of the step: no" in text and "500" in text
+
+
+def test_default_threads_follow_the_example_jobs_placement_on_this_machine():
+    """The example (one rollout worker, one trainer rank, no scoring) on a 2-core machine: on-policy each actor takes
+    both cores in its turn; asynchronous each its one reserved CPU; an explicit int stays."""
+    assert bench.default_threads(load_config(CONFIG, []), 2) == [2, 2]
+    assert bench.default_threads(load_config(CONFIG, []), 6) == [6, 6]
+    assert bench.default_threads(load_config(CONFIG, ["loop.max_staleness=1"]), 2) == [1, 1]
+    assert bench.default_threads(load_config(CONFIG, ["rollout.threads=3"]), 2) == [2, 3]
+
+
+def test_fair_variants_run_one_thread_as_raylhfs_other_setting_when_its_default_is_a_thread_per_core(monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)  # `differences` names the machine's cores
+    vs = bench.fair_variants(2, None, native_bf16=False, default=[2, 2])  # `threads: auto` on an idle 2-core box, on-policy
+    assert [v.name for v in vs] == ["raylhf", "raylhf-1thread", "trl", "trl-1thread", "trl-fp32", "trl-1thread-fp32"]
+    assert vs[0].raylhf_sets == () and set(vs[1].raylhf_sets) == {"rollout.threads=1", "trainer.threads=1",
+                                                                   "scoring.threads=1"}
+    assert [v.name for v in bench.fair_variants(2, None, native_bf16=False, default=[1, 1])][1] == "raylhf-2threads"  # async default
+    first = bench.differences(settings(), 1, fair=True, raylhf_threads=[2, 2])[0]
+    assert "2 each" in first["raylhf"] and "raylhf = raylhf-2threads" in first["why"], first
+    assert "raylhf = " not in bench.differences(settings(), 1, fair=True, raylhf_threads=[1, 1])[0]["why"]

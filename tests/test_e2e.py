@@ -110,7 +110,9 @@ def test_rollout_workers_serve_the_trainers_weights_after_every_step(ray_local, 
 
 
 def test_one_or_two_rollout_workers_draw_the_same_samples(ray_local, tiny_model):
-    """Scaling the rollout pool changes throughput, not results: seeds follow prompts and policy version."""
+    """Scaling the rollout pool changes throughput, not results: seeds follow prompts and policy version. The thread
+    count stays 1 (`threads: auto` would give 1 worker both cores and 2 workers one each here, and a matmul's sums
+    depend on its threads)."""
     from actors.records import SamplingParams
     from orchestrator.config import JobConfig
     from orchestrator.data import load_data
@@ -118,7 +120,7 @@ def test_one_or_two_rollout_workers_draw_the_same_samples(ray_local, tiny_model)
 
     drawn = []
     for workers in (1, 2):
-        cfg = JobConfig.model_validate(base_config(tiny_model, rollout={"num_workers": workers}))
+        cfg = JobConfig.model_validate(base_config(tiny_model, rollout={"num_workers": workers, "threads": 1}))
         requests = load_data(cfg, tiny_model).stream.next(12)
         pools = Pools(cfg, tiny_model, [("hash_answer", "rewards.final_answer:hash_answer", 1.0)])
         try:
