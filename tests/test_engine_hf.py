@@ -140,6 +140,44 @@ def test_finished_rows_are_dropped_from_the_batch(engine):
     assert seen[1] < len(comps), "some rows should stop at their first token"
 
 
+def test_the_gpu_batch_policy_keeps_power_of_two_batches_and_each_row_its_own_tokens(engine, monkeypatch):
+    """On a GPU finished rows stay in the batch until the running ones fit half of it (`batch_rows`): the decoding
+    batch shapes are powers of two, a finished row writes nothing more (each completion ends at its first stop) and
+    every kept token's log-prob is the teacher-forced one of its own row."""
+    import actors.engines.hf as hf
+
+    assert [hf.batch_rows(r, 512, "cuda") for r in (512, 300, 256, 255, 3, 1)] == [512, 512, 256, 256, 4, 1]
+    assert hf.batch_rows(300, 512, "cpu") == 300 and hf.batch_rows(5, 520, "cuda:0") == 8
+    seen: list[int] = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    gpu_rule = hf.batch_rows
+    monkeypatch.setattr(hf, "batch_rows", lambda running, current, device: gpu_rule(running, current, "cuda"))
+    sp = SamplingParams(n=5, temperature=1.0, max_new_tokens=10, stop=tuple("0123456789"))
+    try:
+        groups = engine.generate(ids(engine, MIXED), sp, seed=5)
+    finally:
+        hook.remove()
+    comps = [c for g in groups for c in g]
+    decode = seen[1:]  # after the prefill of the distinct prompts
+    running = [sum(len(c.token_ids) > j + 1 for c in comps) for j in range(len(decode))]  # rows each forward needs
+    assert all(b & (b - 1) == 0 for b in decode) and decode == sorted(decode, reverse=True), decode
+    assert all(r <= b < 2 * r for b, r in zip(decode, running)), (decode, running)
+    assert any(b > r for b, r in zip(decode, running)), "some finished rows should have stayed in the batch"
+    assert len(set(decode)) > 2, "rows should finish at many lengths, or the batch never shrinks"
+    for c in comps:
+        first = min((i for i, ch in enumerate(c.text) if ch in sp.stop), default=None)
+        assert first in (None, len(c.text) - 1), c.text  # nothing written after a row's first stop
+        assert c.finish_reason == "stop" or (first is None and len(c.token_ids) == sp.max_new_tokens), c
+    prompt_ids = ids(engine, MIXED)
+    batch = SimpleNamespace(**collate([prompt_ids[i] for i, g in enumerate(groups) for _ in g],
+                                      [c.token_ids for c in comps], engine.tokenizer.pad_token_id))
+    with torch.no_grad():
+        logp, _ = response_logprobs(engine.model, batch, 1.0)
+    for i, c in enumerate(comps):
+        torch.testing.assert_close(logp[i, : len(c.token_ids)], torch.tensor(c.logprobs), atol=1e-4, rtol=1e-4)
+
+
 def test_falls_back_to_generate_without_cache_reshaping(engine, hf_engine, monkeypatch):
     from transformers.cache_utils import Cache
 

@@ -107,22 +107,26 @@ class HFEngine:
         stop = StopOnStrings(tok, sampling.stop, 0) if sampling.stop else None
         eos = -1 if tok.eos_token_id is None else tok.eos_token_id  # -1: no EOS, never sampled
         gen = torch.Generator(device=self.device).manual_seed(seed)
+        running = torch.ones(rows, dtype=torch.bool, device=self.device)  # per batch row: still sampling
         for t in range(sampling.max_new_tokens):
             if refresh is not None and t > 0 and (loaded := refresh()) is not None:  # new weights: same sequences
                 version = loaded
                 cache, logits = self._recompute(prompts[live], tokens[live, :t], mask)
             new, logp = _sample(logits, sampling.temperature, sampling.top_p, gen)  # [r], [r]
-            tokens[live, t], logps[live, t], lengths[live] = new, logp, t + 1
-            versions[live, t] = version
+            at = live[running]  # the batch's finished rows (kept on a GPU, see `batch_rows`) write nothing
+            tokens[at, t], logps[at, t], lengths[at], versions[at, t] = new[running], logp[running], t + 1, version
             done = new == eos
             if stop is not None:
                 done |= stop(tokens[live, : t + 1], None)
-            if t + 1 == sampling.max_new_tokens or bool(done.all()):
+            if t + 1 == sampling.max_new_tokens or not bool((running & ~done).any()):
                 break
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(1)
-                cache.batch_select_indices(keep)
-                live, new, mask, pos = live[keep], new[keep], mask[keep], pos[keep]
+            if bool((done & running).any()):
+                running &= ~done
+                size = batch_rows(int(running.sum()), running.shape[0], self.device)
+                if size < running.shape[0]:
+                    keep = torch.argsort((~running).to(torch.int8), stable=True)[:size]  # running rows first
+                    cache.batch_select_indices(keep)
+                    live, new, mask, pos, running = live[keep], new[keep], mask[keep], pos[keep], running[keep]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             pos = pos + 1
             out = self.model(input_ids=new[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
@@ -193,6 +197,16 @@ class HFEngine:
     def checksum(self) -> str:
         """SHA-256 of what weight syncs replace (`actors.lora.sync_state`): the trainer's checksum of the same."""
         return state_checksum(sync_state(self.model))
+
+
+def batch_rows(running: int, current: int, device: str) -> int:
+    """How many rows the decoding batch keeps when `running` of its `current` rows still sample. On a CPU exactly the
+    running ones (finished rows would cost compute). On a GPU a power of two (finished rows filling it): every new
+    batch shape costs kernel and attention-plan selection (cuDNN's SDPA builds a plan per shape, tens of ms), and
+    dropping rows one by one made nearly every token a new shape (the loop ran 7x slower than `generate` on an H200)."""
+    if not str(device).startswith("cuda"):
+        return running
+    return min(current, 1 << max(running - 1, 0).bit_length())
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
