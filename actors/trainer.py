@@ -230,8 +230,8 @@ class DeepSpeedRank:
                     elif not torch.isfinite(loss.detach()).all():  # skip it here; the other ranks' data still count
                         skipped += 1
                         loss, stats = zero_loss(output), {}
-                    # the optimizer steps after a mini-batch's last micro-batch, however many it has
-                    engine.set_gradient_accumulation_boundary(j == len(parts) - 1)
+                    if shard.micro is not None:  # planned: the step falls on the last, however many there are
+                        engine.set_gradient_accumulation_boundary(j == len(parts) - 1)
                     engine.backward(loss * weight * self.world_size, scale_wrt_gas=False)
                     t1 = time.perf_counter()
                     t_fwd_bwd += t1 - t0
