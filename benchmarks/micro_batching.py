@@ -6,8 +6,9 @@ Samples one step of the config's job (prompts_per_step x group_size completions)
 (the checkpoint must exist: a run of the config builds it), shards it as the orchestrator does for one trainer rank
 with each setting (`null`: the equal slices of before), and times the forward, loss and backward of every micro-batch
 (`actors.modeling.response_logprobs`, a token-mean policy-gradient surrogate), settings interleaved so machine load
-hits them alike. Prints per setting the median seconds, micro-batches, token positions run, padded share and trained
-tokens per second; the gradients of every setting are checked against the first's.
+hits them alike. Prints per setting the median seconds (wall, and this process's CPU seconds, which a busy machine
+disturbs less), micro-batches, token positions run, padded share and trained tokens per second; the gradients of
+every setting are checked against the first's.
 """
 
 from __future__ import annotations
@@ -75,36 +76,38 @@ def main() -> None:
     model = load_causal_lm(cfg.model.path).train()
     units = float(batch.response_mask.sum())
 
-    def step(part) -> tuple[float, list[torch.Tensor]]:
+    def step(part) -> tuple[float, float, list[torch.Tensor]]:
         model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for rows, filler in micro_parts(part, plan.grad_accum):
             micro = part.rows.select(rows).trim()
             logp, _ = response_logprobs(model, micro, cfg.rollout.temperature, cfg.model.share_prompt_forward)
             loss = -(logp * micro.advantages * micro.response_mask).sum() / units  # [b, t] -> the token-mean surrogate
             (loss * 0.0 if filler else loss).backward()
-        return time.perf_counter() - start, [p.grad.clone() for p in model.parameters()]
+        return time.perf_counter() - start, time.process_time() - cpu, [p.grad.clone() for p in model.parameters()]
 
     times: dict[str, list[float]] = {s: [] for s in settings}
+    cpu_times: dict[str, list[float]] = {s: [] for s in settings}
     reference = None
     for _ in range(args.repeats):
         for s, part in shards.items():
-            seconds, grads = step(part)
+            seconds, cpu, grads = step(part)
             times[s].append(seconds)
+            cpu_times[s].append(cpu)
             reference = grads if reference is None else reference
             err = max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-12)) for a, b in zip(grads, reference))
             assert err < 1e-4, (s, err)
     tokens = int(batch.response_mask.sum())
     print(f"{args.config}: {batch.rows} rows, {tokens} response tokens; {args.threads} thread(s); load average "
           f"{os.getloadavg()[0]:.2f}")
-    print("split_tokens  micro-batches  positions  padding_frac  seconds (median, min)  trained tokens/s")
+    print("split_tokens  micro-batches  positions  padding_frac  seconds (median, min)  CPU s (median)  trained tokens/s")
     for s, part in shards.items():
         micro = [part.rows.select(r).trim() for r, _ in micro_parts(part, plan.grad_accum)]
         positions = sum(m.input_ids.numel() for m in micro)
         real = sum(int(m.attention_mask.sum()) for (r, f), m in zip(micro_parts(part, plan.grad_accum), micro) if not f)
         med = statistics.median(times[s])
         print(f"{s:>12}  {len(micro):>13}  {positions:>9}  {1 - real / positions:>12.3f}  "
-              f"{med:>8.3f} {min(times[s]):>8.3f}         {tokens / med:>10.0f}")
+              f"{med:>8.3f} {min(times[s]):>8.3f}         {statistics.median(cpu_times[s]):>8.3f}  {tokens / med:>10.0f}")
 
 
 if __name__ == "__main__":
