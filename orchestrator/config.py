@@ -536,7 +536,7 @@ class TrainerConfig(Section):
         "prompt+response width, a shared prompt counted once), so micro-batches vary in number and size, the same "
         "number on every rank; the update is the same. Set it to what one more forward/backward call costs in token "
         "positions (20-60 for a 20M-parameter model on one CPU thread; more on a GPU). "
-        "None: micro_batch_size rows each, padded to the longest (the layout before).")
+        "None: equal slices of at most micro_batch_size rows, each padded to its longest (the layout before).")
     max_nonfinite_steps: int = Field(
         3, gt=0, description="Micro-batches whose loss is NaN or inf are skipped (zero gradient) and counted; "
         "this many steps in a row with such skips stop the run.")

@@ -107,11 +107,13 @@ def test_leaving_out_zero_advantage_rows_gives_the_same_update(ray_local, tiny_m
     assert rel < 1e-3
 
 
-@pytest.mark.parametrize("skip_inert", [False, True])
-def test_two_ranks_with_planned_micro_batches_match_one_rank_with_equal_slices(ray_local, tiny_model, skip_inert):
-    """ZeRO-2 on 2 ranks whose micro-batches are planned for padding (`trainer.micro_batch_split_tokens: 0`, cut
-    wherever a cut saves a position): their count differs from grad_accum and, before `equalize`, between the ranks;
-    with zero-advantage rows left out a rank also runs zero-weight filler passes. Same update as 1 rank's slices."""
+@pytest.mark.parametrize("skip_inert, zero_stage", [(False, 2), (True, 2), (True, 3)])
+def test_two_ranks_with_planned_micro_batches_match_one_rank_with_equal_slices(ray_local, tiny_model, skip_inert,
+                                                                               zero_stage):
+    """ZeRO-2 (and 3) on 2 ranks whose micro-batches are planned for padding (`trainer.micro_batch_split_tokens: 0`,
+    cut wherever a cut saves a position): their count differs from grad_accum and, before `equalize`, between the
+    ranks; with zero-advantage rows left out a rank also runs zero-weight filler passes. Same update as 1 rank's
+    slices."""
     from transformers import AutoModelForCausalLM
 
     from orchestrator.micro_batches import plan
@@ -127,7 +129,7 @@ def test_two_ranks_with_planned_micro_batches_match_one_rank_with_equal_slices(r
     own = [len(plan(parts[m].rows, MICRO, 0)[1]) for parts in planned for m in range(2)]
     assert own != [c for rank in counts for c in rank] or any(0 in parts[m].micro for parts in planned for m in range(2))
     one, stats_one = run_ranks(1, batch, tiny_model, "token-mean")
-    two, stats_two = run_ranks(2, batch, tiny_model, "token-mean", skip_inert=skip_inert, split_tokens=0)
+    two, stats_two = run_ranks(2, batch, tiny_model, "token-mean", zero_stage, skip_inert, split_tokens=0)
     assert stats_two[0]["train/micro_batches"] == 2 * sum(counts[0])  # 2 epochs
     assert stats_two[0]["grad_norm"] == pytest.approx(stats_one[0]["grad_norm"], rel=1e-4)
     delta_one = torch.cat([(one[k] - initial[k]).flatten() for k in one])
