@@ -98,7 +98,7 @@ def compact(shard: Shard) -> dict:
     if rollout_is_old:
         del out["old_logp"]
     return {"rows": {k: v.numpy() for k, v in out.items()}, "old_logp_is_rollout": rollout_is_old,
-            "global_units": shard.global_units}
+            "global_units": shard.global_units, "micro": shard.micro}
 
 
 def expand(wire: dict) -> Shard:
@@ -109,4 +109,4 @@ def expand(wire: dict) -> Shard:
     out["response_mask"] = out["response_mask"].float()
     if wire["old_logp_is_rollout"]:
         out["old_logp"] = out["rollout_logp"]
-    return Shard(TrainBatch(**out), wire["global_units"])
+    return Shard(TrainBatch(**out), wire["global_units"], wire.get("micro"))

@@ -171,7 +171,9 @@ class TrainBatch:
 class Shard:
     """One trainer rank's rows of one mini-batch, and the mini-batch's aggregation units (tokens or sequences,
     over every rank), by which each micro-batch's loss is weighted so the ranks' summed gradient is the
-    mini-batch's."""
+    mini-batch's, and how its rows are cut into micro-batches (`orchestrator.micro_batches`)."""
 
     rows: TrainBatch
     global_units: float
+    micro: tuple[int, ...] | None = None  # rows of each consecutive micro-batch (0: a zero-weight filler pass);
+    # None: `grad_accum` equal slices (`actors.trainer.micro_parts`). Every rank has as many for a mini-batch.

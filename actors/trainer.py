@@ -99,6 +99,19 @@ def micro_slices(n: int, grad_accum: int) -> list[slice]:
     return [slice(i * n // grad_accum, (i + 1) * n // grad_accum) for i in range(grad_accum)]
 
 
+def micro_parts(shard: Shard, grad_accum: int) -> list[tuple[slice, bool]]:
+    """(rows, filler) of each micro-batch of a shard, in order: its planned sizes (`Shard.micro`, from
+    `orchestrator.micro_batches`; a 0 is a filler pass over row 0 whose loss is multiplied by zero, for a rank with
+    fewer rows than the others have micro-batches) or, without a plan, `micro_slices`."""
+    if shard.micro is None:
+        return [(rows, False) for rows in micro_slices(shard.rows.rows, grad_accum)]
+    out, lo = [], 0
+    for size in shard.micro:
+        out.append((slice(lo, lo + size), False) if size else (slice(0, 1), True))
+        lo += size
+    return out
+
+
 def optimizer_state_bytes(optimizer, module: torch.nn.Module) -> int:
     """Bytes the optimizer holds on this rank besides the model's own weights: AdamW's moments and, under ZeRO,
     its fp32 master copy of the trained parameters (its own tensors, a shard of them per rank)."""
@@ -203,19 +216,27 @@ class DeepSpeedRank:
         ratio_max: float | None = None  # policy only
         weight_total, skipped = 0.0, 0
         t_fwd_bwd = t_opt = 0.0
+        positions = real = passes = 0  # token positions the micro-batches ran ([b, p+t] after trim), real tokens
         epochs = self.cfg["epochs"]
         per_epoch: list[dict[str, float]] = [{} for _ in range(epochs)]  # how far each epoch has moved the policy
         for epoch in range(epochs):
             for i, shard in enumerate(minibatches):
-                self.before_update = epoch == 0 and i == 0  # no optimizer step yet in this train_step
-                micro_batches = [shard.rows.select(rows).trim() for rows in micro_slices(shard.rows.rows, self.grad_accum)]
-                for micro in micro_batches:
+                parts = micro_parts(shard, self.grad_accum)
+                for j, (rows, filler) in enumerate(parts):
+                    self.before_update = epoch == 0 and i == 0 and not filler  # no optimizer step yet in this train_step
+                    micro = shard.rows.select(rows).trim()
+                    positions, passes = positions + micro.input_ids.numel(), passes + 1
+                    real += 0 if filler else int(micro.attention_mask.sum())
                     t0 = time.perf_counter()
                     with self.autocast():  # the forward only; logits are cast to float32 before the loss
                         loss, stats, weight, output = self._micro_loss(micro, shard.global_units)
-                    if not torch.isfinite(loss.detach()).all():  # skip it here; the other ranks' data still count
+                    if filler:  # a pass so this rank makes as many backwards as the others, adding nothing
+                        loss, stats, weight = zero_loss(output), {}, 0.0
+                    elif not torch.isfinite(loss.detach()).all():  # skip it here; the other ranks' data still count
                         skipped += 1
                         loss, stats = zero_loss(output), {}
+                    if shard.micro is not None:  # planned: the step falls on the last, however many there are
+                        engine.set_gradient_accumulation_boundary(j == len(parts) - 1)
                     engine.backward(loss * weight * self.world_size, scale_wrt_gas=False)
                     t1 = time.perf_counter()
                     t_fwd_bwd += t1 - t0
@@ -246,6 +267,8 @@ class DeepSpeedRank:
             out["ratio_max"] = ratio_max
         out["lr"] = engine.get_lr()[0]
         out["time/train_forward_backward"] = t_fwd_bwd  # forward, loss and backward of every micro-batch
+        out["train/micro_batches"] = float(passes)  # forward/backward passes, every mini-batch and epoch
+        out["train/padding_frac"] = 1.0 - real / max(positions, 1)  # padded share of the positions they ran
         out["time/optimizer"] = t_opt  # engine.step(): gradient clipping, the AdamW update, ZeRO's gathers
         out["optimizer/state_bytes"] = float(optimizer_state_bytes(engine.optimizer, engine.module))
         out["memory/peak_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
@@ -365,12 +388,13 @@ class PolicyTrainer(DeepSpeedRank):
         for shard in minibatches:
             rows = shard.rows
             prox = torch.zeros_like(rows.rollout_logp)  # [B, T]
-            for part in micro_slices(rows.rows, self.grad_accum):
+            for part, filler in micro_parts(shard, self.grad_accum):
                 micro = rows.select(part).trim()
                 with self.autocast():  # pi_prox in the numerics of the update's own forward
                     logp, _ = response_logprobs(self.engine, micro, self.temperature,
                                                 self.model_cfg["share_prompt_forward"])  # [b, t]
-                prox[part, : logp.shape[1]] = logp
+                if not filler:
+                    prox[part, : logp.shape[1]] = logp
             prox = torch.where(rows.response_mask.bool(), prox, 0)  # [B, T]
             out.append(dataclasses.replace(shard, rows=dataclasses.replace(rows, old_logp=prox)))
         return out

@@ -15,6 +15,7 @@ from algorithms.advantages import (broadcast_to_tokens, distillation_advantages,
 from algorithms.kl import kl_estimate
 from algorithms.kl_control import AdaptiveKLController, FixedKLController
 from orchestrator.config import AlgorithmConfig
+from orchestrator.micro_batches import equalize, plan
 
 
 def sequence_advantages(rewards: torch.Tensor, group_size: int, alg: AlgorithmConfig) -> torch.Tensor:
@@ -151,13 +152,18 @@ def inert_rows(batch: TrainBatch) -> torch.Tensor:
 
 
 def shard(batch: TrainBatch, num_minibatches: int, world_size: int, agg: str,
-          skip_inert: bool = False, min_rows: int = 1) -> list[list[Shard]]:
+          skip_inert: bool = False, min_rows: int = 1, micro_batch_size: int | None = None,
+          split_tokens: int | None = None, share_prompts: bool = True) -> list[list[Shard]]:
     """Per rank, its `Shard` of each mini-batch (rows in `training_order`, and the mini-batch's aggregation units).
 
     `skip_inert` leaves out `inert_rows` (no forward or backward is spent on a zero gradient); the units still
     count them, so the loss and gradient are the same as with them. The rows that carry signal are split evenly
     over the ranks, and a rank gets inert rows as filler up to `min_rows` (its micro-batches per optimizer step:
-    DeepSpeed counts one backward per micro-batch)."""
+    DeepSpeed counts one backward per micro-batch).
+
+    `split_tokens` (`trainer.micro_batch_split_tokens`) plans each shard's micro-batches here, with little padding
+    (`orchestrator.micro_batches.plan`: rows reordered, at most `micro_batch_size` per micro-batch), the same number
+    on every rank of a mini-batch (`equalize`); None leaves the trainer `grad_accum` equal slices."""
     mb_size = batch.rows // num_minibatches
     per_rank = mb_size // world_size
     out: list[list[Shard]] = [[] for _ in range(world_size)]
@@ -171,9 +177,15 @@ def shard(batch: TrainBatch, num_minibatches: int, world_size: int, agg: str,
             rows = [r + [filler.pop() for _ in range(max(0, min_rows - len(r)))] for r in rows]
         else:
             rows = [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(world_size)]
-        for r in range(world_size):
-            part = training_order(mb.select(torch.tensor(rows[r], dtype=torch.long)))
-            out[r].append(Shard(part, max(units, 1.0)))
+        parts = [training_order(mb.select(torch.tensor(rows[r], dtype=torch.long))) for r in range(world_size)]
+        if split_tokens is None:
+            for r in range(world_size):
+                out[r].append(Shard(parts[r], max(units, 1.0)))
+            continue
+        plans = [plan(part, micro_batch_size or part.rows, split_tokens, share_prompts) for part in parts]
+        count = max(len(sizes) for _, sizes, _ in plans)
+        for r, (part, sizes, _) in enumerate(plans):
+            out[r].append(Shard(part, max(units, 1.0), tuple(equalize(part, sizes, count, share_prompts))))
     return out
 
 

@@ -123,9 +123,12 @@ def train_step(run: Run, version: int, train_policy: bool = True, steps_left: in
     beta = run.kl.value
     batch = build_batch(groups, alg, run.data.pad_id, beta, cfg.distill.coef if cfg.distill.teacher else 0)
     skip = alg.skip_zero_advantage and loss_kl_coef(alg, beta) == 0 and alg.entropy_coef == 0
-    policy_shards = (shard(batch, t.num_minibatches, t.num_workers, alg.agg, skip,
-                           TrainPlan.of(cfg, t.num_workers).grad_accum) if train_policy else None)
-    critic_shards = shard(batch, t.num_minibatches, len(pools.critics), alg.agg) if pools.critics else None
+    policy, value = TrainPlan.of(cfg, t.num_workers), TrainPlan.of(cfg, max(len(pools.critics), 1))
+    split, share = t.micro_batch_split_tokens, cfg.model.share_prompt_forward
+    policy_shards = (shard(batch, t.num_minibatches, t.num_workers, alg.agg, skip, policy.grad_accum,
+                           policy.micro_batch_size, split, share) if train_policy else None)
+    critic_shards = (shard(batch, t.num_minibatches, len(pools.critics), alg.agg, micro_batch_size=value.micro_batch_size,
+                           split_tokens=split, share_prompts=False) if pools.critics else None)  # values: no sharing
     t_train = time.perf_counter()
     training = pools.start_train(policy_shards, critic_shards, loss_kl_coef(alg, beta))
     # What needs only the batch is worked out while the trainers run.

@@ -32,9 +32,10 @@ def synthetic_batch(n: int, vocab: int, seed: int = 0) -> TrainBatch:
 MICRO = 6  # 1 rank: micro-batches of 5, 5, 6 rows per mini-batch; 2 ranks: 4, 4 — different partitions
 
 
-def run_ranks(world: int, batch: TrainBatch, model_path: str, agg: str, zero_stage: int = 2, skip_inert: bool = False
-              ) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """One train step on `world` ranks: rank 0's weights after it, and every rank's stats."""
+def run_ranks(world: int, batch: TrainBatch, model_path: str, agg: str, zero_stage: int = 2, skip_inert: bool = False,
+              split_tokens: int | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """One train step on `world` ranks: rank 0's weights after it, and every rank's stats. `split_tokens`: micro-batches
+    planned by `orchestrator.micro_batches` (None: `grad_accum` equal slices)."""
     import ray
 
     trainer = TrainerConfig(num_workers=world, lr=1e-2, micro_batch_size=MICRO, epochs=2, num_minibatches=2,
@@ -47,7 +48,7 @@ def run_ranks(world: int, batch: TrainBatch, model_path: str, agg: str, zero_sta
         r, world, model, trainer, alg, 1.0, 8, grad_accum, 1, 0) for r in range(world)]
     addr, port = ray.get(ranks[0].rendezvous.remote())
     ray.get([r.setup.remote(addr, port) for r in ranks])
-    shards = shard(batch, 2, world, agg, skip_inert, grad_accum)
+    shards = shard(batch, 2, world, agg, skip_inert, grad_accum, MICRO, split_tokens)
     stats = ray.get([r.train_step.remote([compact(x) for x in s], 0.0) for r, s in zip(ranks, shards)])
     assert all(s["grad_norm"] > 0 for s in stats)
     # all ranks at once: under ZeRO-3 reading the weights gathers every rank's shard
@@ -103,4 +104,37 @@ def test_leaving_out_zero_advantage_rows_gives_the_same_update(ray_local, tiny_m
     assert delta_one.abs().max() > 1e-3
     rel = float((delta_two - delta_one).norm() / delta_one.norm())
     print(f"relative update difference, zero-advantage rows left out vs run: {rel:.2e}")
+    assert rel < 1e-3
+
+
+@pytest.mark.parametrize("skip_inert, zero_stage", [(False, 2), (True, 2), (True, 3)])
+def test_two_ranks_with_planned_micro_batches_match_one_rank_with_equal_slices(ray_local, tiny_model, skip_inert,
+                                                                               zero_stage):
+    """ZeRO-2 (and 3) on 2 ranks whose micro-batches are planned for padding (`trainer.micro_batch_split_tokens: 0`,
+    cut wherever a cut saves a position): their count differs from grad_accum and, before `equalize`, between the
+    ranks; with zero-advantage rows left out a rank also runs zero-weight filler passes. Same update as 1 rank's
+    slices."""
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.micro_batches import plan
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    batch = synthetic_batch(32, vocab=initial["model.embed_tokens.weight"].shape[0], seed=5)
+    if skip_inert:
+        inert = torch.arange(32) % 8 < 5  # 5 of every 8 rows have A = 0
+        batch = dataclasses.replace(batch, advantages=torch.where(inert[:, None], 0.0, batch.advantages))
+    planned = shard(batch, 2, 2, "token-mean", skip_inert, 2, MICRO, 0)
+    counts = [[len(parts[m].micro) for m in range(2)] for parts in planned]
+    assert counts[0] == counts[1] and counts[0] != [2, 2]  # equal over the ranks, not grad_accum
+    own = [len(plan(parts[m].rows, MICRO, 0)[1]) for parts in planned for m in range(2)]
+    assert own != [c for rank in counts for c in rank] or any(0 in parts[m].micro for parts in planned for m in range(2))
+    one, stats_one = run_ranks(1, batch, tiny_model, "token-mean")
+    two, stats_two = run_ranks(2, batch, tiny_model, "token-mean", zero_stage, skip_inert, split_tokens=0)
+    assert stats_two[0]["train/micro_batches"] == 2 * sum(counts[0])  # 2 epochs
+    assert stats_two[0]["grad_norm"] == pytest.approx(stats_one[0]["grad_norm"], rel=1e-4)
+    delta_one = torch.cat([(one[k] - initial[k]).flatten() for k in one])
+    delta_two = torch.cat([(two[k] - initial[k]).flatten() for k in one])
+    assert delta_one.abs().max() > 1e-3
+    rel = float((delta_two - delta_one).norm() / delta_one.norm())
+    print(f"relative update difference, 2 ranks with planned micro-batches vs 1 with slices: {rel:.2e}")
     assert rel < 1e-3
