@@ -3,6 +3,7 @@ the lock that lets a `serial` test run alone in a parallel run."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -133,3 +134,33 @@ def as_batch(collated: dict):
     from actors.records import TrainBatch
 
     return TrainBatch(**collated, rollout_logp=torch.zeros_like(collated["response_mask"]))
+
+
+def forget_deepspeed_groups() -> None:
+    """Drop DeepSpeed's cached process groups: after another test module removed the process group, a new one
+    must not meet DeepSpeed's handles to the old one ("Group ... is not registered")."""
+    import deepspeed.utils.groups as groups
+
+    groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
+
+
+@contextlib.contextmanager
+def in_process_ranks():
+    """A scope for DeepSpeed trainer ranks built in the test process: their process group (made inside, or another
+    module's reused) is removed after, and the torch threads, environment (setup sets MASTER_ADDR, RANK, ...) and
+    garbage collector (setup freezes it) are as before."""
+    import gc
+
+    import torch
+
+    threads, env = torch.get_num_threads(), dict(os.environ)
+    if not torch.distributed.is_initialized():
+        forget_deepspeed_groups()
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    forget_deepspeed_groups()
+    gc.unfreeze()
+    torch.set_num_threads(threads)
+    os.environ.clear()
+    os.environ.update(env)

@@ -8,7 +8,6 @@ with the trainer's logits. The run-level path (Ray pools, resume through the CLI
 
 from __future__ import annotations
 
-import gc
 import json
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 from actors.batch import compact
 from actors.records import Group, Sample, Shard
 from orchestrator.config import AlgorithmConfig, LoraConfig, ModelConfig, TrainerConfig
+from tests.conftest import in_process_ranks
 from tests.test_trainer_dp import synthetic_batch
 
 LORA = LoraConfig(r=4, alpha=8.0).model_dump()  # all-linear: q, k, v, o, gate, up, down of both layers
@@ -34,10 +34,6 @@ def adapter_bytes(model_path: str, r: int) -> int:
 @pytest.fixture(scope="module")
 def ranks():
     """Build trainer ranks in this process; the process group (world size 1) is made once and removed after."""
-    import os
-
-    threads, env = torch.get_num_threads(), dict(os.environ)  # setup sets MASTER_ADDR, RANK, ... for the group
-
     def make(cls, model_path: str, *args, trainer: dict | None = None):
         model = ModelConfig(path=model_path, lora=LoraConfig(**LORA)).model_dump()
         cfg = TrainerConfig(**{"lr": 2e-2, "micro_batch_size": 8, "grad_clip": 1e9, **(trainer or {})}).model_dump()
@@ -45,13 +41,8 @@ def ranks():
         rank.setup("127.0.0.1", 0) if torch.distributed.is_initialized() else rank.setup(*rank.rendezvous())
         return rank
 
-    yield make
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    gc.unfreeze()  # setup froze the collector's view of this process
-    torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(env)
+    with in_process_ranks():
+        yield make
 
 
 def _wire(batch) -> list[dict]:

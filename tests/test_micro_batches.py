@@ -4,8 +4,6 @@ keep every row once, give every rank as many backwards, keep prompt sharing, and
 from __future__ import annotations
 
 import dataclasses
-import gc
-import os
 import random
 
 import pytest
@@ -15,6 +13,7 @@ from actors.batch import collate, compact
 from actors.records import TrainBatch
 from orchestrator.batching import shard
 from orchestrator.micro_batches import CutCost, equalize, plan, row_shapes
+from tests.conftest import in_process_ranks
 
 
 def grouped_batch(n_prompts: int, group: int, seed: int, vocab: int = 20, spread: int = 30,
@@ -145,19 +144,8 @@ def test_the_wire_carries_the_plan():
 def process_group():
     """One rank's process group in this process (or another module's, reused); cleaned up as test_trainer_optimizer
     does."""
-    from tests.test_trainer_optimizer import forget_deepspeed_groups
-
-    threads, env = torch.get_num_threads(), dict(os.environ)
-    if not torch.distributed.is_initialized():
-        forget_deepspeed_groups()
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    forget_deepspeed_groups()
-    gc.unfreeze()
-    torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(env)
+    with in_process_ranks():
+        yield
 
 
 def one_step(cls, model_path: str, parts, agg: str, grad_accum: int, epochs: int = 1):

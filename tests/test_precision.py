@@ -4,8 +4,6 @@ weights, gradients, optimizer state, log-probs and losses stay float32, with an 
 
 from __future__ import annotations
 
-import gc
-import os
 from pathlib import Path
 
 import pytest
@@ -17,9 +15,8 @@ from actors.records import Shard
 from actors.trainer import PolicyTrainer
 from actors.weights import unpack_state_dict
 from orchestrator.config import AlgorithmConfig, JobConfig, ModelConfig, TrainerConfig
-from tests.conftest import base_config
+from tests.conftest import base_config, in_process_ranks
 from tests.test_trainer_dp import synthetic_batch
-from tests.test_trainer_optimizer import forget_deepspeed_groups
 
 
 def cpuinfo(*flags: str, cpus: int = 2) -> str:
@@ -136,10 +133,6 @@ def vocab_size(path: str) -> int:
 @pytest.fixture()
 def make_rank(tiny_model):
     """Builds one-rank PolicyTrainers in this process with a given trainer.autocast (one process group for all)."""
-    threads, env = torch.get_num_threads(), dict(os.environ)
-    if not torch.distributed.is_initialized():
-        forget_deepspeed_groups()
-
     def make(mode: str, critic: bool = False, **algorithm) -> PolicyTrainer:
         trainer = TrainerConfig(lr=LR, micro_batch_size=64, grad_clip=1e9, autocast=mode).model_dump()
         model = ModelConfig(path=tiny_model).model_dump()
@@ -152,14 +145,8 @@ def make_rank(tiny_model):
         rank.setup("127.0.0.1", 0) if torch.distributed.is_initialized() else rank.setup(*rank.rendezvous())
         return rank
 
-    yield make
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    forget_deepspeed_groups()
-    gc.unfreeze()
-    torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(env)
+    with in_process_ranks():
+        yield make
 
 
 def one_step(rank: PolicyTrainer, batch) -> tuple[dict[str, torch.Tensor], dict, list[torch.dtype]]:

@@ -4,9 +4,6 @@ or the trainer's code."""
 
 from __future__ import annotations
 
-import gc
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +14,7 @@ from actors.trainer import PolicyTrainer, effective_zero_stage
 from actors.weights import unpack_state_dict
 from algorithms.losses import policy_loss
 from orchestrator.config import AlgorithmConfig, ModelConfig, TrainerConfig
+from tests.conftest import in_process_ranks
 from tests.test_trainer_dp import synthetic_batch
 
 LR, CLIP, BETAS = 1e-2, 0.05, (0.9, 0.99)  # a clip far below the gradient norm: clipping is exercised
@@ -46,32 +44,15 @@ def reference_step(model_path: str, batch) -> tuple[dict[str, torch.Tensor], flo
     return {k: v.detach() for k, v in model.state_dict().items()}, norm
 
 
-def forget_deepspeed_groups() -> None:
-    """Drop DeepSpeed's cached process groups: after another test module removed the process group, a new one
-    must not meet DeepSpeed's handles to the old one ("Group ... is not registered")."""
-    import deepspeed.utils.groups as groups
-
-    groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = None
-
-
 @pytest.fixture()
 def one_rank(tiny_model):
     """A one-rank PolicyTrainer in this process (its process group made here, or another module's reused)."""
-    threads, env = torch.get_num_threads(), dict(os.environ)
-    if not torch.distributed.is_initialized():
-        forget_deepspeed_groups()
-    trainer = TrainerConfig(lr=LR, betas=BETAS, micro_batch_size=64, grad_clip=CLIP).model_dump()  # zero_stage 2
-    rank = PolicyTrainer(0, 1, ModelConfig(path=tiny_model).model_dump(), trainer, AlgorithmConfig().model_dump(),
-                         1.0, 8, 1, 1, 0)
-    rank.setup("127.0.0.1", 0) if torch.distributed.is_initialized() else rank.setup(*rank.rendezvous())
-    yield rank
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    forget_deepspeed_groups()
-    gc.unfreeze()
-    torch.set_num_threads(threads)
-    os.environ.clear()
-    os.environ.update(env)
+    with in_process_ranks():
+        trainer = TrainerConfig(lr=LR, betas=BETAS, micro_batch_size=64, grad_clip=CLIP).model_dump()  # zero_stage 2
+        rank = PolicyTrainer(0, 1, ModelConfig(path=tiny_model).model_dump(), trainer, AlgorithmConfig().model_dump(),
+                             1.0, 8, 1, 1, 0)
+        rank.setup("127.0.0.1", 0) if torch.distributed.is_initialized() else rank.setup(*rank.rendezvous())
+        yield rank
 
 
 def test_the_one_rank_step_equals_a_plain_torch_step(one_rank, tiny_model):
