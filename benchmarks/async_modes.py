@@ -91,9 +91,12 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def base_job(config: str, out: Path, steps: int, eval_every: int, eval_size: int, lr: float | None) -> dict:
-    """The job every mode starts from: `config` (or the toy job) with the benchmark's loop, evaluation and logging."""
+    """The job every mode starts from: `config` (or the toy job) with the benchmark's loop, evaluation and logging,
+    and one torch thread per rollout worker and trainer rank (`threads: auto` would give on-policy every core; the
+    `on_policy_cores` mode asks for that)."""
     cfg = toy_job(out) if config == "toy" else yaml.safe_load((REPO / config).read_text())
     cfg = merge(cfg, {"loop": {"steps": steps, "eval_every": eval_every, "eval_size": eval_size},
+                      "rollout": {"threads": 1}, "trainer": {"threads": 1},
                       "logging": {"progress": False, "tensorboard": False, "sample_groups": 0},
                       "checkpoint": {"every": 0}})
     if lr is not None:

@@ -15,14 +15,14 @@ import torch
 
 from actors.records import SamplingParams
 from orchestrator import checkpoint
-from orchestrator.batching import build_batch, kl_controller, loss_kl_coef, sequence_kl, shard
+from orchestrator.batching import build_batch, kl_controller, loss_kl_coef, sequence_kl
 from orchestrator.collect import collect_groups, evaluate, sampling_params
 from orchestrator.config import JobConfig
 from orchestrator.data import Data
 from orchestrator.failures import WORKER_LOST, ActorDied, nonfinite_streak
 from orchestrator.metrics import MetricsWriter, batch_metrics, sample_records, step_times, trainer_metrics
 from orchestrator.pipeline import Pipeline, lag_metrics
-from orchestrator.pool_specs import TrainPlan, job_demands
+from orchestrator.pool_specs import job_demands, train_shards
 from orchestrator.pools import Pools
 from orchestrator.progress import Progress
 from orchestrator.summary import RunResult
@@ -108,7 +108,7 @@ def train_step(run: Run, version: int, train_policy: bool = True, steps_left: in
     the oldest round submitted ahead is trained, the next rounds (`steps_left` at most) are submitted before it
     trains, the sync is not waited for. `staleness`: mean (version trained − version that generated); `async/*`: the
     lag per token and stale groups (`orchestrator.pipeline`); `time/*`: docs/performance.md."""
-    cfg, pools, stream, alg, t = run.cfg, run.pools, run.data.stream, run.cfg.algorithm, run.cfg.trainer
+    cfg, pools, stream, alg = run.cfg, run.pools, run.data.stream, run.cfg.algorithm
     pipe, r = run.pipeline, cfg.rollout
     t0 = time.perf_counter()
     trained_version = pools.version  # the weights the trainer holds before this update
@@ -123,12 +123,7 @@ def train_step(run: Run, version: int, train_policy: bool = True, steps_left: in
     beta = run.kl.value
     batch = build_batch(groups, alg, run.data.pad_id, beta, cfg.distill.coef if cfg.distill.teacher else 0)
     skip = alg.skip_zero_advantage and loss_kl_coef(alg, beta) == 0 and alg.entropy_coef == 0
-    policy, value = TrainPlan.of(cfg, t.num_workers), TrainPlan.of(cfg, max(len(pools.critics), 1))
-    split, share = t.micro_batch_split_tokens, cfg.model.share_prompt_forward
-    policy_shards = (shard(batch, t.num_minibatches, t.num_workers, alg.agg, skip, policy.grad_accum,
-                           policy.micro_batch_size, split, share) if train_policy else None)
-    critic_shards = (shard(batch, t.num_minibatches, len(pools.critics), alg.agg, micro_batch_size=value.micro_batch_size,
-                           split_tokens=split, share_prompts=False) if pools.critics else None)  # values: no sharing
+    policy_shards, critic_shards = train_shards(cfg, batch, len(pools.critics), train_policy, skip)
     t_train = time.perf_counter()
     training = pools.start_train(policy_shards, critic_shards, loss_kl_coef(alg, beta))
     # What needs only the batch is worked out while the trainers run.

@@ -9,12 +9,13 @@ from pathlib import Path
 
 from actors.critic import CriticTrainer
 from actors.env_host import EnvHost
-from actors.records import RewardSpec
+from actors.records import RewardSpec, Shard, TrainBatch
 from actors.reward import RewardWorker
 from actors.reward_model import RewardModelWorker
 from actors.rollout import RolloutWorker
 from actors.scoring import ScoringWorker
 from actors.trainer import PolicyTrainer
+from orchestrator.batching import shard
 from orchestrator.config import JobConfig
 from orchestrator.placement import Placement, PoolDemand
 from orchestrator.references import absolute_file_spec
@@ -63,6 +64,20 @@ class TrainPlan:
         per_rank = batch // (cfg.trainer.num_minibatches * world_size)
         micro = min(cfg.trainer.micro_batch_size, per_rank)
         return TrainPlan(micro, -(-per_rank // micro))
+
+
+def train_shards(cfg: JobConfig, batch: TrainBatch, critics: int, train_policy: bool = True, skip: bool = False
+                 ) -> tuple[list[list[Shard]] | None, list[list[Shard]] | None]:
+    """A step's shards for the policy ranks (None when only the critic trains) and the critic ranks (None without):
+    each pool's `TrainPlan`, micro-batches planned with `trainer.micro_batch_split_tokens`; `skip` leaves out the
+    rows with no gradient (`orchestrator.batching.shard`). Value forwards share no prompts."""
+    t, agg, split = cfg.trainer, cfg.algorithm.agg, cfg.trainer.micro_batch_split_tokens
+    policy, value = TrainPlan.of(cfg, t.num_workers), TrainPlan.of(cfg, max(critics, 1))
+    policy_shards = (shard(batch, t.num_minibatches, t.num_workers, agg, skip, policy.grad_accum,
+                           policy.micro_batch_size, split, cfg.model.share_prompt_forward) if train_policy else None)
+    critic_shards = (shard(batch, t.num_minibatches, critics, agg, micro_batch_size=value.micro_batch_size,
+                           split_tokens=split, share_prompts=False) if critics else None)
+    return policy_shards, critic_shards
 
 
 def uses_critic(cfg: JobConfig) -> bool:
