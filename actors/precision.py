@@ -65,6 +65,15 @@ def use_bf16_autocast(mode: str, device: str, cpuinfo: str | None = None) -> boo
     return cpu_has_native_bf16(cpuinfo) if cpuinfo is not None else _this_cpu_has_native_bf16()
 
 
+def choose(mode: str, device: str, actor: str | None) -> bool:
+    """`use_bf16_autocast` for an actor's forward passes, and unless `mode` is off one line saying what it chose and
+    why (`describe`), printed as `actor`'s (None: not printed, e.g. a trainer rank other than 0)."""
+    enabled = use_bf16_autocast(mode, device)
+    if mode != "off" and actor:
+        print(f"raylhf {actor}: {describe(mode, enabled, device)}", flush=True)
+    return enabled
+
+
 def autocast(enabled: bool, device: str) -> contextlib.AbstractContextManager:
     """A context running the matmuls of forward passes on `device` in bfloat16 (`enabled`), else nothing."""
     if not enabled:

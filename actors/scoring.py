@@ -27,7 +27,7 @@ from actors.batch import collate_groups
 from actors.lora import load_sync_state, sync_state, wrap
 from actors.modeling import (check_same_vocabulary, load_causal_lm, load_tokenizer, load_value_model, response_logprobs,
                              response_values, set_threads)
-from actors.precision import autocast, describe, use_bf16_autocast
+from actors.precision import autocast, choose
 from actors.records import Group, TrainBatch
 from actors.weights import state_checksum, unpack_state_dict
 
@@ -52,9 +52,7 @@ class ScoringWorker:
         `Sample.teacher_logp` (on-policy distillation); None: no teacher. `autocast` (`scoring.autocast`: off,
         bf16, auto): the forward passes under bf16 autocast (`actors.precision`), log-probs and values in float32."""
         set_threads(threads)
-        self.bf16, self.device = use_bf16_autocast(autocast, device), device
-        if autocast != "off":  # say what auto chose (or that bf16 was asked for), once
-            print(f"raylhf ScoringWorker: {describe(autocast, self.bf16, device)}", flush=True)
+        self.bf16, self.device = choose(autocast, device, "ScoringWorker"), device
         tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.pad_id = tokenizer.pad_token_id
         policy = load_causal_lm(model_path, dtype, trust_remote_code, device) if with_policy else None

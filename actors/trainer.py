@@ -24,7 +24,7 @@ from actors.deepspeed_ops import load_shm_comm
 from actors.lora import load_sync_state, save_merged_policy, state_bytes, sync_state, trainable_names, wrap
 from actors.modeling import load_causal_lm, load_tokenizer, response_logprobs, set_threads
 from actors.objectives import policy_objective
-from actors.precision import autocast, describe, use_bf16_autocast
+from actors.precision import autocast, choose
 from actors.records import Group, Shard, TrainBatch
 from actors.scoring import per_token
 from actors.weights import pack_state, state_checksum
@@ -151,7 +151,8 @@ class DeepSpeedRank:
         self._store_listener: socket.socket | None = None  # rank 0 on CPU: see `rendezvous`
         self._clip: float | None = None  # set in `setup` where the trainer clips itself (`clips_itself`)
         self._trained: list[torch.nn.Parameter] = []
-        self.bf16 = use_bf16_autocast(trainer.get("autocast", "off"), device)  # forward passes under bf16 autocast
+        self.bf16 = choose(trainer.get("autocast", "off"), device,  # forward passes under bf16 autocast
+                           type(self).__name__ if rank == 0 else None)
         set_threads(trainer.get("threads"))
 
     def rendezvous(self) -> tuple[str, int]:
@@ -201,8 +202,6 @@ class DeepSpeedRank:
         if self.lora:  # checkpoints hold what trains; DeepSpeed's exclude_frozen_parameters misses a tied weight's
             full, names = self.engine.module_state_dict, trainable_names(model)  # second name (lm_head = embeddings)
             self.engine.module_state_dict = lambda *a, **k: {n: t for n, t in full(*a, **k).items() if n in names}
-        if self.rank == 0 and c.get("autocast", "off") != "off":  # what auto chose, once (and train/autocast_bf16)
-            print(f"raylhf {type(self).__name__}: {describe(c['autocast'], self.bf16, self.device)}", flush=True)
         gc.freeze()  # the modules and libraries live on: Python's collector stops re-walking them every step
         return sum(p.numel() for p in model.parameters())
 

@@ -19,7 +19,7 @@ from transformers import StoppingCriteria
 
 from actors.lora import load_sync_state, sync_state, wrap
 from actors.modeling import cache_argument, hf_model, load_causal_lm, load_tokenizer, position_ids, token_logprobs
-from actors.precision import autocast, describe, use_bf16_autocast
+from actors.precision import autocast, choose
 from actors.records import Completion, SamplingParams
 from actors.weights import state_checksum, unpack_state_dict
 
@@ -39,9 +39,7 @@ class HFEngine:
         model = load_causal_lm(model_path, dtype, trust_remote_code, device)
         self._serve((wrap(model, lora) if lora else model).eval(), load_tokenizer(model_path, trust_remote_code),
                     device, sampler)
-        self.bf16 = use_bf16_autocast(autocast, device)
-        if autocast != "off":  # say what auto chose (or that bf16 was asked for), once
-            print(f"raylhf HFEngine: {describe(autocast, self.bf16, device)}", flush=True)
+        self.bf16 = choose(autocast, device, "HFEngine")
 
     @classmethod
     def from_model(cls, model, tokenizer, sampler: str = "loop") -> HFEngine:
