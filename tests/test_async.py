@@ -86,24 +86,12 @@ def _trained_uids(run_dir) -> dict[str, int]:
 def test_a_run_killed_with_rounds_in_flight_trains_every_prompt_of_the_epoch_exactly_once(tmp_path, tiny_model):
     """max_staleness 2 with partial rollouts: SIGKILL after the checkpoint of step 3 (two rounds of prompts in flight
     then), `--resume`: over both runs each of the epoch's 24 prompts is trained once, like in an uninterrupted run."""
-    import os
-    import signal
-    import time
-
-    from orchestrator import checkpoint
-    from tests.test_resume import _finish, _train
+    from tests.test_resume import _finish, _kill_after_step, _train
 
     config = _async_config(tmp_path, tiny_model)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     uninterrupted = _train(config, straight)
-    proc = _train(config, broken)
-    deadline = time.monotonic() + 300
-    while (newest := checkpoint.latest(broken)) is None or newest.name < "step-000003":
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray with every actor
-    proc.wait()
-    saved = checkpoint.load_state(checkpoint.latest(broken))
+    saved = _kill_after_step(_train(config, broken), broken, 3)
     assert 3 <= saved.step < 6 and saved.pending  # rounds in flight when it was saved
     assert len(saved.pending) == min(2, 6 - saved.step) and all(len(r) == 4 for r in saved.pending)
     _finish(_train(config, broken, "--resume"))

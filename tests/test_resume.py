@@ -56,19 +56,24 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "final_policy" / "model.safetensors"))
 
 
+def _kill_after_step(proc: subprocess.Popen, run_dir, step: int) -> checkpoint.LoopState:
+    """SIGKILL the run `proc` (the driver and the embedded Ray with every actor) once `run_dir` holds the checkpoint of
+    `step` or a later one; the state of the newest checkpoint it left."""
+    deadline = time.monotonic() + 300
+    while (newest := checkpoint.latest(run_dir)) is None or newest.name < f"step-{step:06d}":
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return checkpoint.load_state(checkpoint.latest(run_dir))
+
+
 @pytest.mark.slow
 def test_a_run_killed_after_step_3_resumes_to_the_same_weights_and_metrics(tmp_path, tiny_model):
     config = _config(tmp_path, tiny_model)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     uninterrupted = _train(config, straight)  # side by side with the broken run: each leaves the 2 cores idle at times
-    proc = _train(config, broken)
-    deadline = time.monotonic() + 300
-    while (newest := checkpoint.latest(broken)) is None or newest.name < "step-000003":
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray with every actor
-    proc.wait()
-    died_at = checkpoint.load_state(checkpoint.latest(broken)).step
+    died_at = _kill_after_step(_train(config, broken), broken, 3).step
     assert 3 <= died_at < 6
     resumed = _train(config, broken, "--resume")
     _finish(resumed)
