@@ -32,6 +32,21 @@ def synthetic_batch(n: int, vocab: int, seed: int = 0) -> TrainBatch:
 MICRO = 6  # 1 rank: micro-batches of 5, 5, 6 rows per mini-batch; 2 ranks: 4, 4 — different partitions
 
 
+def assert_same_update(initial: dict, one: tuple[dict, list[dict]], two: tuple[dict, list[dict]], what: str) -> None:
+    """Runs `one` and `two` (`run_ranks`' weights and stats) made the same update from `initial`: the same global
+    gradient norm (not a scaled one) and the whole update within 1e-3 relative. Adam turns float-rounding noise on
+    near-zero gradients into visible steps on a handful of elements, so the whole update is compared (measured:
+    ~1e-5 when right)."""
+    (w_one, stats_one), (w_two, stats_two) = one, two
+    assert stats_two[0]["grad_norm"] == pytest.approx(stats_one[0]["grad_norm"], rel=1e-4)
+    delta_one = torch.cat([(w_one[k] - initial[k]).flatten() for k in w_one])
+    delta_two = torch.cat([(w_two[k] - initial[k]).flatten() for k in w_one])
+    assert delta_one.abs().max() > 1e-3  # the update is real, so agreement below means something
+    rel = float((delta_two - delta_one).norm() / delta_one.norm())
+    print(f"relative update difference, {what}: {rel:.2e}")
+    assert rel < 1e-3
+
+
 def run_ranks(world: int, batch: TrainBatch, model_path: str, agg: str, zero_stage: int = 2, skip_inert: bool = False,
               split_tokens: int | None = None) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """One train step on `world` ranks: rank 0's weights after it, and every rank's stats. `split_tokens`: micro-batches
@@ -73,18 +88,8 @@ def test_two_ranks_match_one_rank(ray_local, tiny_model, agg, zero_stage):
     batch = synthetic_batch(32, vocab=initial["model.embed_tokens.weight"].shape[0])
     if (agg, tiny_model) not in _ONE_RANK:  # the 1-rank reference is the same for every ZeRO stage of 2 ranks
         _ONE_RANK[agg, tiny_model] = run_ranks(1, batch, tiny_model, agg)
-    one, stats_one = _ONE_RANK[agg, tiny_model]
-    two, stats_two = run_ranks(2, batch, tiny_model, agg, zero_stage)
-    norm_one, norm_two = stats_one[0]["grad_norm"], stats_two[0]["grad_norm"]
-    assert norm_two == pytest.approx(norm_one, rel=1e-4)  # the same global gradient, not a scaled one
-    delta_one = torch.cat([(one[k] - initial[k]).flatten() for k in one])
-    delta_two = torch.cat([(two[k] - initial[k]).flatten() for k in one])
-    assert delta_one.abs().max() > 1e-3  # the update is real, so agreement below means something
-    # Adam turns float-rounding noise on near-zero gradients into visible steps on a handful of
-    # elements, so compare the whole update (measured: ~1e-5 when right).
-    rel = float((delta_two - delta_one).norm() / delta_one.norm())
-    print(f"relative update difference 2 ranks vs 1: {rel:.2e}")
-    assert rel < 1e-3
+    assert_same_update(initial, _ONE_RANK[agg, tiny_model], run_ranks(2, batch, tiny_model, agg, zero_stage),
+                       "2 ranks vs 1")
 
 
 def test_leaving_out_zero_advantage_rows_gives_the_same_update(ray_local, tiny_model):
@@ -96,15 +101,9 @@ def test_leaving_out_zero_advantage_rows_gives_the_same_update(ray_local, tiny_m
     batch = synthetic_batch(32, vocab=initial["model.embed_tokens.weight"].shape[0], seed=3)
     inert = torch.arange(32) % 4 < 2  # 16 rows, spread over both mini-batches
     batch = dataclasses.replace(batch, advantages=torch.where(inert[:, None], 0.0, batch.advantages))
-    one, stats_one = run_ranks(1, batch, tiny_model, "token-mean")
-    two, stats_two = run_ranks(2, batch, tiny_model, "token-mean", skip_inert=True)
-    assert stats_two[0]["grad_norm"] == pytest.approx(stats_one[0]["grad_norm"], rel=1e-4)
-    delta_one = torch.cat([(one[k] - initial[k]).flatten() for k in one])
-    delta_two = torch.cat([(two[k] - initial[k]).flatten() for k in one])
-    assert delta_one.abs().max() > 1e-3
-    rel = float((delta_two - delta_one).norm() / delta_one.norm())
-    print(f"relative update difference, zero-advantage rows left out vs run: {rel:.2e}")
-    assert rel < 1e-3
+    assert_same_update(initial, run_ranks(1, batch, tiny_model, "token-mean"),
+                       run_ranks(2, batch, tiny_model, "token-mean", skip_inert=True),
+                       "zero-advantage rows left out vs run")
 
 
 @pytest.mark.parametrize("skip_inert, zero_stage", [(False, 2), (True, 2), (True, 3)])
@@ -128,13 +127,7 @@ def test_two_ranks_with_planned_micro_batches_match_one_rank_with_equal_slices(r
     assert counts[0] == counts[1] and counts[0] != [2, 2]  # equal over the ranks, not grad_accum
     own = [len(plan(parts[m].rows, MICRO, 0)[1]) for parts in planned for m in range(2)]
     assert own != [c for rank in counts for c in rank] or any(0 in parts[m].micro for parts in planned for m in range(2))
-    one, stats_one = run_ranks(1, batch, tiny_model, "token-mean")
-    two, stats_two = run_ranks(2, batch, tiny_model, "token-mean", zero_stage, skip_inert, split_tokens=0)
-    assert stats_two[0]["train/micro_batches"] == 2 * sum(counts[0])  # 2 epochs
-    assert stats_two[0]["grad_norm"] == pytest.approx(stats_one[0]["grad_norm"], rel=1e-4)
-    delta_one = torch.cat([(one[k] - initial[k]).flatten() for k in one])
-    delta_two = torch.cat([(two[k] - initial[k]).flatten() for k in one])
-    assert delta_one.abs().max() > 1e-3
-    rel = float((delta_two - delta_one).norm() / delta_one.norm())
-    print(f"relative update difference, 2 ranks with planned micro-batches vs 1 with slices: {rel:.2e}")
-    assert rel < 1e-3
+    two = run_ranks(2, batch, tiny_model, "token-mean", zero_stage, skip_inert, split_tokens=0)
+    assert two[1][0]["train/micro_batches"] == 2 * sum(counts[0])  # 2 epochs
+    assert_same_update(initial, run_ranks(1, batch, tiny_model, "token-mean"), two,
+                       "2 ranks with planned micro-batches vs 1 with slices")
