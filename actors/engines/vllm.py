@@ -118,10 +118,15 @@ def completion_from_output(output: Any) -> Completion:
     """Our `Completion` from one vLLM `CompletionOutput` (`token_ids`, `text`, `logprobs` as one
     {token_id: Logprob} per position, `finish_reason`)."""
     ids, logps = sampled_logprobs(output)
-    if output.finish_reason not in ("stop", "length"):
-        raise RuntimeError(f"vLLM request ended with finish_reason={output.finish_reason!r} (expected 'stop' or "
-                           "'length'): it was aborted, e.g. the engine ran out of KV-cache memory or was stopped")
-    return Completion(ids, output.text, logps, output.finish_reason)
+    return Completion(ids, output.text, logps, checked_finish_reason(output.finish_reason))
+
+
+def checked_finish_reason(reason: str | None) -> str:
+    """A finished request's `finish_reason`, which must be "stop" or "length" (else vLLM aborted it)."""
+    if reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM request ended with finish_reason={reason!r} (expected 'stop' or 'length'): it was "
+                           "aborted, e.g. the engine ran out of KV-cache memory or was stopped")
+    return reason
 
 
 def sampled_logprobs(output: Any) -> tuple[list[int], list[float]]:
@@ -327,10 +332,7 @@ class VLLMEngine:
         row.text += completion.text
         if out.finished:
             del self._in_flight[out.request_id]
-            if completion.finish_reason not in ("stop", "length"):
-                raise RuntimeError(f"vLLM request ended with finish_reason={completion.finish_reason!r} (expected "
-                                   "'stop' or 'length'): it was aborted, e.g. out of KV-cache memory or stopped")
-            row.finish_reason = completion.finish_reason
+            row.finish_reason = checked_finish_reason(completion.finish_reason)
         if row.resumes and stops and stop_across(row.text, row.text_start, stops):
             k = first_stop_end(self.tokenizer, row.ids, stops)
             row.ids, row.logprobs, row.versions = row.ids[:k], row.logprobs[:k], row.versions[:k]
