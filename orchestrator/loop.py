@@ -60,7 +60,8 @@ def train(cfg: JobConfig, run_dir: Path, model_path: str, rewards: list, data: D
     try:
         if resume:
             checkpoint.restore(resume, state, pools, data.stream, run.kl)
-            run.pipeline and run.pipeline.restore(pools, data.stream, state.pending, run.sampling, cfg.rollout)
+            run.pipeline and run.pipeline.restore(pools, data.stream, state.pending, run.sampling,
+                                                  cfg.rollout.prompts_per_call)
             progress.note(f"resumed from {resume} (step {state.step}, policy version {state.version})")
         else:
             m = dict(data.skipped) | (evaluate(pools, cfg, evals, progress.note) if evals else {})
