@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 AUTOCAST_MODES = ("off", "bf16", "auto")
+ROLLOUT_DTYPES = ("model", "float32", "bfloat16", "float16", "auto")  # `rollout.dtype`
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that multiply bf16 in hardware
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -63,6 +64,18 @@ def use_bf16_autocast(mode: str, device: str, cpuinfo: str | None = None) -> boo
     if device_type(device) == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return cpu_has_native_bf16(cpuinfo) if cpuinfo is not None else _this_cpu_has_native_bf16()
+
+
+def rollout_dtype(mode: str, model_dtype: str, device: str, cpuinfo: str | None = None) -> str:
+    """The dtype the hf engine holds its weights in for `rollout.dtype` `mode`: model: `model_dtype`; auto: bfloat16
+    where bf16 is native (`use_bf16_autocast`'s auto rule), else `model_dtype`; else `mode` itself."""
+    if mode not in ROLLOUT_DTYPES:
+        raise ValueError(f"rollout.dtype must be one of {ROLLOUT_DTYPES}, got {mode!r}")
+    if mode == "model":
+        return model_dtype
+    if mode == "auto":
+        return "bfloat16" if use_bf16_autocast("auto", device, cpuinfo) else model_dtype
+    return mode
 
 
 def choose(mode: str, device: str, actor: str | None) -> bool:

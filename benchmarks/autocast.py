@@ -6,7 +6,8 @@ Builds the model with the job's model.prepare when it is missing. The batch is t
 call in float32, so the lengths are the job's); then, alternating float32 and bf16 autocast `--repeats` times each:
   train   forward + loss + backward of the 64 rows as the trainer runs them (response_logprobs, shared prompts)
   score   the same forward without gradients (a scoring worker's pass)
-  generate one generate call of the hf engine (8 prompts x 8, the loop sampler), tokens/s
+  generate one generate call of the hf engine (8 prompts x 8, the loop sampler), tokens/s; and the same call with
+           the weights held in bf16 (`rollout.dtype: bfloat16`: no autocast, no per-matmul casts) in each round
 and prints the medians, the bf16/float32 time ratios, and how far bf16 log-probs are from float32 ones on the batch
 (|delta log p| mean and max over response tokens: what `mismatch/*` would show between a bf16 and a float32 actor).
 Prints whether this CPU has native bf16 (`actors.precision.cpu_has_native_bf16`) and the load average: timings move
@@ -16,6 +17,7 @@ with whatever else runs on the machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -89,6 +91,7 @@ def main() -> int:
     tok = load_tokenizer(args.model)
     model = load_causal_lm(args.model)
     engine = HFEngine.from_model(model.eval(), tok)
+    held_bf16 = HFEngine.from_model(copy.deepcopy(model).to(torch.bfloat16).eval(), tok)  # rollout.dtype: bfloat16
     prompts = encode_prompts(tok, [r["prompt"] for r in make_rows("train", args.prompts, seed=1)])
     batch, _ = sample_batch(engine, prompts, args.group_size, args.max_new_tokens, seed=0)
     tokens = int(batch.response_mask.sum())
@@ -97,6 +100,7 @@ def main() -> int:
 
     times: dict[str, dict[bool, list[float]]] = {k: {False: [], True: []} for k in ("train", "score", "generate")}
     gen_tokens: dict[bool, int] = {}
+    held_times, held_tokens = [], 0  # generate with the weights held in bf16
     sampling = SamplingParams(n=args.group_size, max_new_tokens=args.max_new_tokens, temperature=1.0)
     for i in range(args.repeats + 1):  # the first round warms up and is not counted
         for bf16 in ((False, True) if i % 2 == 0 else (True, False)):
@@ -114,6 +118,11 @@ def main() -> int:
                 for key, dt in (("train", t1 - t0), ("score", t2 - t1), ("generate", t3 - t2)):
                     times[key][bf16].append(dt)
                 gen_tokens[bf16] = gen_tokens.get(bf16, 0) + sum(len(c.token_ids) for g in groups for c in g)
+        t = time.perf_counter()
+        groups = held_bf16.generate(prompts, sampling, seed=100 + i)
+        if i:
+            held_times.append(time.perf_counter() - t)
+            held_tokens += sum(len(c.token_ids) for g in groups for c in g)
     print(f"{'':10}{'float32 s':>11}{'bf16 s':>9}{'bf16/fp32':>11}")
     for key, by in times.items():
         a, b = statistics.median(by[False]), statistics.median(by[True])
@@ -121,6 +130,9 @@ def main() -> int:
     for bf16 in (False, True):
         print(f"generate {'bf16' if bf16 else 'float32'}: {gen_tokens[bf16] / sum(times['generate'][bf16]):.0f} "
               "tokens/s")
+    g32 = statistics.median(times["generate"][False])
+    print(f"generate, weights held in bf16: {statistics.median(held_times):.3f} s ({statistics.median(held_times) / g32:.2f}"
+          f" of float32), {held_tokens / sum(held_times):.0f} tokens/s")
     fp32, bf = score_pass(model, batch, False), score_pass(model, batch, True)
     gap = ((bf - fp32).abs() * batch.response_mask)
     print(f"|log p bf16 - log p float32| over response tokens: mean {float(gap.sum()) / tokens:.2e}, "

@@ -137,7 +137,7 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
                    device=_device(r.num_gpus), engine_options=r.vllm.model_dump() if r.engine == "vllm" else {},
                    env=env_limits(cfg), lora=lora, **common)
     if r.engine == "hf":
-        rollout["engine_options"] = {"autocast": r.autocast}  # the hf engine's forward passes (rollout.autocast)
+        rollout["engine_options"] = {"autocast": r.autocast, "weights_dtype": r.dtype}  # rollout.autocast, .dtype
     e = cfg.env if cfg.env.enabled else None
     n_env = e.num_workers if e else 0
     env = dict(name=absolute_file_spec(e.env_name), kwargs=e.env_kwargs(cfg.data.prompt_key), timeout_s=e.timeout_s,

@@ -104,7 +104,7 @@ def test_rollout_autocast_is_for_the_hf_engine_and_reaches_every_actor():
         "unused", rollout={"autocast": "bf16"}, scoring={"autocast": "auto"}, trainer={"autocast": "bf16"},
         algorithm={"kl_coef": 0.1, "estimator": "gae"}))
     specs = {s.name: s for s in pool_specs(cfg, "unused", [])}
-    assert specs["rollout"].kwargs[0]["engine_options"] == {"autocast": "bf16"}
+    assert specs["rollout"].kwargs[0]["engine_options"] == {"autocast": "bf16", "weights_dtype": "model"}
     assert specs["scoring"].kwargs[0]["autocast"] == "auto"
     assert specs["trainer"].kwargs[0]["trainer"]["autocast"] == "bf16"
     assert specs["critic"].kwargs[0]["trainer"]["autocast"] == "bf16"  # the critic follows trainer.autocast

@@ -19,7 +19,7 @@ from transformers import StoppingCriteria
 
 from actors.lora import load_sync_state, sync_state, wrap
 from actors.modeling import cache_argument, hf_model, load_causal_lm, load_tokenizer, position_ids, token_logprobs
-from actors.precision import autocast, choose
+from actors.precision import autocast, choose, rollout_dtype
 from actors.records import Completion, SamplingParams
 from actors.weights import state_checksum, unpack_state_dict
 
@@ -32,14 +32,27 @@ class HFEngine:
     "generate" (Hugging Face `model.generate`). `lora` (`model.lora` of the config): the base is wrapped with
     adapters, and weight updates carry the adapters only (applied unmerged, as the trainer computes). `autocast`
     (`rollout.autocast`: off, bf16, auto): the forward passes of `generate` under bf16 autocast
-    (`actors.precision`); the weights stay in `dtype` and sampling and log-probs in float32."""
+    (`actors.precision`); the weights stay in `dtype` and sampling and log-probs in float32. `weights_dtype`
+    (`rollout.dtype`: model, a dtype, or auto: bfloat16 where bf16 is native): the dtype the weights are held in."""
 
     def __init__(self, model_path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str = "cpu",
-                 sampler: str = "loop", lora: dict | None = None, autocast: str = "off"):
+                 sampler: str = "loop", lora: dict | None = None, autocast: str = "off", weights_dtype: str = "model"):
         model = load_causal_lm(model_path, dtype, trust_remote_code, device)
-        self._serve((wrap(model, lora) if lora else model).eval(), load_tokenizer(model_path, trust_remote_code),
-                    device, sampler)
+        model = (wrap(model, lora) if lora else model).eval()
+        self._serve(model, load_tokenizer(model_path, trust_remote_code), device, sampler)
         self.bf16 = choose(autocast, device, "HFEngine")
+        self._hold(rollout_dtype(weights_dtype, dtype, device), weights_dtype, dtype)
+
+    def _hold(self, held: str, mode: str, dtype: str) -> None:
+        """Keep the weights in `held` (`rollout.dtype`, e.g. bfloat16 where bf16 is native: no per-matmul casts, half
+        the bytes per decode step) when it differs from `dtype`, the trainer's. Weight syncs still carry `dtype`;
+        `checksum` then answers for what was sent (the initial weights', or the last sync's), as the trainer's does."""
+        self._sent: dict | None = None  # the last sync's packed state, kept for `checksum` while weights are cast
+        self._initial = state_checksum(sync_state(self.model)) if held != dtype else None
+        if held != dtype:
+            self.model.to(getattr(torch, held))
+            print(f"raylhf HFEngine: weights held in {held} (rollout.dtype {mode}; the trainer's are {dtype})",
+                  flush=True)
 
     @classmethod
     def from_model(cls, model, tokenizer, sampler: str = "loop") -> HFEngine:
@@ -56,6 +69,7 @@ class HFEngine:
         self.tokenizer.padding_side = "left"
         self.device, self.sampler = device, sampler
         self.bf16 = False  # `__init__` sets `rollout.autocast`'s choice
+        self._sent, self._initial = None, None  # `__init__` sets them when the weights are held in another dtype
         # Prefill needs only the last position's logits; not every remote-code model takes the argument.
         self._keep_last = "logits_to_keep" in inspect.signature(hf_model(self.model).forward).parameters
         self._cache_kw = cache_argument(self.model)
@@ -189,12 +203,18 @@ class HFEngine:
         return Completion(ids_list[:end], text, logp[:end].tolist(), reason)
 
     def load_weights(self, packed: dict, version: int | None = None) -> None:
-        """Replace the model's weights in place (under LoRA: its adapters)."""
+        """Replace the model's weights in place (under LoRA: its adapters), cast to the dtype they are held in."""
         load_sync_state(self.model, unpack_state_dict(packed))
+        if self._initial is not None:
+            self._sent = packed  # a reference (object-store views): hashed only if `checksum` is asked
 
     def checksum(self) -> str:
-        """SHA-256 of what weight syncs replace (`actors.lora.sync_state`): the trainer's checksum of the same."""
-        return state_checksum(sync_state(self.model))
+        """SHA-256 of what weight syncs replace (`actors.lora.sync_state`): the trainer's checksum of the same. With
+        the weights held in another dtype (`rollout.dtype`), the checksum of what the last sync sent, or of the
+        initial weights before they were cast."""
+        if self._initial is None:
+            return state_checksum(sync_state(self.model))
+        return self._initial if self._sent is None else state_checksum(unpack_state_dict(self._sent))
 
 
 def batch_rows(running: int, current: int, device: str) -> int:
