@@ -199,7 +199,7 @@ def test_fair_variants_give_each_framework_its_defaults_and_its_other_thread_and
     assert vs[0].raylhf_sets == ("loop.max_staleness=1",)
     assert set(vs[1].raylhf_sets) >= {"rollout.threads=2", "trainer.threads=2", "loop.max_staleness=1"}
     assert not any("autocast" in x for x in vs[0].raylhf_sets + vs[1].raylhf_sets)  # raylhf's default: float32
-    autocast = {"rollout.autocast=auto", "scoring.autocast=auto", "trainer.autocast=auto"}
+    autocast = {"rollout.dtype=auto", "scoring.autocast=auto", "trainer.autocast=auto"}
     assert set(by["raylhf-bf16"].raylhf_sets) == autocast | {"loop.max_staleness=1"}
     assert set(by["raylhf-2threads-bf16"].raylhf_sets) == set(vs[1].raylhf_sets) | autocast
     assert [(v.trl_threads, v.trl_precision) for v in vs[4:]] == [(0, "default"), (1, "default"), (0, "fp32"),
