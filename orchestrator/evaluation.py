@@ -56,13 +56,13 @@ class Scorer:
 
         r, rw = cfg.rollout, cfg.reward
         from actors.env_host import EnvHost
-        from orchestrator.pool_specs import env_limits
+        from orchestrator.pool_specs import engine_options, env_limits
         from orchestrator.references import absolute_file_spec
 
         self.rollout = RolloutWorker(engine=r.engine, model_path=checkpoint, dtype=cfg.model.dtype,
                                      trust_remote_code=cfg.model.trust_remote_code, threads=None,
                                      seed=cfg.loop.seed, device="cuda" if r.num_gpus > 0 else "cpu",
-                                     env=env_limits(cfg))
+                                     engine_options=engine_options(cfg), env=env_limits(cfg))
         e = cfg.env if cfg.env.enabled else None  # multi-turn: the environments run in this process
         self.envs = [EnvHost(absolute_file_spec(e.env_name), e.env_kwargs(cfg.data.prompt_key), e.timeout_s,
                              rw.max_abs_score, e.max_concurrency)] if e else None

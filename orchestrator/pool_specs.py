@@ -121,6 +121,13 @@ def _device(gpus: float) -> str:
     return "cuda" if gpus > 0 else "cpu"
 
 
+def engine_options(cfg: JobConfig) -> dict:
+    """The rollout engine's own settings: `rollout.vllm` for vLLM; `rollout.autocast` and `rollout.dtype` (as
+    `weights_dtype`) for hf. The same for the rollout pool and for `raylhf eval`'s in-process worker."""
+    r = cfg.rollout
+    return r.vllm.model_dump() if r.engine == "vllm" else {"autocast": r.autocast, "weights_dtype": r.dtype}
+
+
 def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> list[PoolSpec]:
     """Every pool of the job, in start-up order (an empty pool has no workers). `rewards`: the resolved reward
     entries (`orchestrator.references.reward_specs`)."""
@@ -134,10 +141,8 @@ def pool_specs(cfg: JobConfig, model_path: str, rewards: list[RewardSpec]) -> li
     policy, value = TrainPlan.of(cfg, t.num_workers), TrainPlan.of(cfg, max(n_critic, 1))
     trainer_cfg = t.model_dump()
     rollout = dict(engine=r.engine, threads=r.threads, seed=cfg.loop.seed,  # samples depend on prompts, not workers
-                   device=_device(r.num_gpus), engine_options=r.vllm.model_dump() if r.engine == "vllm" else {},
-                   env=env_limits(cfg), lora=lora, **common)
-    if r.engine == "hf":
-        rollout["engine_options"] = {"autocast": r.autocast, "weights_dtype": r.dtype}  # rollout.autocast, .dtype
+                   device=_device(r.num_gpus), engine_options=engine_options(cfg), env=env_limits(cfg), lora=lora,
+                   **common)
     e = cfg.env if cfg.env.enabled else None
     n_env = e.num_workers if e else 0
     env = dict(name=absolute_file_spec(e.env_name), kwargs=e.env_kwargs(cfg.data.prompt_key), timeout_s=e.timeout_s,

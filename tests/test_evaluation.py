@@ -162,3 +162,17 @@ def test_the_greedy_evaluator_equals_rollout_metrics_and_a_brute_force_count(tin
         assert numbers["response_length"] == sum(map(len, ids)) / len(rows)
     # The caller's training state is untouched: RNG stream, padding side, train mode.
     assert torch.equal(rng, torch.random.get_rng_state()) and tok.padding_side == "right" and model.training
+
+
+def test_eval_generates_with_the_configs_rollout_engine_options(tmp_path, tiny_model):
+    """`raylhf eval`'s in-process rollout worker takes `rollout.dtype` and `rollout.autocast` as the training pool
+    does (`orchestrator.pool_specs.engine_options`): here weights held in bf16."""
+    import torch
+
+    from orchestrator.config import load_config
+    from orchestrator.evaluation import Scorer
+
+    cfg = load_config(_job(tmp_path, tiny_model), ["rollout.dtype=bfloat16"])
+    engine = Scorer(cfg, tiny_model).rollout.engine
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert not engine.bf16  # rollout.autocast off
