@@ -20,12 +20,22 @@ PY_CPU = f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
 
 
 def _train(tmp_path, tiny_model, env: dict | None = None, steps: int = 1, **popen) -> subprocess.Popen:
-    """`raylhf train` on a `steps`-step job as a subprocess in its own session (as a terminal starts it)."""
+    """`raylhf train` on a `steps`-step job as a subprocess in its own session, with SIGINT delivered and handled
+    as a terminal's foreground job has it (`_as_a_terminal_starts_it`)."""
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(base_config(tiny_model, loop={"steps": steps, "eval_size": 4})))
     return subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train", str(cfg_path), "--run-dir",
                              str(tmp_path / "run")], cwd=REPO, text=True, start_new_session=True,
-                            env={**os.environ, **(env or {})}, **popen)
+                            env={**os.environ, **(env or {})}, preexec_fn=_as_a_terminal_starts_it, **popen)
+
+
+def _as_a_terminal_starts_it() -> None:
+    """In the child before exec: SIGINT unblocked and at its default action. An ignored signal and a signal mask both
+    survive exec, and Python installs its KeyboardInterrupt handler only over the default. In a full parallel run the
+    pytest worker had SIGINT ignored (SIG_IGN), so the CLI it started ignored Ctrl-C and trained on: py-spy showed
+    its main thread in the training loop 60 s after the signal."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _session_processes(sid: int) -> list[int]:
@@ -114,7 +124,12 @@ def test_ctrl_c_during_startup_prints_one_line_and_leaves_nothing_running(tmp_pa
             assert proc.poll() is None and time.monotonic() < deadline, "no trainer started"
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired as e:  # say where it hung: the CLI's last words and what still runs
+            left = [_cmdline(p)[:120] for p in _session_processes(proc.pid)]
+            raise AssertionError(f"no exit 60 s after SIGINT; stderr tail: {(e.stderr or b'')[-3000:]!r}; "
+                                 f"still running: {left}") from None
         assert proc.returncode == 130, err[-3000:]
         assert "Traceback" not in err and err.rstrip().endswith("raylhf: interrupted"), err[-3000:]
         deadline = time.monotonic() + 30
