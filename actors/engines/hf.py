@@ -11,7 +11,7 @@ version behind each token."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -253,10 +253,17 @@ def _cut_at_stop(tok, ids: list[int], end: int, reason: str, stop: tuple[str, ..
     """Shorten to the first token whose prefix text contains a stop string (the stop is kept)."""
     if not any(s in tok.decode(ids[:end], skip_special_tokens=True) for s in stop):
         return end, reason
-    for k in range(1, end + 1):
-        if any(s in tok.decode(ids[:k], skip_special_tokens=True) for s in stop):
-            return k, "stop"
-    return end, reason
+    k = first_stop_end(tok, ids[:end], stop)
+    return (end, reason) if k is None else (k, "stop")
+
+
+def first_stop_end(tokenizer, ids: list[int], stops: Sequence[str]) -> int | None:
+    """The fewest leading tokens of `ids` whose text holds a stop string; None when none does (also what the vLLM
+    engine cuts a resumed partial rollout at)."""
+    for k in range(1, len(ids) + 1):
+        if any(s in tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stops):
+            return k
+    return None
 
 
 class StopOnStrings(StoppingCriteria):

@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.engines.hf import first_stop_end
 from actors.records import Completion, SamplingParams
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -184,14 +185,6 @@ def stop_across(text: str, start: int, stops: Sequence[str]) -> bool:
         if at != -1 and at < start < at + len(stop):
             return True
     return False
-
-
-def first_stop_end(tokenizer: Any, ids: list[int], stops: Sequence[str]) -> int:
-    """The fewest leading tokens of `ids` whose text holds a stop string (len(ids) if none does)."""
-    for k in range(1, len(ids) + 1):
-        if any(s in tokenizer.decode(ids[:k], skip_special_tokens=True) for s in stops):
-            return k
-    return len(ids)
 
 
 @dataclass(frozen=True)
@@ -334,7 +327,7 @@ class VLLMEngine:
             del self._in_flight[out.request_id]
             row.finish_reason = checked_finish_reason(completion.finish_reason)
         if row.resumes and stops and stop_across(row.text, row.text_start, stops):
-            k = first_stop_end(self.tokenizer, row.ids, stops)
+            k = first_stop_end(self.tokenizer, row.ids, stops) or len(row.ids)  # one straddles: found
             row.ids, row.logprobs, row.versions = row.ids[:k], row.logprobs[:k], row.versions[:k]
             row.text, row.finish_reason = self.tokenizer.decode(row.ids, skip_special_tokens=True), "stop"
             if not out.finished:
