@@ -171,8 +171,8 @@ class RolloutConfig(Section):
     dtype: Literal["model", "float32", "bfloat16", "float16", "auto"] = Field(
         "model", description="The dtype the hf engine holds its weights in (vLLM serves model.dtype): model (the "
         "default: model.dtype, as the trainer); bfloat16 (where bf16 is native, generation without autocast's casts: "
-        "1.56x tokens/s on the 20.5M policy of examples/arith_scratch_grpo.yaml at 2 threads of an EPYC with "
-        "avx512_bf16, docs/performance.md); auto (bfloat16 on a CUDA GPU with bf16 or a CPU whose /proc/cpuinfo "
+        "1.52x float32's tokens/s on the 20.5M policy of examples/arith_scratch_grpo.yaml at 2 threads of an EPYC "
+        "with avx512_bf16, benchmarks/autocast.py, docs/performance.md); auto (bfloat16 on a CUDA GPU with bf16 or a CPU whose /proc/cpuinfo "
         "flags have avx512_bf16 or amx_bf16, else model.dtype). Weight syncs still carry model.dtype and each "
         "token's log-prob is the held weights' (the behaviour policy's): the gap to the trainer shows in "
         "mismatch/logprob_abs_*. Not with rollout.autocast, which needs float32 weights.")

@@ -47,12 +47,11 @@ class HFEngine:
         """Keep the weights in `held` (`rollout.dtype`, e.g. bfloat16 where bf16 is native: no per-matmul casts, half
         the bytes per decode step) when it differs from `dtype`, the trainer's. Weight syncs still carry `dtype`;
         `checksum` then answers for what was sent (the initial weights', or the last sync's), as the trainer's does."""
-        self._sent: dict | None = None  # the last sync's packed state, kept for `checksum` while weights are cast
-        self._initial = state_checksum(sync_state(self.model)) if held != dtype else None
-        if held != dtype:
-            self.model.to(getattr(torch, held))
-            print(f"raylhf HFEngine: weights held in {held} (rollout.dtype {mode}; the trainer's are {dtype})",
-                  flush=True)
+        if held == dtype:
+            return
+        self._initial = state_checksum(sync_state(self.model))  # what the first syncs' checksum compares with
+        self.model.to(getattr(torch, held))
+        print(f"raylhf HFEngine: weights held in {held} (rollout.dtype {mode}; the trainer's are {dtype})", flush=True)
 
     @classmethod
     def from_model(cls, model, tokenizer, sampler: str = "loop") -> HFEngine:
@@ -69,7 +68,10 @@ class HFEngine:
         self.tokenizer.padding_side = "left"
         self.device, self.sampler = device, sampler
         self.bf16 = False  # `__init__` sets `rollout.autocast`'s choice
-        self._sent, self._initial = None, None  # `__init__` sets them when the weights are held in another dtype
+        # Weights held in another dtype than syncs carry (`_hold`): the initial weights' checksum, and the last
+        # sync's packed state (kept for `checksum`); None otherwise.
+        self._sent: dict | None = None
+        self._initial: str | None = None
         # Prefill needs only the last position's logits; not every remote-code model takes the argument.
         self._keep_last = "logits_to_keep" in inspect.signature(hf_model(self.model).forward).parameters
         self._cache_kw = cache_argument(self.model)
